@@ -1,0 +1,54 @@
+# One-command set-up: `make demo` and `make test` build everything they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export MAX_JOBS ?= 2
+# A CUDA toolkit in the usual place is used for the CUDA kernels (setup.py explains the rules).
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.cuh)
+
+.PHONY: venv build cuda-build test test-gpu bench demo ctest clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch
+	$(BIN)/pip install setuptools wheel ninja numpy
+	$(BIN)/pip install --no-build-isolation -e ".[test,plot]"
+	touch $@
+
+# Rebuild the extension in place after editing csrc/ (incremental with ninja).
+build: venv
+	$(BIN)/python setup.py build_ext --inplace
+
+# Compile the CUDA kernels even where no GPU is present; fails if nvcc or a CUDA torch is missing.
+cuda-build: venv
+	$(BIN)/python -c "import torch, sys; sys.exit('cuda-build needs a CUDA build of torch') if torch.version.cuda is None else None"
+	$(BIN)/python setup.py build_ext --inplace
+	$(BIN)/python -c "import bdfast; info = bdfast.backend_info(); assert info['native_cuda'], info['why']; print('CUDA kernels compiled:', info['native_cuda'])"
+
+test: venv
+	$(BIN)/python -m pytest tests -q
+
+test-gpu: venv
+	$(BIN)/python -m pytest tests -q -m gpu
+
+bench: venv
+	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/latest.json
+	$(BIN)/python benchmarks/summarize.py benchmarks/results/latest.json
+
+demo: venv
+	$(BIN)/bdfast demo
+
+# The same csrc/ built with CMake, for the C++ tests and sanitizers.
+ctest: venv
+	cmake -S . -B cmake-build -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DBDFAST_WITH_CUDA=OFF
+	cmake --build cmake-build -j $(MAX_JOBS)
+	cd cmake-build && ctest --output-on-failure
+
+clean:
+	rm -rf build cmake-build bdfast/_C*.so *.egg-info

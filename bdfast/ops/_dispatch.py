@@ -1,0 +1,80 @@
+"""Backend selection and the input checks shared by the op wrappers."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from bdfast import _extension
+
+BACKENDS = ("auto", "reference", "native")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def use_native(op: str, backend: str, device: torch.device) -> bool:
+    """Decide whether ``op`` on ``device`` runs the compiled kernel or the reference.
+
+    ``"auto"`` takes the kernel when one is compiled for the device, ``"reference"`` never
+    does, and ``"native"`` insists, failing with a sentence that says how to get the kernel.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return False
+    available = _extension.has_kernel(op, device.type)
+    if backend == "native" and not available:
+        if not _extension.loaded():
+            reason = "the compiled extension bdfast._C is not loaded"
+        else:
+            reason = f"this build has no {device.type.upper()} kernel for it"
+        raise RuntimeError(f"backend='native' was requested for {op} on {device}, but {reason}; "
+                           f"{_extension.REBUILD_HINT}, or use backend='auto'.")
+    return available
+
+
+def check_tensor(value, name: str, *, dims=None, dtypes=FLOAT_DTYPES) -> Tensor:
+    """Fail with one sentence naming ``name`` unless ``value`` is a tensor of the right kind."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(value.dtype).replace('torch.', '')}; "
+                        f"expected one of {names}")
+    if dims is not None and value.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, "
+                         f"got shape {list(value.shape)}")
+    return value
+
+
+def check_same_device(named: Iterable[tuple[str, Tensor]]) -> torch.device:
+    """The common device of the named tensors, or a one-sentence error naming the odd one."""
+    first_name, device = None, None
+    for name, tensor in named:
+        if device is None:
+            first_name, device = name, tensor.device
+        elif tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but {first_name} is on {device}; "
+                             "all inputs must be on the same device")
+    return device
+
+
+def check_offsets(offsets, k: int, device: torch.device, name: str = "offsets") -> Tensor:
+    """Layer boundaries as int64 [L+1] on ``device``: starting at 0, non-decreasing, ending at k.
+
+    ``None`` means a single layer. The check runs on the host copy so that a bad offsets
+    vector fails clearly instead of reading out of bounds in a kernel.
+    """
+    if offsets is None:
+        return torch.tensor([0, k], dtype=torch.int64, device=device)
+    if not isinstance(offsets, Tensor):
+        offsets = torch.as_tensor(offsets, dtype=torch.int64)
+    if offsets.dim() != 1 or offsets.numel() < 2 or offsets.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a 1-D integer tensor [L+1] of layer boundaries, "
+                         f"got shape {list(offsets.shape)} and dtype {offsets.dtype}")
+    if not torch.compiler.is_compiling():
+        host = offsets.detach().to("cpu", torch.int64)
+        if host[0] != 0 or host[-1] != k or bool((host[1:] < host[:-1]).any()):
+            raise ValueError(f"{name} must start at 0, never decrease and end at {k} (the number "
+                             f"of packed columns), got {host.tolist()}")
+    return offsets.to(device=device, dtype=torch.int64).contiguous()

@@ -1,0 +1,134 @@
+"""``medic_clone_loss``: MEDIC's importance weights and weighted clone loss for all layers at once."""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from bdfast import _extension, reference
+from bdfast.ops._dispatch import FLOAT_DTYPES, check_same_device, check_tensor, use_native
+
+_NAMES = ("t", "s", "g", "mu", "sigma")
+
+
+def medic_clone_loss(t: Sequence[Tensor], s: Sequence[Tensor], g: Sequence[Tensor],
+                     mu: Sequence[Tensor], sigma: Sequence[Tensor], *, tau: float = 5.0,
+                     eps: float = 1e-5, signed: bool = False, backend: str = "auto",
+                     return_weights: bool = False
+                     ) -> Union[Tensor, Tuple[Tensor, List[Tensor]]]:
+    """Importance-weighted clone loss summed over all hooked layers (MEDIC eqs. 1-4).
+
+    Args:
+        t: teacher activations, one [B, C_l, *spatial_l] tensor per layer (spatial may be empty).
+        s: student activations, same shapes; the only input that receives a gradient.
+        g: gradients of the teacher's per-sample loss w.r.t. ``t``, same shapes.
+        mu, sigma: per-channel mean and std of each teacher layer over the clean set, [C_l].
+        tau: softmax temperature; eps: added to sigma.
+        signed: use signed deviations and gradients (the released code) instead of absolute.
+        backend: "auto" (compiled kernel when available), "native" or "reference".
+        return_weights: also return the per-layer importance w (materialised, for inspection).
+
+    Returns:
+        The float32 scalar ``sum_l 1/B sum_b sum_i w_i ((t_i - s_i) / (sigma_c + eps))^2``, where
+        ``w = sqrt(softmax(tau*z) * softmax(tau*q))`` over each (layer, sample) row, and with
+        ``return_weights`` the tuple ``(loss, [w_l])``.
+
+    t, s and g of one layer may be float32, float16 or bfloat16 (if their dtypes differ they
+    are promoted to float32), contiguous or channels_last. The compiled kernels make one pass
+    over t, s and g for the loss and one more for the gradient, and never materialise w.
+    """
+    t, s, g, mu, sigma = _validated(t, s, g, mu, sigma, tau, eps)
+    if use_native("medic_clone_loss", backend, s[0].device):
+        loss, _ = torch.ops.bdfast.medic_clone_loss(t, s, g, mu, sigma, float(tau), float(eps),
+                                                    bool(signed))
+    else:
+        loss = reference.medic_clone_loss(t, s, g, mu, sigma, tau=tau, eps=eps, signed=signed)
+    if not return_weights:
+        return loss
+    weights = [reference.medic_importance(t_l, g_l, mu_l, sigma_l, tau=tau, eps=eps,
+                                          signed=signed)
+               for t_l, g_l, mu_l, sigma_l in zip(t, g, mu, sigma)]
+    return loss, weights
+
+
+def _validated(t, s, g, mu, sigma, tau, eps):
+    """Check the five per-layer lists and bring each layer into a layout the kernels read."""
+    lists = (t, s, g, mu, sigma)
+    for name, value in zip(_NAMES, lists):
+        if isinstance(value, Tensor) or not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a list of tensors (one per hooked layer), "
+                            f"got {type(value).__name__}")
+    lengths = [len(v) for v in lists]
+    if len(set(lengths)) != 1 or lengths[0] == 0:
+        raise ValueError("t, s, g, mu and sigma must be non-empty lists of the same length (one "
+                         f"entry per hooked layer), got lengths {', '.join(map(str, lengths))}")
+    if not (float(tau) == float(tau) and abs(float(tau)) != float("inf")):
+        raise ValueError(f"tau must be a finite number, got {tau}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    out = ([], [], [], [], [])
+    for i, layer in enumerate(zip(*lists)):
+        t_l, s_l, g_l, mu_l, sigma_l = (
+            check_tensor(v, f"{n}[{i}]", dims=None if n in ("t", "s", "g") else (1,),
+                         dtypes=FLOAT_DTYPES + (torch.float64,))
+            for n, v in zip(_NAMES, layer))
+        if t_l.dim() < 2:
+            raise ValueError(f"t[{i}] must have shape [B, C, *spatial], got {list(t_l.shape)}")
+        if s_l.shape != t_l.shape or g_l.shape != t_l.shape:
+            odd, shape = ("s", s_l.shape) if s_l.shape != t_l.shape else ("g", g_l.shape)
+            raise ValueError(f"{odd}[{i}] has shape {list(shape)} but t[{i}] has shape "
+                             f"{list(t_l.shape)}; a layer's t, s and g must match")
+        channels = t_l.shape[1]
+        for name, v in (("mu", mu_l), ("sigma", sigma_l)):
+            if v.shape != (channels,):
+                raise ValueError(f"{name}[{i}] must have shape [{channels}] (the channels of "
+                                 f"t[{i}]), got {list(v.shape)}")
+        if t_l.numel() == 0:
+            raise ValueError(f"t[{i}] is empty (shape {list(t_l.shape)})")
+        check_same_device([("t[0]", t[0])] + [(f"{n}[{i}]", v) for n, v in zip(_NAMES, layer)])
+        if t_l.dtype == torch.float64 or not (t_l.dtype == s_l.dtype == g_l.dtype):
+            t_l, s_l, g_l = t_l.float(), s_l.float(), g_l.float()
+        if not _same_kernel_layout(t_l, s_l, g_l):
+            t_l, s_l, g_l = t_l.contiguous(), s_l.contiguous(), g_l.contiguous()
+        for lst, v in zip(out, (t_l.detach(), s_l, g_l.detach(), mu_l.detach().float().contiguous(),
+                                sigma_l.detach().float().contiguous())):
+            lst.append(v)
+    return out
+
+
+def _same_kernel_layout(*tensors: Tensor) -> bool:
+    """Whether all tensors are contiguous, or all 4-D channels_last (both read without a copy)."""
+    if all(x.is_contiguous() for x in tensors):
+        return True
+    return all(x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+               for x in tensors)
+
+
+if _extension.loaded():
+    @torch.library.register_fake("bdfast::medic_clone_loss")
+    def _(t, s, g, mu, sigma, tau, eps, signed_scores):
+        rows = sum(t_l.shape[0] for t_l in t)
+        return s[0].new_empty((), dtype=torch.float32), s[0].new_empty((rows, 4), dtype=torch.float32)
+
+    @torch.library.register_fake("bdfast::medic_clone_loss_backward")
+    def _(grad_loss, t, s, g, mu, sigma, row_stats, tau, eps, signed_scores):
+        return [torch.empty_like(s_l) for s_l in s]
+
+    def _setup_context(ctx, inputs, output):
+        t, s, g, mu, sigma, tau, eps, signed_scores = inputs
+        ctx.save_for_backward(*t, *s, *g, *mu, *sigma, output[1])
+        ctx.num_layers = len(t)
+        ctx.options = (tau, eps, signed_scores)
+        ctx.mark_non_differentiable(output[1])
+
+    def _backward(ctx, grad_loss, _grad_row_stats):
+        saved, n = ctx.saved_tensors, ctx.num_layers
+        t, s, g, mu, sigma = (list(saved[i * n:(i + 1) * n]) for i in range(5))
+        grad_s = torch.ops.bdfast.medic_clone_loss_backward(
+            grad_loss, t, s, g, mu, sigma, saved[-1], *ctx.options)
+        no_grad = [None] * n
+        return no_grad, grad_s, no_grad, no_grad, no_grad, None, None, None
+
+    torch.library.register_autograd("bdfast::medic_clone_loss", _backward,
+                                    setup_context=_setup_context)
