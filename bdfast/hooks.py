@@ -1,0 +1,170 @@
+"""Finding the layers a defense looks at, and capturing their activations with forward hooks.
+
+Every defense works on copies of the user's model; the helpers here never change a model's
+weights. :func:`disable_inplace` only flips ``inplace`` flags, and only on the copies.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+NORM = BATCHNORM + (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                    nn.InstanceNorm3d)
+LINEAR = (nn.Linear,)
+
+LAYER_PRESETS: Dict[str, Tuple[type, ...]] = {
+    "conv+norm+linear": CONV + NORM + LINEAR,
+    "conv+bn": CONV + BATCHNORM,
+    "conv+linear": CONV + LINEAR,
+    "bn": BATCHNORM,
+}
+
+LayerSpec = Union[str, Sequence[Union[str, type]], Callable[[str, nn.Module], bool]]
+
+
+def select_layers(model: nn.Module, layers: LayerSpec = "conv+norm+linear") -> List[str]:
+    """Names of the modules of ``model`` to hook, in registration order.
+
+    ``layers`` is a preset name (see ``LAYER_PRESETS``), a sequence of module types and/or
+    module names, or a predicate ``(name, module) -> bool``.
+    """
+    modules = dict(model.named_modules())
+    if isinstance(layers, str):
+        if layers not in LAYER_PRESETS:
+            raise ValueError(f"layers must be one of {sorted(LAYER_PRESETS)}, a list of module "
+                             f"types or names, or a predicate; got {layers!r}")
+        types = LAYER_PRESETS[layers]
+        chosen = [n for n, m in modules.items() if isinstance(m, types)]
+    elif callable(layers) and not isinstance(layers, type):
+        chosen = [n for n, m in modules.items() if n and layers(n, m)]
+    else:
+        specs = list(layers)
+        unknown = [s for s in specs if isinstance(s, str) and s not in modules]
+        if unknown:
+            raise ValueError(f"layers names modules that the model does not have: {unknown}")
+        types = tuple(s for s in specs if isinstance(s, type))
+        names = {s for s in specs if isinstance(s, str)}
+        chosen = [n for n, m in modules.items() if n in names or (types and isinstance(m, types))]
+    if not chosen:
+        raise ValueError(f"layers={layers!r} selects no module of the model")
+    return chosen
+
+
+def disable_inplace(model: nn.Module) -> int:
+    """Set ``inplace=False`` on every module that has the flag (ReLU, Dropout, ...).
+
+    A hooked output that a later in-place activation overwrites would otherwise hold the
+    activation's values instead of the layer's. Returns how many modules were changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+            changed += 1
+    return changed
+
+
+class Tap:
+    """Captures the outputs (or first inputs) of named modules during forward passes.
+
+    Use as a context manager; after a forward, :meth:`values` returns the captured tensors in
+    the order of ``names``. A module that runs twice in one forward is an error: its two
+    activations would need two different statistics, which the defenses do not define.
+
+    Args:
+        model: the model to hook.
+        names: module names, e.g. from :func:`select_layers`.
+        capture: "output" or "input".
+        clone: names whose captured tensor is cloned, for layers whose output a functional
+            in-place operation (``F.relu(x, inplace=True)``) overwrites afterwards.
+        require_grad: make captured outputs part of the autograd graph even when the model's
+            parameters are frozen, so that gradients w.r.t. them can be taken.
+        detach: store detached tensors (statistics collection).
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], *, capture: str = "output",
+                 clone: Iterable[str] = (), require_grad: bool = False, detach: bool = False):
+        if capture not in ("output", "input"):
+            raise ValueError(f"capture must be 'output' or 'input', got {capture!r}")
+        modules = dict(model.named_modules())
+        self.names = list(names)
+        self._modules = [modules[n] for n in self.names]
+        self.capture = capture
+        self.clone = set(clone)
+        self.require_grad = require_grad
+        self.detach = detach
+        self._values: Dict[str, Tensor] = {}
+        self._versions: Dict[str, int] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "Tap":
+        for name, module in zip(self.names, self._modules):
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            value = inputs[0] if self.capture == "input" else output
+            if not isinstance(value, Tensor):
+                raise TypeError(f"module {name!r} produced a {type(value).__name__}, not a tensor; "
+                                "exclude it with layers=")
+            if name in self._values:
+                raise RuntimeError(f"module {name!r} ran twice in one forward pass; hooked layers "
+                                   "must run once per forward, so exclude it with layers=")
+            if self.require_grad and self.capture == "output" and not value.requires_grad:
+                value.requires_grad_(True)  # a leaf when the layer's parameters are frozen
+            if self.detach:
+                value = value.detach()
+            if name in self.clone:
+                value = value.clone()
+            self._values[name] = value
+            self._versions[name] = value._version
+        return hook
+
+    def clear(self) -> None:
+        """Forget the last forward's activations (call before each forward)."""
+        self._values.clear()
+        self._versions.clear()
+
+    def values(self) -> List[Tensor]:
+        """The captured tensors in the order of ``names``; every module must have run."""
+        missing = [n for n in self.names if n not in self._values]
+        if missing:
+            raise RuntimeError(f"hooked modules did not run in the forward pass: {missing}")
+        return [self._values[n] for n in self.names]
+
+    def modified_in_place(self) -> List[str]:
+        """Names whose captured tensor was changed in place after it was captured."""
+        return [n for n, v in self._values.items() if v._version != self._versions[n]]
+
+
+def find_inplace_overwrites(model: nn.Module, names: Sequence[str], x: Tensor,
+                            capture: str = "output") -> List[str]:
+    """Run one forward of ``model`` on ``x`` and return the hooked names it overwrites in place.
+
+    Catches functional in-place ops (``F.relu(x, inplace=True)``) that :func:`disable_inplace`
+    cannot switch off; their layers must be captured with ``clone=`` (and a warning is due).
+    """
+    with torch.no_grad(), Tap(model, names, capture=capture) as tap:
+        model(x)
+        return tap.modified_in_place()
+
+
+def warn_inplace(names: Sequence[str], what: str) -> None:
+    """The one warning a defense gives when it has to clone overwritten activations."""
+    if names:
+        warnings.warn(f"{what}: the model overwrites the hooked activations of {len(names)} "
+                      f"layer(s) in place (e.g. F.relu(x, inplace=True)): {list(names)[:5]}; "
+                      "they are cloned in the hook, which costs memory and time.",
+                      RuntimeWarning, stacklevel=3)
+
