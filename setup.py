@@ -47,7 +47,7 @@ def _why_no_cuda():
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-fopenmp-simd"]
+    cxx_flags = ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
     why = _why_no_cuda()
     if why is not None:
         print(f"bdfast: building the CPU kernels only, because {why}.", file=sys.stderr)

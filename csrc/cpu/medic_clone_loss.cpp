@@ -45,7 +45,7 @@ struct RowState {
 
 struct Options {
   float tau;
-  bool signed_scores;
+  uint32_t sign_mask;  // kKeepSign for signed scores, kAbsMask for absolute values
 };
 
 // The three per-element terms of a run of n elements that share (mu, inv_sig, sigma), or,
@@ -57,14 +57,12 @@ BDFAST_INLINE void terms(const T* t, const T* s, const T* g, int64_t n, const fl
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) {
     const int64_t c = kPerElement ? k : 0;
-    const float tv = static_cast<float>(t[k]);
-    float z = (tv - mu[c]) * inv_sig[c];
-    float q = sigma[c] * static_cast<float>(g[k]);
-    z = o.signed_scores ? z : std::fabs(z);
-    q = o.signed_scores ? q : std::fabs(q);
+    const float tv = to_float(t[k]);
+    const float z = mask_bits((tv - mu[c]) * inv_sig[c], o.sign_mask);
+    const float q = mask_bits(sigma[c] * to_float(g[k]), o.sign_mask);
     tz[k] = o.tau * z;
     tq[k] = o.tau * q;
-    const float e = (tv - static_cast<float>(s[k])) * inv_sig[c];
+    const float e = (tv - to_float(s[k])) * inv_sig[c];
     e2[k] = e * e;
   }
 }
@@ -132,7 +130,7 @@ BDFAST_INLINE void forward_row_impl(const Layer& L, int64_t b, Options o, float*
   int64_t filled = 0;
   // Short runs (linear layers, small maps) are packed together before a chunk is absorbed.
   for_each_run(L, [&](int64_t off, int64_t n, const float* mu, const float* inv_sig,
-                      const float* sigma, bool per_element) {
+                      const float* sigma, bool per_element) BDFAST_INLINE_LAMBDA {
     while (n > 0) {
       const int64_t take = std::min(n, kChunk - filled);
       if (per_element)
@@ -163,6 +161,23 @@ BDFAST_INLINE void forward_row_impl(const Layer& L, int64_t b, Options o, float*
   out[3] = static_cast<float>(log_norm);
 }
 
+// The student gradient of a run: d/ds of w * ((t - s) / sig)^2, times coef = -2 g_loss / B.
+template <typename T, bool kPerElement>
+BDFAST_INLINE void grad_terms(const T* t, const T* s, const T* g, T* grad, int64_t n,
+                              const float* mu, const float* inv_sig, const float* sigma, Options o,
+                              float max_a, float max_p, float log_norm, float coef) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t c = kPerElement ? k : 0;
+    const float tv = to_float(t[k]);
+    const float z = mask_bits((tv - mu[c]) * inv_sig[c], o.sign_mask);
+    const float q = mask_bits(sigma[c] * to_float(g[k]), o.sign_mask);
+    // The same argument order as the forward, so both see the same rounding.
+    const float w = fast_exp(0.5f * (o.tau * z - max_a) + 0.5f * (o.tau * q - max_p) - log_norm);
+    grad[k] = from_float<T>(coef * w * (tv - to_float(s[k])) * inv_sig[c] * inv_sig[c]);
+  }
+}
+
 template <typename T>
 BDFAST_INLINE void backward_row_impl(const Layer& L, int64_t b, Options o, const float* stats,
                                      float coef) {
@@ -173,20 +188,13 @@ BDFAST_INLINE void backward_row_impl(const Layer& L, int64_t b, Options o, const
   T* grad = static_cast<T*>(L.grad) + base;
   const float max_a = stats[1], max_p = stats[2], log_norm = stats[3];
   for_each_run(L, [&](int64_t off, int64_t n, const float* mu, const float* inv_sig,
-                      const float* sigma, bool per_element) {
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t c = per_element ? k : 0;
-      const float tv = static_cast<float>(t[off + k]);
-      float z = (tv - mu[c]) * inv_sig[c];
-      float q = sigma[c] * static_cast<float>(g[off + k]);
-      z = o.signed_scores ? z : std::fabs(z);
-      q = o.signed_scores ? q : std::fabs(q);
-      const float w = fast_exp(0.5f * (o.tau * z - max_a) + 0.5f * (o.tau * q - max_p) - log_norm);
-      // d/ds of w * ((t - s) / sig)^2, scaled by -grad_loss * 2 / B in coef.
-      grad[off + k] = static_cast<T>(coef * w * (tv - static_cast<float>(s[off + k])) *
-                                     inv_sig[c] * inv_sig[c]);
-    }
+                      const float* sigma, bool per_element) BDFAST_INLINE_LAMBDA {
+    if (per_element)
+      grad_terms<T, true>(t + off, s + off, g + off, grad + off, n, mu, inv_sig, sigma, o, max_a,
+                          max_p, log_norm, coef);
+    else
+      grad_terms<T, false>(t + off, s + off, g + off, grad + off, n, mu, inv_sig, sigma, o, max_a,
+                           max_p, log_norm, coef);
   });
 }
 
@@ -297,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> medic_clone_loss(at::TensorList t, at::Tensor
   // what the backward needs).
   auto row_stats = at::empty({rows, 4}, s[0].options().dtype(at::kFloat));
   float* stats = row_stats.data_ptr<float>();
-  const Options o{static_cast<float>(tau), signed_scores};
+  const Options o{static_cast<float>(tau), signed_scores ? kKeepSign : kAbsMask};
   for_each_row(layers, [&](const Layer& L, int64_t b, int64_t r) {
     dispatch_dtype(L.dtype, [&](auto tag) {
       forward_row<decltype(tag)>(L, b, o, stats + 4 * r);
@@ -328,7 +336,7 @@ std::vector<at::Tensor> medic_clone_loss_backward(const at::Tensor& grad_loss, a
   const auto stats_c = row_stats.contiguous();
   const float* stats = stats_c.data_ptr<float>();
   const float upstream = grad_loss.item<float>();
-  const Options o{static_cast<float>(tau), signed_scores};
+  const Options o{static_cast<float>(tau), signed_scores ? kKeepSign : kAbsMask};
   for_each_row(layers, [&](const Layer& L, int64_t b, int64_t r) {
     const float coef = -2.0f * upstream / static_cast<float>(L.batch);
     dispatch_dtype(L.dtype, [&](auto tag) {

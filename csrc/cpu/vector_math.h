@@ -1,18 +1,25 @@
 // Small branch-free math the CPU kernels use inside `#pragma omp simd` loops.
 //
-// GCC vectorises these loops (setup.py passes -fopenmp-simd), and BDFAST_CLONE_AVX2 compiles a
+// GCC vectorises these loops (setup.py passes -fopenmp-simd, and -fno-trapping-math so that
+// the clamps below become blends instead of branches), and BDFAST_CLONE_AVX2 compiles a
 // second copy of a row kernel for AVX2+FMA that is picked at run time, so one binary runs on
 // any x86-64 and is fast on current ones.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
+// Row kernels are compiled twice (baseline and AVX2), so everything they call, lambdas
+// included, must be inlined into them to be compiled for the clone's target.
 #if defined(__GNUC__)
 #define BDFAST_INLINE inline __attribute__((always_inline))
+#define BDFAST_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define BDFAST_INLINE inline
+#define BDFAST_INLINE_LAMBDA
 #endif
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -28,7 +35,8 @@ namespace bdfast::cpu {
 // exp(x) for x in [-87, 88] with about 1 ulp of error (Cody-Waite range reduction and a
 // degree-6 polynomial); inputs below -87 return exp(-87) ~ 1.6e-38, which is 0 for our sums.
 BDFAST_INLINE float fast_exp(float x) {
-  x = std::fmin(std::fmax(x, -87.0f), 88.0f);
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   // Adding and removing 1.5 * 2^23 rounds to the nearest integer without a conversion.
   const float shifter = 12582912.0f;
   const float n = (x * 1.44269504088896341f + shifter) - shifter;
@@ -41,10 +49,40 @@ BDFAST_INLINE float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
+  // A bit cast, not memcpy: GCC does not vectorise loops that store and memcpy.
+  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
   return p * scale;
+}
+
+// Loads and stores of the three activation dtypes. bfloat16 is converted with integer
+// arithmetic (round to nearest even) so that the loops vectorise; c10's conversion branches.
+BDFAST_INLINE float to_float(float x) { return x; }
+BDFAST_INLINE float to_float(c10::Half x) { return static_cast<float>(x); }
+BDFAST_INLINE float to_float(c10::BFloat16 x) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(x.x) << 16);
+}
+
+template <typename T>
+BDFAST_INLINE T from_float(float x);
+template <>
+BDFAST_INLINE float from_float<float>(float x) { return x; }
+template <>
+BDFAST_INLINE c10::Half from_float<c10::Half>(float x) { return c10::Half(x); }
+template <>
+BDFAST_INLINE c10::BFloat16 from_float<c10::BFloat16>(float x) {
+  uint32_t bits = __builtin_bit_cast(uint32_t, x);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);  // finite values only: gradients of finite inputs
+  c10::BFloat16 out;
+  out.x = static_cast<uint16_t>(bits >> 16);
+  return out;
+}
+
+// x & mask on the float's bits: with kAbsMask this is |x|, with kKeepSign it is x. A
+// run-time choice between x and |x| written as a select keeps GCC from vectorising.
+constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
+constexpr uint32_t kKeepSign = 0xFFFFFFFFu;
+BDFAST_INLINE float mask_bits(float x, uint32_t mask) {
+  return __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, x) & mask);
 }
 
 // True when the running CPU has AVX2 and FMA (checked once).
