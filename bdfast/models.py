@@ -1,0 +1,262 @@
+"""Image classifiers for the lab and for real use.
+
+- :func:`digits_cnn`: a small BatchNorm CNN for the 16x16 digits (fast on a CPU).
+- :func:`vgg_small`: a plain VGG-style conv+BN net that applies ``F.relu(..., inplace=True)`` in
+  its ``forward`` instead of ReLU modules, so the defenses are exercised on functional, in-place
+  activations that hooks cannot see.
+- :func:`resnet18_cifar`, :func:`preact_resnet18`, :func:`wrn16_1`: the 32x32 architectures of the
+  papers. ``preact_resnet18``'s state_dict keys match BackdoorBench's PreActResNet18, so its
+  checkpoints load directly.
+
+Every model maps ``x [B, C, H, W]`` to logits ``[B, num_classes]``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DigitsCNN", "VGGSmall", "ResNet18CIFAR", "PreActResNet18", "WideResNet",
+           "digits_cnn", "vgg_small", "resnet18_cifar", "preact_resnet18", "wrn16_1"]
+
+
+def _check(num_classes: int, in_channels: int) -> None:
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> List[nn.Module]:
+    # A conv feeding a BatchNorm needs no bias: the BN shift replaces it.
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True)]
+
+
+class DigitsCNN(nn.Module):
+    """Four 3x3 conv+BN+ReLU layers (32, 32, 64, 64 channels) with two 2x2 max-pools, then a
+    linear classifier on the 4x4 map. Works for any input of at least 4x4."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        _check(num_classes, in_channels)
+        self.features = nn.Sequential(
+            *_conv_bn_relu(in_channels, 32), *_conv_bn_relu(32, 32), nn.MaxPool2d(2),
+            *_conv_bn_relu(32, 64), *_conv_bn_relu(64, 64), nn.MaxPool2d(2),
+            # A no-op at 16x16 input; keeps the classifier's size fixed for larger images.
+            nn.AdaptiveAvgPool2d(4),
+        )
+        # Flattening the 4x4 map (rather than global pooling) keeps where a feature fired, which
+        # lets a corner patch trigger be learned in a few epochs.
+        self.classifier = nn.Linear(64 * 4 * 4, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, in_channels, H, W]`` -> logits ``[B, num_classes]``."""
+        return self.classifier(self.features(x).flatten(1))
+
+
+def digits_cnn(num_classes: int = 10, in_channels: int = 1) -> DigitsCNN:
+    """The lab's small BN CNN for 16x16 images (every BN layer has at least 32 channels)."""
+    return DigitsCNN(num_classes, in_channels)
+
+
+class VGGSmall(nn.Module):
+    """VGG-style: conv+BN blocks of 32, 32 | 64, 64 | 128 channels with max-pools between stages,
+    global average pooling and a linear classifier. ReLUs are functional and in place."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        _check(num_classes, in_channels)
+        widths = [32, 32, 64, 64, 128]
+        self.pool_after = {1, 3}
+        convs, bns, c_in = [], [], in_channels
+        for c_out in widths:
+            convs.append(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False))
+            bns.append(nn.BatchNorm2d(c_out))
+            c_in = c_out
+        self.convs = nn.ModuleList(convs)
+        self.bns = nn.ModuleList(bns)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, in_channels, H, W]`` -> logits ``[B, num_classes]``."""
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            x = F.relu(bn(conv(x)), inplace=True)
+            if i in self.pool_after:
+                x = F.max_pool2d(x, 2)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def vgg_small(num_classes: int = 10, in_channels: int = 1) -> VGGSmall:
+    """A small VGG-style conv+BN net whose ReLUs are ``F.relu(x, inplace=True)`` calls."""
+    return VGGSmall(num_classes, in_channels)
+
+
+class _BasicBlock(nn.Module):
+    """Post-activation residual block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class ResNet18CIFAR(nn.Module):
+    """ResNet-18 for 32x32 images: 3x3 stem without max-pool, four stages of two BasicBlocks
+    (64, 128, 256, 512 channels; strides 1, 2, 2, 2), global average pooling, ``fc``."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        _check(num_classes, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        stages, c_in = [], 64
+        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(_BasicBlock(c_in, c_out, stride),
+                                        _BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, in_channels, H, W]`` -> logits ``[B, num_classes]``."""
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> ResNet18CIFAR:
+    """The CIFAR ResNet-18 (BCU's architecture)."""
+    return ResNet18CIFAR(num_classes, in_channels)
+
+
+class _PreActBlock(nn.Module):
+    """Pre-activation block: conv2(relu(bn2(conv1(relu(bn1(x)))))) + shortcut; a projecting
+    shortcut (``shortcut.0``, a 1x1 conv) takes the pre-activated input, an identity one takes x."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        # An empty Sequential adds no state_dict keys, matching checkpoints whose identity blocks
+        # have no shortcut attribute at all.
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if len(self.shortcut) else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet18(nn.Module):
+    """PreAct-ResNet-18 (BackdoorBench's default): ``conv1``, ``layer1..4`` of two pre-activation
+    blocks (64, 128, 256, 512 channels), final ``bn`` + ReLU, ``avgpool`` and ``linear``."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        _check(num_classes, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1, bias=False)
+        stages, c_in = [], 64
+        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(_PreActBlock(c_in, c_out, stride),
+                                        _PreActBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.bn = nn.BatchNorm2d(512)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, in_channels, H, W]`` -> logits ``[B, num_classes]``."""
+        x = self.conv1(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = F.relu(self.bn(x))
+        return self.linear(self.avgpool(x).flatten(1))
+
+
+def preact_resnet18(num_classes: int = 10, in_channels: int = 3) -> PreActResNet18:
+    """PreAct-ResNet-18 with BackdoorBench-compatible state_dict keys."""
+    return PreActResNet18(num_classes, in_channels)
+
+
+class _WideBlock(nn.Module):
+    """WRN block (pre-activation, two 3x3 convs). When the shape changes, the 1x1 ``shortcut``
+    conv and ``conv1`` both read the pre-activated input; otherwise the skip is x itself."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.dropout = dropout
+        self.shortcut: Optional[nn.Conv2d] = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        act = F.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(act)
+        out = F.relu(self.bn2(self.conv1(act)))
+        if self.dropout > 0:
+            out = F.dropout(out, p=self.dropout, training=self.training)
+        return self.conv2(out) + skip
+
+
+class WideResNet(nn.Module):
+    """Wide ResNet (Zagoruyko & Komodakis) for 32x32 images: 3x3 stem of 16 channels, three
+    groups of (depth - 4) / 6 blocks with 16k, 32k, 64k channels (strides 1, 2, 2), final BN +
+    ReLU, global average pooling and ``fc``."""
+
+    def __init__(self, depth: int = 16, widen: int = 1, num_classes: int = 10,
+                 in_channels: int = 3, dropout: float = 0.0):
+        super().__init__()
+        _check(num_classes, in_channels)
+        if (depth - 4) % 6 != 0 or depth < 10:
+            raise ValueError(f"depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        n = (depth - 4) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        groups, c_in = [], 16
+        for c_out, stride in ((16 * widen, 1), (32 * widen, 2), (64 * widen, 2)):
+            blocks = [_WideBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1, dropout)
+                      for i in range(n)]
+            groups.append(nn.Sequential(*blocks))
+            c_in = c_out
+        self.block1, self.block2, self.block3 = groups
+        self.bn = nn.BatchNorm2d(c_in)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, in_channels, H, W]`` -> logits ``[B, num_classes]``."""
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        x = F.relu(self.bn(x))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+def wrn16_1(num_classes: int = 10, in_channels: int = 3) -> WideResNet:
+    """WRN-16-1 (MEDIC's architecture): channels 16, 16, 32, 64; two blocks per group."""
+    return WideResNet(16, 1, num_classes, in_channels)

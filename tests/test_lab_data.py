@@ -1,0 +1,127 @@
+"""bdfast.data: the embedded digits split, tensor loaders and the optional vision loaders."""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bdfast import data
+
+
+def _keys(x: torch.Tensor) -> list:
+    """One hashable key per 8x8 digit image, from the integers 0..16 sklearn ships."""
+    ints = torch.round(x * 16).to(torch.uint8).flatten(1).numpy()
+    return [row.tobytes() for row in ints]
+
+
+def test_splits_shapes_dtypes_ranges(digits):
+    for x, y in (digits.train, digits.clean, digits.test):
+        assert x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.shape[1:] == (1, 16, 16) and y.shape == (len(x),)
+        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+        assert set(y.tolist()) == set(range(10))
+    assert digits.num_classes == 10 and digits.size == 16
+
+
+def test_split_sizes_and_partition_of_the_real_data():
+    from sklearn.datasets import load_digits as sk_load
+
+    d = data.load_digits(size=8)
+    sizes = [len(s[1]) for s in (d.train, d.clean, d.test)]
+    assert sum(sizes) == 1797
+    assert abs(sizes[1] / 1797 - 0.15) < 0.01
+    assert abs(sizes[2] / 1797 - 0.25) < 0.01
+    # At size 8 no resampling happens, so the three splits together are exactly sklearn's images
+    # (as a multiset: nothing lost, nothing duplicated across splits), with matching labels.
+    xs = torch.cat([d.train[0], d.clean[0], d.test[0]])
+    ys = torch.cat([d.train[1], d.clean[1], d.test[1]])
+    bunch = sk_load()
+    expected = Counter(zip(_keys(torch.from_numpy(bunch.images / 16.0)), bunch.target.tolist()))
+    assert Counter(zip(_keys(xs), ys.tolist())) == expected
+
+
+def test_split_is_stratified(digits):
+    all_counts = np.bincount(np.concatenate([s[1].numpy() for s in
+                                             (digits.train, digits.clean, digits.test)]))
+    for x, y in (digits.train, digits.clean, digits.test):
+        counts = np.bincount(y.numpy(), minlength=10)
+        expected = all_counts * len(y) / all_counts.sum()
+        assert np.all(np.abs(counts - expected) <= 1.5), (counts, expected)
+
+
+def test_split_is_seeded():
+    a, b, c = data.load_digits(seed=0), data.load_digits(seed=0), data.load_digits(seed=1)
+    for split in ("train", "clean", "test"):
+        assert torch.equal(getattr(a, split)[0], getattr(b, split)[0])
+        assert torch.equal(getattr(a, split)[1], getattr(b, split)[1])
+    assert not torch.equal(a.test[1], c.test[1])
+
+
+def test_upsampling_is_bilinear_from_the_8x8_images():
+    small, big = data.load_digits(size=8), data.load_digits(size=32)
+    assert big.train[0].shape[1:] == (1, 32, 32)
+    ref = F.interpolate(small.clean[0], size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(big.clean[0], ref.clamp(0, 1))
+    assert torch.equal(big.clean[1], small.clean[1])
+
+
+@pytest.mark.parametrize("size", [4, 7, 16.0, "16", True])
+def test_load_digits_rejects_bad_size(size):
+    with pytest.raises(ValueError, match="size"):
+        data.load_digits(size=size)
+
+
+def test_tensor_loader_shuffles_reproducibly_and_covers_everything():
+    x = torch.arange(10.0).view(10, 1)
+    y = torch.arange(10)
+    loader = data.tensor_loader(x, y, batch_size=4, shuffle=True, seed=3)
+    assert len(loader) == 3
+    batches = list(loader)
+    assert [len(b[0]) for b in batches] == [4, 4, 2]
+    assert all(isinstance(b, tuple) and torch.equal(b[0].flatten().long(), b[1]) for b in batches)
+    order = torch.cat([b[1] for b in batches])
+    assert sorted(order.tolist()) == list(range(10))
+    assert not torch.equal(order, y)  # shuffled
+    again = torch.cat([b[1] for b in data.tensor_loader(x, y, batch_size=4, shuffle=True, seed=3)])
+    other = torch.cat([b[1] for b in data.tensor_loader(x, y, batch_size=4, shuffle=True, seed=4)])
+    assert torch.equal(order, again) and not torch.equal(order, other)
+
+
+def test_tensor_loader_without_labels_yields_plain_tensors_in_order():
+    x = torch.rand(5, 1, 2, 2)
+    batches = list(data.tensor_loader(x, batch_size=2))
+    assert all(isinstance(b, torch.Tensor) for b in batches)
+    assert torch.equal(torch.cat(batches), x)
+
+
+@pytest.mark.parametrize("args, kwargs, error", [
+    ((torch.rand(3, 1), torch.arange(4)), {}, ValueError),
+    ((torch.rand(3, 1), torch.arange(3)), {"batch_size": 0}, ValueError),
+    (([1.0, 2.0],), {}, TypeError),
+    ((torch.rand(0, 1),), {}, ValueError),
+])
+def test_tensor_loader_rejects_bad_input(args, kwargs, error):
+    with pytest.raises(error):
+        data.tensor_loader(*args, **kwargs)
+
+
+@pytest.mark.parametrize("call", [lambda: data.cifar10("/nonexistent"),
+                                  lambda: data.gtsrb("/nonexistent"),
+                                  lambda: data.image_folder("/nonexistent")])
+def test_vision_loaders_say_how_to_install_torchvision(monkeypatch, call):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # makes `import torchvision` fail
+    with pytest.raises(ImportError, match=r"pip install bdfast\[vision\]"):
+        call()
+
+
+def test_vision_loaders_never_download(tmp_path):
+    pytest.importorskip("torchvision")
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        data.cifar10(tmp_path)
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        data.gtsrb(tmp_path)
+    assert not any(tmp_path.iterdir())
