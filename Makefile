@@ -38,6 +38,7 @@ test-gpu: venv
 	$(BIN)/python -m pytest tests -q -m gpu
 
 bench: venv
+	mkdir -p benchmarks/results
 	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/latest.json
 	$(BIN)/python benchmarks/summarize.py benchmarks/results/latest.json
 

@@ -3,6 +3,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "ops.h"
@@ -14,6 +15,11 @@ at::Tensor gaussian_kl(const at::Tensor& mu_p, const at::Tensor& var_p, const at
   TORCH_CHECK(mu_p.dim() == 1 && var_p.sizes() == mu_p.sizes() && mu_q.sizes() == mu_p.sizes() &&
                   var_q.sizes() == mu_p.sizes(),
               "gaussian_kl: mu_p, var_p, mu_q and var_q must be 1-D tensors of the same length");
+  for (const auto* v : {&mu_p, &var_p, &mu_q, &var_q}) {
+    TORCH_CHECK(at::isFloatingType(v->scalar_type()),
+                "gaussian_kl: mu_p, var_p, mu_q and var_q must be floating point, got ",
+                v->scalar_type());
+  }
   // Mixed input dtypes are allowed, so read everything as float32 (float64 keeps precision).
   const bool any_double = mu_p.scalar_type() == at::kDouble || var_p.scalar_type() == at::kDouble ||
                           mu_q.scalar_type() == at::kDouble || var_q.scalar_type() == at::kDouble;

@@ -1,13 +1,75 @@
-// CPU kernel of layer_outliers (placeholder until the kernel lands).
+// CPU kernel of layer_outliers: the per-layer mean -/+ u * std pruning rule of DDE and MBNS.
+//
+// For each layer of the packed scores, the mean and unbiased standard deviation of its finite
+// scores are taken in double (two passes), and a score is flagged below m - u * sd ("low") or
+// above m + u * sd ("high"). NaN compares false, so it is never flagged; a layer with fewer than
+// two finite scores has no standard deviation and flags nothing.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include "ops.h"
 
 namespace bdfast::cpu {
 
 at::Tensor layer_outliers(const at::Tensor& scores, const at::Tensor& offsets, double u,
-                             bool high) {
-  TORCH_CHECK(false, "layer_outliers CPU kernel not built yet");
+                          bool high) {
+  TORCH_CHECK(scores.dim() == 1, "layer_outliers: scores must be a 1-D tensor [K], got shape ",
+              scores.sizes());
+  const auto dtype = scores.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "layer_outliers: scores must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(offsets.dim() == 1 && offsets.numel() >= 2 && offsets.scalar_type() == at::kLong,
+              "layer_outliers: offsets must be a 1-D int64 tensor [L+1], got shape ",
+              offsets.sizes(), " and dtype ", offsets.scalar_type());
+  const int64_t k = scores.numel();
+  const auto host = offsets.to(at::kCPU).contiguous();
+  const int64_t* bounds = host.data_ptr<int64_t>();
+  const int64_t num_layers = host.numel() - 1;
+  TORCH_CHECK(bounds[0] == 0 && bounds[num_layers] == k &&
+                  std::is_sorted(bounds, bounds + num_layers + 1),
+              "layer_outliers: offsets must start at 0, never decrease and end at ", k,
+              " (the number of scores)");
+
+  // Widening to double is exact for every accepted dtype and makes the statistics double.
+  const auto s64 = scores.to(at::kDouble).contiguous();
+  const double* v = s64.data_ptr<double>();
+  auto mask = at::zeros({k}, scores.options().dtype(at::kBool));
+  bool* out = mask.data_ptr<bool>();
+  const int64_t grain = std::max<int64_t>(1, num_layers * 32768 / std::max<int64_t>(k, 1));
+  at::parallel_for(0, num_layers, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t l = begin; l < end; ++l) {
+      const int64_t lo = bounds[l], hi = bounds[l + 1];
+      int64_t count = 0;
+      double sum = 0;
+      for (int64_t i = lo; i < hi; ++i) {
+        if (std::isfinite(v[i])) {
+          sum += v[i];
+          ++count;
+        }
+      }
+      if (count < 2) continue;
+      const double mean = sum / static_cast<double>(count);
+      double ss = 0;
+      for (int64_t i = lo; i < hi; ++i) {
+        if (std::isfinite(v[i])) ss += (v[i] - mean) * (v[i] - mean);
+      }
+      const double sd = std::sqrt(ss / static_cast<double>(count - 1));
+      // Infinite scores are outside the statistics but still compared, like the reference.
+      if (high) {
+        const double threshold = mean + u * sd;
+        for (int64_t i = lo; i < hi; ++i) out[i] = v[i] > threshold;
+      } else {
+        const double threshold = mean - u * sd;
+        for (int64_t i = lo; i < hi; ++i) out[i] = v[i] < threshold;
+      }
+    }
+  });
+  return mask;
 }
 
 }  // namespace bdfast::cpu

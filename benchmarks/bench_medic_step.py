@@ -1,0 +1,133 @@
+"""Speed of one whole MEDIC training step on WRN-16-1 (batch 64, random CIFAR-shaped data).
+
+A step is: teacher forward + proxy gradients g, student forward and backward through
+CE + lam * clone loss, and the Adam step. Variants, all on the same models and batch:
+
+- ``native``: bdfast's step (:class:`bdfast.medic.MedicStep`): one teacher forward with the
+  hooked outputs in the graph, ``torch.autograd.grad`` w.r.t. them only, one student forward,
+  one backward, the fused ``medic_clone_loss`` kernel;
+- ``reference``: the same step with the pure-PyTorch loss (what the kernel saves);
+- ``released-style``: the step as the authors' code does it: batch-mean CE, one full backward
+  through both nets (teacher parameter gradients included) with ``retain_graph``, a second
+  backward for the clone loss, and a per-layer Python loop that materialises the softmaxes;
+- ``native bf16`` (CUDA only): bdfast's default on a GPU, bfloat16 autocast.
+
+All variants hook the paper's layers (conv + norm + linear) and compute in float32 unless named.
+``benchmarks/summarize.py`` prints each variant's time relative to ``native``.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bdfast import _extension
+from bdfast.hooks import select_layers
+from bdfast.medic import MedicConfig, MedicStep, teacher_statistics
+from bdfast.models import wrn16_1
+
+BATCH = 64
+VARIANTS = ["native", "reference", "released-style", "native bf16"]
+
+
+def _setup(device: torch.device):
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    teacher = wrn16_1().to(device).eval()
+    student = wrn16_1().to(device).train()
+    x = torch.rand(BATCH, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, 10, (BATCH,), generator=gen).to(device)
+    names = select_layers(teacher)
+    mu, sigma = teacher_statistics(teacher, names, [x], device=device)
+    return teacher, student, names, mu, sigma, x, y
+
+
+def _bdfast_step(teacher, student, names, mu, sigma, x, y, backend, amp_dtype):
+    teacher = copy.deepcopy(teacher).requires_grad_(False)
+    step = MedicStep(teacher, student, names, mu, sigma, MedicConfig(backend=backend))
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2, weight_decay=1e-4)
+    device = x.device
+
+    def run():
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            loss = step(student, x, y, 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return run
+
+
+def _released_step(teacher, student, names, mu, sigma, x, y, tau=5.0, lam=10.0, eps=1e-5):
+    teacher = copy.deepcopy(teacher).requires_grad_(True)  # the released code does not freeze it
+    t_mods = [dict(teacher.named_modules())[n] for n in names]
+    s_mods = [dict(student.named_modules())[n] for n in names]
+    t_acts, s_acts = [], []
+
+    def keep(store, retain):
+        def hook(module, inputs, output):
+            if retain:
+                output.retain_grad()
+            store.append(output)
+        return hook
+
+    for m in t_mods:
+        m.register_forward_hook(keep(t_acts, True))
+    for m in s_mods:
+        m.register_forward_hook(keep(s_acts, False))
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2, weight_decay=1e-4)
+
+    def run():
+        t_acts.clear()
+        s_acts.clear()
+        opt.zero_grad(set_to_none=True)
+        teacher.zero_grad(set_to_none=True)
+        logits_t, logits_s = teacher(x), student(x)
+        ce = F.cross_entropy(logits_s, y) + F.cross_entropy(logits_t, y)  # batch means
+        ce.backward(retain_graph=True)  # fills t.grad, and the teacher's parameter grads
+        clone = 0.0
+        for t, s, m, sd in zip(t_acts, s_acts, mu, sigma):
+            view = (1, -1) + (1,) * (t.dim() - 2)
+            sig = sd.view(view) + eps
+            z = (t.detach() - m.view(view)) / sig
+            q = sd.view(view) * t.grad
+            a = torch.softmax(tau * z.flatten(1), dim=1)
+            p = torch.softmax(tau * q.flatten(1), dim=1)
+            w = torch.sqrt(a * p).view_as(t)
+            clone = clone + (w * ((t.detach() - s) / sig) ** 2).sum() / len(x)
+        (lam * clone).backward()
+        opt.step()
+        return clone
+    return run
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def bench_medic_step(benchmark, device, sync, variant):
+    """One training step; the group compares the variants on one device."""
+    if variant == "native bf16" and device.type != "cuda":
+        pytest.skip("bfloat16 autocast is bdfast's default on CUDA only")
+    if variant.startswith("native") and not _extension.has_kernel("medic_clone_loss", device.type):
+        pytest.skip(f"no native {device.type} kernel for medic_clone_loss in this build")
+    teacher, student, names, mu, sigma, x, y = _setup(device)
+    if variant == "released-style":
+        step = _released_step(teacher, student, names, mu, sigma, x, y)
+    else:
+        backend = "reference" if variant == "reference" else "native"
+        amp = torch.bfloat16 if variant == "native bf16" else None
+        step = _bdfast_step(teacher, student, names, mu, sigma, x, y, backend, amp)
+
+    def run():
+        out = step()
+        sync()
+        return out
+
+    benchmark.group = f"medic_step wrn16_1 B={BATCH} {device.type}"
+    benchmark.extra_info.update(op="medic_step", case=f"wrn16_1 B={BATCH}", device=device.type,
+                                variant=variant, layers=len(names))
+    if device.type == "cpu":  # a step takes a good fraction of a second on a 2-core CPU
+        benchmark.pedantic(run, rounds=8, iterations=1, warmup_rounds=2)
+    else:
+        benchmark(run)

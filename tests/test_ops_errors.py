@@ -1,0 +1,221 @@
+"""Bad input to the ops fails with one clear sentence naming the argument (SPEC §9).
+
+The "meta" device stands in for a second device, so the device checks run without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+
+import pytest
+import torch
+
+import bdfast
+from bdfast import _extension, ops
+
+NATIVE_CPU = bdfast.backend_info()["native_cpu"]
+needs_kernels = pytest.mark.skipif(not NATIVE_CPU, reason="the compiled CPU kernels are missing")
+
+
+@contextlib.contextmanager
+def raises_naming(exc_type, *names):
+    """pytest.raises that also checks the message is one line mentioning each of ``names``."""
+    with pytest.raises(exc_type) as info:
+        yield info
+    message = str(info.value)
+    assert "\n" not in message.strip(), message
+    for name in names:
+        assert name in message, f"{name!r} not in {message!r}"
+
+
+def medic_args(layers=2):
+    shapes = [(2, 3, 4, 4), (2, 5)][:layers]
+    t = [torch.randn(s) for s in shapes]
+    s = [torch.randn(s, requires_grad=True) for s in shapes]
+    g = [torch.randn(s) for s in shapes]
+    mu = [torch.zeros(sh[1]) for sh in shapes]
+    sigma = [torch.ones(sh[1]) for sh in shapes]
+    return t, s, g, mu, sigma
+
+
+# --- medic_clone_loss -------------------------------------------------------------------------
+
+def test_medic_lists_required():
+    t, s, g, mu, sigma = medic_args()
+    with raises_naming(TypeError, "t", "list"):
+        ops.medic_clone_loss(t[0], s, g, mu, sigma)
+    with raises_naming(TypeError, "sigma", "list"):
+        ops.medic_clone_loss(t, s, g, mu, sigma[0])
+
+
+def test_medic_mismatched_list_lengths():
+    t, s, g, mu, sigma = medic_args()
+    with raises_naming(ValueError, "same length", "2, 1, 2, 2, 2"):
+        ops.medic_clone_loss(t, s[:1], g, mu, sigma)
+    with raises_naming(ValueError, "non-empty"):
+        ops.medic_clone_loss([], [], [], [], [])
+
+
+def test_medic_shapes():
+    t, s, g, mu, sigma = medic_args()
+    with raises_naming(ValueError, "s[1]", "[2, 6]", "t[1]"):
+        ops.medic_clone_loss(t, [s[0], torch.randn(2, 6)], g, mu, sigma)
+    with raises_naming(ValueError, "g[0]"):
+        ops.medic_clone_loss(t, s, [g[0][:, :2], g[1]], mu, sigma)
+    with raises_naming(ValueError, "mu[0]", "[3]"):
+        ops.medic_clone_loss(t, s, g, [torch.zeros(4), mu[1]], sigma)
+    with raises_naming(ValueError, "sigma[1]"):
+        ops.medic_clone_loss(t, s, g, mu, [sigma[0], torch.ones(5, 1)])
+    with raises_naming(ValueError, "t[0]", "[B, C, *spatial]"):
+        ops.medic_clone_loss([torch.randn(4)], [torch.randn(4)], [torch.randn(4)],
+                             [torch.zeros(4)], [torch.ones(4)])
+    with raises_naming(ValueError, "t[0]", "empty"):
+        ops.medic_clone_loss([torch.randn(0, 3)], [torch.randn(0, 3)], [torch.randn(0, 3)],
+                             [torch.zeros(3)], [torch.ones(3)])
+
+
+def test_medic_dtypes():
+    t, s, g, mu, sigma = medic_args()
+    with raises_naming(TypeError, "g[1]", "int64"):
+        ops.medic_clone_loss(t, s, [g[0], g[1].long()], mu, sigma)
+    with raises_naming(TypeError, "t[0]"):
+        ops.medic_clone_loss([t[0].bool(), t[1]], s, g, mu, sigma)
+
+
+def test_medic_devices():
+    t, s, g, mu, sigma = medic_args()
+    with raises_naming(ValueError, "s[1]", "meta", "cpu"):
+        ops.medic_clone_loss(t, [s[0], s[1].detach().to("meta")], g, mu, sigma)
+    with raises_naming(ValueError, "mu[0]", "meta"):
+        ops.medic_clone_loss(t, s, g, [mu[0].to("meta"), mu[1]], sigma)
+
+
+def test_medic_options():
+    args = medic_args()
+    with raises_naming(ValueError, "tau"):
+        ops.medic_clone_loss(*args, tau=float("nan"))
+    with raises_naming(ValueError, "eps"):
+        ops.medic_clone_loss(*args, eps=0.0)
+    with raises_naming(ValueError, "backend", "'fast'"):
+        ops.medic_clone_loss(*args, backend="fast")
+
+
+# --- histogram_entropy ------------------------------------------------------------------------
+
+def test_histogram_input():
+    with raises_naming(ValueError, "x", "2 dimensions"):
+        ops.histogram_entropy(torch.randn(10))
+    with raises_naming(TypeError, "x", "int32"):
+        ops.histogram_entropy(torch.ones(10, 3, dtype=torch.int32))
+    with raises_naming(ValueError, "x", "2 samples"):
+        ops.histogram_entropy(torch.randn(1, 3))
+    with raises_naming(ValueError, "step"):
+        ops.histogram_entropy(torch.randn(10, 3), step=0.0)
+    with raises_naming(ValueError, "backend"):
+        ops.histogram_entropy(torch.randn(10, 3), backend="gpu")
+
+
+@pytest.mark.parametrize("offsets", [[0, 2], [1, 3], [0, 2, 1, 3], [0, 4]])
+def test_histogram_bad_offsets(offsets):
+    with raises_naming(ValueError, "offsets", "end at 3"):
+        ops.histogram_entropy(torch.randn(10, 3), torch.tensor(offsets))
+
+
+def test_histogram_offsets_kind():
+    with raises_naming(ValueError, "offsets", "1-D integer"):
+        ops.histogram_entropy(torch.randn(10, 3), torch.tensor([0.0, 3.0]))
+    with raises_naming(ValueError, "offsets", "1-D integer"):
+        ops.histogram_entropy(torch.randn(10, 3), torch.tensor([[0, 3]]))
+    with raises_naming(ValueError, "offsets"):
+        ops.histogram_entropy(torch.randn(10, 3), torch.tensor([3]))
+
+
+@needs_kernels
+def test_histogram_kernel_checks_its_own_input():
+    # The registered op is public too (torch.ops.bdfast.*), so the kernel validates as well.
+    x = torch.randn(10, 3)
+    with pytest.raises(RuntimeError, match="offsets must start at 0"):
+        torch.ops.bdfast.histogram_entropy(x, torch.tensor([0, 2]), 0.01, True)
+    with pytest.raises(RuntimeError, match="offsets must be a 1-D int64"):
+        torch.ops.bdfast.histogram_entropy(x, torch.tensor([0, 3], dtype=torch.int32), 0.01,
+                                           False)
+    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
+        torch.ops.bdfast.histogram_entropy(x.double(), torch.tensor([0, 3]), 0.01, False)
+    with pytest.raises(RuntimeError, match="step must be positive"):
+        torch.ops.bdfast.histogram_entropy(x, torch.tensor([0, 3]), -1.0, False)
+
+
+# --- gaussian_kl and layer_outliers -----------------------------------------------------------
+
+def test_gaussian_kl_input():
+    v = [torch.rand(6) for _ in range(4)]
+    with raises_naming(ValueError, "var_q", "[5]", "mu_p"):
+        ops.gaussian_kl(v[0], v[1], v[2], torch.rand(5))
+    with raises_naming(ValueError, "mu_q", "meta"):
+        ops.gaussian_kl(v[0], v[1], v[2].to("meta"), v[3])
+    with raises_naming(TypeError, "var_p", "int64"):
+        ops.gaussian_kl(v[0], torch.ones(6, dtype=torch.long), v[2], v[3])
+    with raises_naming(ValueError, "mu_p", "1 dimensions"):
+        ops.gaussian_kl(v[0].view(2, 3), v[1], v[2], v[3])
+    with raises_naming(ValueError, "eps"):
+        ops.gaussian_kl(*v, eps=-1.0)
+
+
+@needs_kernels
+def test_gaussian_kl_kernel_checks_shapes():
+    with pytest.raises(RuntimeError, match="same length"):
+        torch.ops.bdfast.gaussian_kl(torch.rand(3), torch.rand(3), torch.rand(4), torch.rand(3),
+                                     1e-5)
+
+
+def test_layer_outliers_input():
+    scores = torch.randn(10)
+    with raises_naming(ValueError, "direction", "'up'"):
+        ops.layer_outliers(scores, direction="up")
+    with raises_naming(ValueError, "scores", "1 dimensions"):
+        ops.layer_outliers(scores.view(2, 5))
+    with raises_naming(TypeError, "scores", "int64"):
+        ops.layer_outliers(torch.arange(10))
+    with raises_naming(ValueError, "offsets", "end at 10"):
+        ops.layer_outliers(scores, torch.tensor([0, 4, 9]))
+
+
+@needs_kernels
+def test_layer_outliers_kernel_checks_offsets():
+    with pytest.raises(RuntimeError, match="layer_outliers: offsets must start at 0"):
+        torch.ops.bdfast.layer_outliers(torch.randn(10), torch.tensor([0, 6, 4, 10]), 3.0, False)
+
+
+# --- backends ---------------------------------------------------------------------------------
+
+def test_native_backend_without_a_kernel_for_the_device():
+    v = [torch.rand(6, device="meta") for _ in range(4)]
+    with raises_naming(RuntimeError, "backend='native'", "gaussian_kl", "meta",
+                       "backend='auto'"):
+        ops.gaussian_kl(*v, backend="native")
+    # "auto" falls back to the reference, which runs on any device.
+    assert ops.gaussian_kl(*v).device.type == "meta"
+
+
+def test_native_backend_without_the_kernel(monkeypatch):
+    monkeypatch.setattr(_extension, "has_kernel", lambda op, device_type: False)
+    args = medic_args()
+    with raises_naming(RuntimeError, "backend='native'", "medic_clone_loss", "make build"):
+        ops.medic_clone_loss(*args, backend="native")
+    # "auto" still works, on the reference.
+    assert torch.isfinite(ops.medic_clone_loss(*args))
+
+
+def test_backend_info():
+    info = bdfast.backend_info()
+    assert {"native_cpu", "native_cuda", "cuda_device", "torch", "torch_cuda", "why"} <= set(info)
+    assert all(isinstance(info[k], bool) for k in ("native_cpu", "native_cuda", "cuda_device"))
+    assert info["torch"] == torch.__version__ and info["torch_cuda"] == torch.version.cuda
+    assert info["cuda_device"] == torch.cuda.is_available()
+    for key in ("native_cpu", "native_cuda", "cuda_device"):
+        # A missing backend always comes with its reason, a present one never does.
+        assert (key in info["why"]) == (not info[key]), (key, info["why"])
+        if key in info["why"]:
+            assert isinstance(info["why"][key], str) and info["why"][key]
+    if not info["native_cuda"] and _extension.loaded():
+        assert re.search("rebuild", info["why"]["native_cuda"])

@@ -1,0 +1,234 @@
+"""``histogram_entropy``: both estimators of SPEC §5.3 against independent transcriptions.
+
+- The default estimator against a float64 NumPy computation written here from the SPEC.
+- ``reference_compat=True`` against a plain transcription of the authors' per-bin loop, and
+  against :func:`bdfast.reference.histogram_entropy`.
+16-bit inputs are compared on the same rounded values, upcast.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import bdfast
+from bdfast import ops, reference
+
+pytestmark = pytest.mark.skipif(not bdfast.backend_info()["native_cpu"],
+                                reason="the compiled CPU kernels are not available")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+def activations(n, k, *, seed=0, dtype=torch.float32):
+    """[N, K] BN-input-like activations: per-column scale and shift, some columns skewed."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=gen) * (0.2 + 2 * torch.rand(k, generator=gen))
+    x += torch.randn(k, generator=gen)
+    skewed = torch.rand(k, generator=gen) < 0.4
+    x[:, skewed] = x[:, skewed].exp()  # long right tails stretch the layer's grid
+    return x.to(dtype)
+
+
+def compare(out: torch.Tensor, ref) -> float:
+    """NaN positions must agree; returns the relative error over the finite entries."""
+    out = out.detach().double().cpu()
+    ref = torch.as_tensor(ref, dtype=torch.float64)
+    assert out.shape == ref.shape
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), (out, ref)
+    finite = ~torch.isnan(ref)
+    if not finite.any():
+        return 0.0
+    return float((out[finite] - ref[finite]).norm() / ref[finite].norm().clamp_min(1e-30))
+
+
+def numpy_default(x: torch.Tensor, step: float) -> np.ndarray:
+    """SPEC §5.3 default estimator, one column at a time, in float64 NumPy."""
+    x = x.double().numpy()
+    n, k = x.shape
+    h = np.full(k, np.nan)
+    for c in range(k):
+        col = x[:, c]
+        if not np.isfinite(col).all():
+            continue
+        sd = col.std(ddof=1)
+        if not sd > 0:
+            continue
+        y = (col - col.mean()) / sd
+        _, counts = np.unique(np.floor((y - y.min()) / step).astype(np.int64),
+                              return_counts=True)
+        p = counts / n
+        h[c] = -(p * np.log(p / step)).sum()
+    return h
+
+
+def released_loop(x: torch.Tensor, offsets, step: float) -> torch.Tensor:
+    """The authors' estimator as a plain per-bin loop (the SPEC §5.3 "[released code]").
+
+    Standardisation uses the correctly rounded float32 mean and standard deviation: torch's own
+    float32 column sums depend on the CPU's vector width, which moves a value across a bin edge
+    about once in 10^5; the kernel rounds the exact moments, and so does this transcription.
+    """
+    x = x.float()
+    n, k = x.shape
+    h = torch.full((k,), float("nan"), dtype=torch.float64)
+    for lo, hi in zip(offsets[:-1], offsets[1:]):
+        if hi == lo:
+            continue
+        layer = x[:, lo:hi]
+        mean = layer.double().mean(0).float()
+        sd = layer.double().std(0).float()
+        valid = torch.isfinite(layer).all(0) & (sd > 0)
+        if not valid.any():
+            continue
+        y = ((layer - mean) / sd)[:, valid]
+        ymin, ymax = y.min(), y.max()
+        total = torch.zeros(int(valid.sum()), dtype=torch.float64)
+        for b in range(int((ymax - ymin) / step)):
+            inside = (y > ymin + b * step) & (y < ymin + (b + 1) * step)
+            p = inside.sum(0).double() / n
+            total -= torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))
+        part = torch.full((hi - lo,), float("nan"), dtype=torch.float64)
+        part[valid] = total
+        h[lo:hi] = part
+    return h
+
+
+SHAPES = [  # (N, K, offsets)
+    (2, 3, [0, 3]),
+    (50, 1, [0, 1]),
+    (300, 40, [0, 40]),
+    (257, 37, [0, 5, 5, 18, 37]),  # uneven layers and an empty one
+    (64, 70, [0, 1, 33, 70]),
+]
+
+
+@pytest.mark.parametrize("n,k,offsets", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_default_matches_numpy(n, k, offsets, dtype):
+    x = activations(n, k, seed=n + k, dtype=dtype)
+    out = ops.histogram_entropy(x, torch.tensor(offsets), backend="native")
+    assert out.dtype == torch.float32 and out.shape == (k,)
+    assert compare(out, numpy_default(x, 0.01)) < 1e-5
+
+
+@pytest.mark.parametrize("step", [0.01, 0.1, 1.5])
+def test_default_matches_float64_reference(step):
+    x = activations(400, 24, seed=3)
+    out = ops.histogram_entropy(x, step=step, backend="native")
+    ref = reference.histogram_entropy(x.double(), step=step)
+    assert compare(out, ref) < 1e-5
+
+
+def test_default_with_more_bins_than_the_dense_buffer():
+    # step 1e-6 over a spread of several standard deviations: millions of bins (sorted counts).
+    x = activations(60, 3, seed=4)
+    out = ops.histogram_entropy(x, step=1e-6, backend="native")
+    # Every sample in its own bin: h = ln N + ln step ... exactly what NumPy counts.
+    assert compare(out, numpy_default(x, 1e-6)) < 1e-5
+    assert compare(out, np.full(3, math.log(60) + math.log(1e-6))) < 1e-5
+
+
+@pytest.mark.parametrize("n,k,offsets", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_compat_matches_released_loop(n, k, offsets, dtype):
+    x = activations(n, k, seed=7 * n + k, dtype=dtype)
+    step = 0.05  # fewer bins keep the per-bin loop quick; 0.01 is tested below
+    out = ops.histogram_entropy(x, torch.tensor(offsets), step=step, reference_compat=True,
+                                backend="native")
+    assert compare(out, released_loop(x, offsets, step)) < 1e-5
+
+
+def test_compat_at_the_default_step():
+    x = activations(200, 12, seed=11)
+    offsets = [0, 4, 12]
+    out = ops.histogram_entropy(x, torch.tensor(offsets), reference_compat=True,
+                                backend="native")
+    assert compare(out, released_loop(x, offsets, 0.01)) < 1e-5
+
+
+def test_compat_against_the_reference():
+    # The reference standardises with torch's float32 sums; an ulp there can move a value
+    # across an edge (a change of about 1/N in one column), so most columns must agree exactly.
+    x = activations(300, 48, seed=12)
+    offsets = torch.tensor([0, 16, 48])
+    out = ops.histogram_entropy(x, offsets, step=0.02, reference_compat=True, backend="native")
+    ref = reference.histogram_entropy(x, offsets, step=0.02, reference_compat=True)
+    assert compare(out, ref) < 1e-3
+    assert (out - ref).abs().le(1e-6).float().mean() >= 0.95
+
+
+def test_compat_drops_edges_and_the_last_partial_bin():
+    # Columns -1, 0, 1 (and an affine copy) standardise exactly to y = -1, 0, 1 (sd = 1).
+    x = torch.tensor([[-1.0, -4.0], [0.0, 3.0], [1.0, 10.0]])
+    # step 0.25: every y lies on an edge (-1 + 0.25 b), so the released loop counts nothing,
+    # while the default estimator has three bins of p = 1/3.
+    compat = ops.histogram_entropy(x, step=0.25, reference_compat=True, backend="native")
+    assert compat.tolist() == [0.0, 0.0]
+    default = ops.histogram_entropy(x, step=0.25, backend="native")
+    assert compare(default, [-math.log(4 / 3)] * 2) < 1e-6
+    # step 0.3: int(2 / 0.3) = 6 bins up to 0.8; -1 is on the first edge, 1 in the dropped
+    # partial bin, and only 0 is counted (p = 1/3 with the full N).
+    compat = ops.histogram_entropy(x, step=0.3, reference_compat=True, backend="native")
+    assert compare(compat, [math.log(3) / 3] * 2) < 1e-6
+    assert compare(compat, released_loop(x, [0, 2], 0.3)) < 1e-6
+
+
+@pytest.mark.parametrize("compat", [False, True], ids=["default", "compat"])
+def test_constant_and_non_finite_columns_are_nan(compat):
+    x = activations(100, 8, seed=5)
+    x[:, 1] = 3.25                 # constant
+    x[17, 2] = float("nan")
+    x[3, 4] = float("inf")
+    x[:, 6] = 0.0                  # a dead channel
+    offsets = [0, 5, 8]
+    out = ops.histogram_entropy(x, torch.tensor(offsets), reference_compat=compat,
+                                backend="native")
+    assert torch.isnan(out[[1, 2, 4, 6]]).all() and torch.isfinite(out[[0, 3, 5, 7]]).all()
+    # Invalid columns must not shift the compat grid of the other columns of their layer.
+    ref = released_loop(x, offsets, 0.01) if compat else numpy_default(x, 0.01)
+    assert compare(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("compat", [False, True], ids=["default", "compat"])
+def test_layer_without_valid_columns(compat):
+    x = activations(30, 6, seed=6)
+    x[:, :3] = 1.0
+    out = ops.histogram_entropy(x, torch.tensor([0, 3, 6]), reference_compat=compat,
+                                backend="native")
+    assert torch.isnan(out[:3]).all() and torch.isfinite(out[3:]).all()
+
+
+def test_compat_grid_is_per_layer():
+    # The same columns give other entropies when another layer's columns join their grid.
+    x = activations(120, 10, seed=8)
+    x[:, 5:] = -torch.randn(120, 5).mul(1.5).exp()  # long left tails: a lower grid origin
+    split = ops.histogram_entropy(x, torch.tensor([0, 5, 10]), reference_compat=True,
+                                  backend="native")
+    joint = ops.histogram_entropy(x, torch.tensor([0, 10]), reference_compat=True,
+                                  backend="native")
+    assert compare(joint, released_loop(x, [0, 10], 0.01)) < 1e-5
+    assert not torch.allclose(split[:5], joint[:5])
+    default = ops.histogram_entropy(x, torch.tensor([0, 5, 10]), backend="native")
+    assert torch.equal(default, ops.histogram_entropy(x, backend="native"))
+
+
+def test_standardisation_invariance_of_default():
+    # h of the standardised column does not change under x -> a x + b (a > 0).
+    x = activations(500, 16, seed=9).double()
+    out = ops.histogram_entropy(x.float(), backend="native")
+    moved = ops.histogram_entropy((3 * x + 100).float(), backend="native")
+    assert compare(moved, out) < 5e-2  # bins can shift by rounding, entropies barely
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_backend_and_reference_agree(device):
+    x = activations(150, 20, seed=10).to(device)
+    auto = ops.histogram_entropy(x, reference_compat=True)
+    ref = ops.histogram_entropy(x, step=0.01, reference_compat=True, backend="reference")
+    assert auto.device == x.device
+    assert compare(auto, ref) < 1e-3

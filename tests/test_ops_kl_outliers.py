@@ -1,0 +1,150 @@
+"""``gaussian_kl`` and ``layer_outliers``: native kernels against float64 references."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import bdfast
+from bdfast import ops, reference
+
+pytestmark = pytest.mark.skipif(not bdfast.backend_info()["native_cpu"],
+                                reason="the compiled CPU kernels are not available")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return float((out - ref).norm() / ref.norm())
+
+
+def bn_statistics(k, *, seed=0, dtype=torch.float32, device="cpu"):
+    """Clean-data (p) and running (q) BN statistics of K channels, a few of them mismatched."""
+    gen = torch.Generator().manual_seed(seed)
+    mu_q = torch.randn(k, generator=gen)
+    var_q = 0.1 + torch.rand(k, generator=gen)
+    mu_p = mu_q + 0.1 * torch.randn(k, generator=gen)
+    var_p = var_q * (1 + 0.2 * torch.randn(k, generator=gen)).abs()
+    mu_p[::17] += 3.0  # backdoor-like channels: large divergence
+    return [v.to(device=device, dtype=dtype) for v in (mu_p, var_p, mu_q, var_q)]
+
+
+def kl_formula(mu_p, var_p, mu_q, var_q, eps=1e-5):
+    """SPEC §2.3 written out with math, one element at a time (float64)."""
+    out = []
+    for a, va, b, vb in zip(*(v.double().tolist() for v in (mu_p, var_p, mu_q, var_q))):
+        va, vb = max(va, eps), max(vb, eps)
+        out.append(math.log(math.sqrt(vb) / math.sqrt(va)) + (va + (a - b) ** 2) / (2 * vb) - 0.5)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [1, 7, 4800])
+def test_gaussian_kl_matches_formula(device, dtype, k):
+    stats = bn_statistics(k, seed=k, dtype=dtype, device=device)
+    out = ops.gaussian_kl(*stats, backend="native")
+    assert out.dtype == torch.float32 and out.shape == (k,) and out.device == stats[0].device
+    assert rel_err(out, kl_formula(*stats)) < TOL[dtype]
+    ref64 = reference.gaussian_kl(*(v.double() for v in stats))
+    assert rel_err(out, ref64) < TOL[dtype]
+
+
+def test_gaussian_kl_floors_variances_and_mixes_dtypes():
+    mu_p, var_p, mu_q, var_q = bn_statistics(64, seed=1)
+    var_p[:4] = torch.tensor([0.0, -1.0, 1e-9, 1e-5])  # dead channels: floored at eps
+    var_q[4:6] = 0.0
+    out = ops.gaussian_kl(mu_p.half(), var_p, mu_q.bfloat16(), var_q.double(), eps=1e-5,
+                          backend="native")
+    ref = kl_formula(mu_p.half(), var_p, mu_q.bfloat16(), var_q.double(), eps=1e-5)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-5
+    # Identical distributions have zero divergence, a larger eps lowers a floored one.
+    same = ops.gaussian_kl(mu_q, var_q.clamp_min(1e-3), mu_q, var_q.clamp_min(1e-3))
+    assert same.abs().max() < 1e-6
+    bigger_eps = ops.gaussian_kl(mu_p, var_p, mu_q, var_q, eps=1e-2, backend="native")
+    assert bigger_eps[0] < out[0]
+
+
+def test_gaussian_kl_propagates_nan():
+    mu_p, var_p, mu_q, var_q = bn_statistics(5, seed=2)
+    mu_p[2] = float("nan")
+    out = ops.gaussian_kl(mu_p, var_p, mu_q, var_q, backend="native")
+    ref = reference.gaussian_kl(mu_p, var_p, mu_q, var_q)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(out[2])
+
+
+def outlier_rule(scores, offsets, u, direction):
+    """SPEC §2.4 written out in plain Python (statistics module, float64)."""
+    import statistics
+    values = scores.double().tolist()
+    mask = [False] * len(values)
+    for lo, hi in zip(offsets[:-1], offsets[1:]):
+        finite = [v for v in values[lo:hi] if math.isfinite(v)]
+        if len(finite) < 2:
+            continue
+        m, sd = statistics.fmean(finite), statistics.stdev(finite)
+        for i in range(lo, hi):
+            mask[i] = values[i] < m - u * sd if direction == "low" else values[i] > m + u * sd
+    return torch.tensor(mask, dtype=torch.bool)
+
+
+def packed_scores(sizes, *, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.cat([torch.randn(n, generator=gen) * (1 + i) + 3 * i
+                        for i, n in enumerate(sizes)])
+    if scores.numel() > 10:
+        scores[3] -= 25.0   # clear low outlier
+        scores[-10] += 25.0  # clear high outlier (before a small last layer)
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    return scores.to(dtype), offsets
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction", ["low", "high"])
+@pytest.mark.parametrize("u", [0.5, 2.0, 3.0])
+def test_layer_outliers_match_rule(device, dtype, direction, u):
+    scores, offsets = packed_scores([40, 3, 64, 512, 7], seed=int(u * 10), dtype=dtype)
+    scores = scores.to(device)
+    out = ops.layer_outliers(scores, torch.tensor(offsets), u=u, direction=direction,
+                             backend="native")
+    assert out.dtype == torch.bool and out.shape == scores.shape
+    expected = outlier_rule(scores.cpu(), offsets, u, direction)
+    assert torch.equal(out.cpu(), expected)
+    assert torch.equal(out.cpu(), reference.layer_outliers(scores.cpu(), torch.tensor(offsets),
+                                                           u=u, direction=direction))
+    if u == 3.0:  # the planted outliers are found
+        assert bool(out[3]) == (direction == "low") and bool(out[-10]) == (direction == "high")
+
+
+def test_layer_outliers_nan_inf_and_small_layers():
+    scores, offsets = packed_scores([30, 1, 2, 5, 0, 20], seed=3)
+    scores[0] = float("nan")          # never flagged, excluded from the statistics
+    scores[1] = -float("inf")         # excluded from the statistics, flagged as low
+    scores[31:33] = torch.tensor([float("nan"), 5.0])  # one finite score: nothing flagged
+    scores[33:38] = float("nan")      # no finite score
+    for direction in ("low", "high"):
+        out = ops.layer_outliers(scores, torch.tensor(offsets), u=1.0, direction=direction,
+                                 backend="native")
+        assert torch.equal(out, outlier_rule(scores, offsets, 1.0, direction))
+        assert torch.equal(out, reference.layer_outliers(scores, torch.tensor(offsets), u=1.0,
+                                                         direction=direction))
+        assert not out[0] and not out[30:38].any()
+    low = ops.layer_outliers(scores, torch.tensor(offsets), u=1.0, direction="low")
+    assert low[1]
+
+
+def test_layer_outliers_default_single_layer():
+    scores, _ = packed_scores([200], seed=4)
+    out = ops.layer_outliers(scores, backend="native")
+    assert torch.equal(out, outlier_rule(scores, [0, 200], 3.0, "low"))
+    assert out[3] and out.sum() >= 1

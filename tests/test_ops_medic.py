@@ -1,0 +1,240 @@
+"""``medic_clone_loss``: the native kernel against a float64 evaluation of the reference.
+
+SPEC §2 tolerances, as relative errors of the whole output: < 1e-4 for float32 inputs and
+< 1e-2 for 16-bit inputs, whose reference is evaluated in float64 on the same rounded values.
+The loss is compared as a scalar and the student gradient layer by layer.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bdfast
+from bdfast import ops, reference
+
+pytestmark = pytest.mark.skipif(not bdfast.backend_info()["native_cpu"],
+                                reason="the compiled CPU kernels are not available")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return float((out - ref).norm() / ref.norm())
+
+
+def make_layer(shape, dtype=torch.float32, *, device="cpu", dead=(), seed=0,
+               channels_last=False):
+    """One hooked layer: teacher t, student s (needs grad), teacher gradient g, and mu, sigma.
+
+    mu and sigma are the per-channel statistics of t, as MEDIC measures them on clean data;
+    the channels in ``dead`` are constant zero in t with sigma = 0 (a dead ReLU channel).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=gen) * 1.5 + 0.2
+    for c in dead:
+        t[:, c] = 0.0
+    s = t + 0.5 * torch.randn(shape, generator=gen)
+    g = 0.05 * torch.randn(shape, generator=gen)
+    dims = [0] + list(range(2, len(shape)))
+    mu = t.mean(dims)
+    sigma = t.std(dims) if t[:, 0].numel() > 1 else torch.full_like(mu, 0.7)
+    for c in dead:
+        mu[c], sigma[c] = 0.0, 0.0
+
+    def place(x):
+        x = x.to(device=device, dtype=dtype)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    return (place(t), place(s).requires_grad_(), place(g), mu.to(device), sigma.to(device))
+
+
+def unzip(layers):
+    return tuple(list(parts) for parts in zip(*layers))
+
+
+def reference64(t, s, g, mu, sigma, **options):
+    """Loss and student gradients of the reference evaluated in float64 on the same inputs."""
+    s64 = [x.detach().double().requires_grad_() for x in s]
+    loss = reference.medic_clone_loss([x.detach().double() for x in t], s64,
+                                      [x.detach().double() for x in g],
+                                      [m.double() for m in mu], [v.double() for v in sigma],
+                                      **options)
+    return loss.detach(), list(torch.autograd.grad(loss, s64))
+
+
+def native(t, s, g, mu, sigma, **options):
+    """Loss and student gradients of the compiled kernel (forward + autograd backward)."""
+    s = [x.detach().clone().requires_grad_() for x in s]  # clone keeps channels_last
+    loss = ops.medic_clone_loss(t, s, g, mu, sigma, backend="native", **options)
+    loss.backward()
+    return loss.detach(), [x.grad for x in s]
+
+
+def assert_matches_reference(layers, tol, **options):
+    t, s, g, mu, sigma = unzip(layers)
+    loss, grads = native(t, s, g, mu, sigma, **options)
+    loss_ref, grads_ref = reference64(t, s, g, mu, sigma, **options)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert rel_err(loss, loss_ref) < tol, (float(loss), float(loss_ref))
+    for i, (gr, ref) in enumerate(zip(grads, grads_ref)):
+        assert gr.shape == s[i].shape and gr.dtype == s[i].dtype
+        assert rel_err(gr, ref) < tol, f"layer {i}: {rel_err(gr, ref)}"
+    return loss, grads
+
+
+MIXED = [(4, 16, 8, 8), (4, 10), (4, 3, 5, 7), (4, 33)]  # 4-D conv and 2-D linear, odd widths
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("signed", [False, True], ids=["abs", "signed"])
+@pytest.mark.parametrize("tau", [0.0, 5.0, 50.0])
+def test_mixed_layers_match_reference(device, dtype, signed, tau):
+    layers = [make_layer(shape, dtype, device=device, seed=i) for i, shape in enumerate(MIXED)]
+    assert_matches_reference(layers, TOL[dtype], tau=tau, signed=signed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(4))
+def test_random_shapes(device, seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    batch = int(torch.randint(1, 6, (), generator=gen))
+    layers = []
+    for i in range(int(torch.randint(1, 5, (), generator=gen))):
+        dims = torch.randint(1, 12, (3,), generator=gen).tolist()
+        shape = (batch, *dims) if torch.rand((), generator=gen) < 0.6 else (batch, dims[0])
+        layers.append(make_layer(shape, device=device, seed=seed * 10 + i))
+    assert_matches_reference(layers, TOL[torch.float32], tau=5.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("signed", [False, True], ids=["abs", "signed"])
+def test_single_element(device, signed):
+    # One sample, one channel: both softmaxes are 1, so w = 1 and the loss is e^2.
+    layers = [make_layer((1, 1), device=device)]
+    loss, _ = assert_matches_reference(layers, 1e-5, signed=signed)
+    t, s, _, _, sigma = layers[0]
+    e = (t.double() - s.detach().double()) / (sigma.double() + 1e-5)
+    assert float(loss) == pytest.approx(float(e.square().sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_rows(device, dtype):
+    # 64 * 32 * 33 = 67,584 elements per row: more than 65,536 and not a multiple of a chunk.
+    layers = [make_layer((2, 64, 32, 33), dtype, device=device), make_layer((2, 7), dtype,
+                                                                            device=device, seed=1)]
+    assert_matches_reference(layers, TOL[dtype], tau=5.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channels_last(device, dtype):
+    layers = [make_layer((3, 20, 6, 5), dtype, device=device, channels_last=True),
+              make_layer((3, 530, 2, 2), dtype, device=device, seed=1, channels_last=True),
+              make_layer((3, 12), dtype, device=device, seed=2)]
+    assert layers[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert not layers[0][0].is_contiguous()
+    _, grads = assert_matches_reference(layers, TOL[dtype], tau=5.0)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_dtypes_across_layers(device):
+    layers = [make_layer((3, 8, 4, 4), torch.float16, device=device),
+              make_layer((3, 5, 3, 3), torch.bfloat16, device=device, seed=1),
+              make_layer((3, 9), torch.float32, device=device, seed=2)]
+    assert_matches_reference(layers, 1e-2, tau=5.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_dtypes_within_a_layer_are_promoted(device):
+    t, s, g, mu, sigma = make_layer((3, 6, 4, 4), device=device)
+    layer = (t.half(), s.detach().bfloat16().requires_grad_(), g, mu, sigma)
+    _, (grad,) = assert_matches_reference([layer], 1e-2, tau=5.0)
+    assert grad.dtype == torch.bfloat16  # the gradient comes back in the student's dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("signed", [False, True], ids=["abs", "signed"])
+def test_dead_channels(device, signed):
+    # sigma = 0: sig = eps, so the clone error of a dead channel is scaled by 1 / eps.
+    layers = [make_layer((4, 6, 5, 5), device=device, dead=(1, 4)),
+              make_layer((4, 9), device=device, seed=1, dead=(0,))]
+    loss, grads = assert_matches_reference(layers, 1e-4, tau=5.0, signed=signed)
+    assert torch.isfinite(loss) and all(torch.isfinite(gr).all() for gr in grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_return_weights(device):
+    layers = [make_layer((3, 4, 5, 5), device=device), make_layer((3, 11), device=device, seed=1)]
+    t, s, g, mu, sigma = unzip(layers)
+    loss, weights = ops.medic_clone_loss(t, s, g, mu, sigma, backend="native",
+                                         return_weights=True)
+    assert len(weights) == 2
+    recomputed = torch.zeros((), dtype=torch.float64)
+    for t_l, s_l, w_l, sigma_l in zip(t, s, weights, sigma):
+        assert w_l.shape == t_l.shape
+        # w = sqrt(a p) with a, p softmaxes: positive, and each row sums to at most 1.
+        rows = w_l.reshape(w_l.shape[0], -1).double()
+        assert (rows > 0).all() and (rows.sum(1) <= 1 + 1e-6).all()
+        e = (t_l.double() - s_l.detach().double()) / (sigma_l.double().view(1, -1, *[1] * (
+            t_l.dim() - 2)) + 1e-5)
+        recomputed += (w_l.double() * e.square()).sum() / t_l.shape[0]
+    # The kernel never materialises w; the weights it returns must give its own loss.
+    assert rel_err(loss, recomputed) < 1e-5
+    loss.backward()
+    assert all(x.grad is not None for x in s)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_no_gradient_to_teacher_inputs(device, backend):
+    t, s, g, mu, sigma = make_layer((2, 3, 4, 4), device=device)
+    t, g, mu, sigma = (x.clone().requires_grad_() for x in (t, g, mu, sigma))
+    loss = ops.medic_clone_loss([t], [s], [g], [mu], [sigma], backend=backend)
+    loss.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None and g.grad is None and mu.grad is None and sigma.grad is None
+
+
+def test_auto_backend_uses_the_kernel_and_agrees():
+    layers = [make_layer((2, 5, 3, 3)), make_layer((2, 4), seed=1)]
+    t, s, g, mu, sigma = unzip(layers)
+    with torch.no_grad():
+        auto = ops.medic_clone_loss(t, s, g, mu, sigma)
+        nat = ops.medic_clone_loss(t, s, g, mu, sigma, backend="native")
+        ref = ops.medic_clone_loss(t, s, g, mu, sigma, backend="reference")
+    assert float(auto) == float(nat)
+    assert rel_err(nat, ref) < 1e-5
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["abs", "signed"])
+def test_reference_gradcheck(signed):
+    # The reference's autograd (through softmaxes treated as constants) in float64.
+    layers = [make_layer((2, 3, 2, 2), torch.float64), make_layer((2, 5), torch.float64, seed=1)]
+    t, s, g, mu, sigma = unzip(layers)
+    mu, sigma = [m.double() for m in mu], [v.double() for v in sigma]
+
+    def loss_of(*students):
+        return reference.medic_clone_loss(t, list(students), g, mu, sigma, tau=5.0,
+                                          signed=signed)
+
+    assert torch.autograd.gradcheck(loss_of, tuple(s), eps=1e-6, atol=1e-7, rtol=1e-5,
+                                    fast_mode=True)
+
+
+def test_gradient_scales_with_upstream_gradient():
+    layers = [make_layer((3, 4, 3, 3)), make_layer((3, 6), seed=1)]
+    t, s, g, mu, sigma = unzip(layers)
+    loss = ops.medic_clone_loss(t, s, g, mu, sigma, backend="native")
+    once = torch.autograd.grad(loss, s, retain_graph=True)
+    scaled = torch.autograd.grad(loss * -2.5, s)
+    for a, b in zip(once, scaled):
+        assert torch.allclose(b, -2.5 * a, rtol=1e-5, atol=0)
