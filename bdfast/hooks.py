@@ -72,16 +72,22 @@ def disable_inplace(model: nn.Module) -> int:
 class Tap:
     """Captures the outputs (or first inputs) of named modules during forward passes.
 
-    Use as a context manager; after a forward, :meth:`values` returns the captured tensors in
-    the order of ``names``. A module that runs twice in one forward is an error: its two
+    Use as a context manager (entering it forgets earlier captures); after a forward,
+    :meth:`values` returns the captured tensors in the order of ``names``, also after the
+    context has exited. A module that runs twice in one forward is an error: its two
     activations would need two different statistics, which the defenses do not define.
 
     Args:
         model: the model to hook.
         names: module names, e.g. from :func:`select_layers`.
         capture: "output" or "input".
-        clone: names whose captured tensor is cloned, for layers whose output a functional
-            in-place operation (``F.relu(x, inplace=True)``) overwrites afterwards.
+        clone: names of layers whose output a functional in-place operation
+            (``F.relu(x, inplace=True)``) overwrites afterwards. With ``capture="output"`` the
+            hook keeps the layer's own output and hands a clone on to the rest of the model, so
+            the in-place op overwrites the clone: the captured tensor keeps the layer's values
+            *and* stays the tensor the loss depends on, so gradients w.r.t. it are the layer's
+            (a captured clone would be outside the graph). With ``capture="input"`` the
+            captured tensor is a clone.
         require_grad: make captured outputs part of the autograd graph even when the model's
             parameters are frozen, so that gradients w.r.t. them can be taken.
         detach: store detached tensors (statistics collection).
@@ -103,6 +109,7 @@ class Tap:
         self._handles: list = []
 
     def __enter__(self) -> "Tap":
+        self.clear()
         for name, module in zip(self.names, self._modules):
             self._handles.append(module.register_forward_hook(self._hook(name)))
         return self
@@ -123,12 +130,17 @@ class Tap:
                                    "must run once per forward, so exclude it with layers=")
             if self.require_grad and self.capture == "output" and not value.requires_grad:
                 value.requires_grad_(True)  # a leaf when the layer's parameters are frozen
+            handed_on = None
+            if name in self.clone:
+                if self.capture == "output":
+                    handed_on = value.clone()  # the model continues with (and overwrites) this
+                else:
+                    value = value.clone()
             if self.detach:
                 value = value.detach()
-            if name in self.clone:
-                value = value.clone()
             self._values[name] = value
             self._versions[name] = value._version
+            return handed_on  # None keeps the module's output
         return hook
 
     def clear(self) -> None:

@@ -1,0 +1,247 @@
+"""BCU: backdoor cleansing with unlabeled data (Pang et al., CVPRW 2023).
+
+The student is the teacher with a share of the weights of every conv and linear layer replaced
+by fresh random values, more in deeper layers ("adaptive layer-wise initialisation", eq. 3);
+it then learns the teacher's temperature-softened predictions on unlabeled images (eq. 2).
+
+The story of :func:`bcu_cleanse`:
+
+1. ratios: each conv/linear layer's re-initialisation ratio, from the layers' forward order
+   (:func:`bcu_ratios`);
+2. student: a deep copy of the teacher, each weight/bias element replaced with probability p
+   by a freshly initialised copy's value (:func:`partial_reinit`); norm layers untouched;
+3. train (:mod:`bdfast.training`): KL(softmax(t/T) || softmax(s/T)) with T rising per epoch,
+   SGD with momentum and a per-epoch cosine schedule; labels ignored.
+
+See docs/bcu.md.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bdfast._utils import iter_batches, resolve_device, seed_everything
+from bdfast.hooks import CONV, LINEAR
+from bdfast.training import AmpSpec, EvalFn, check_images, check_loader, fit, resolve_amp
+
+__all__ = ["bcu_cleanse", "bcu_ratios", "partial_reinit", "ADAPTIVE_RATIOS"]
+
+# The paper's ratios (Sec. 4): first conv, the four depth groups, the final classifier.
+ADAPTIVE_RATIOS = {"first": 0.01, "groups": (0.01, 0.03, 0.09, 0.27), "classifier": 0.10}
+
+RatioSpec = Union[str, Mapping[str, float]]
+
+
+def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
+                ratios: RatioSpec = "adaptive", temperature: Optional[float] = None,
+                lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
+                amp: AmpSpec = "auto", device: Any = None, seed: Optional[int] = None,
+                progress: bool = True, eval_fn: Optional[EvalFn] = None) -> nn.Module:
+    """Remove a backdoor from ``teacher`` by partial re-initialisation and distillation (BCU).
+
+    Args:
+        teacher: the suspect classifier, ``x [B, C, H, W] -> logits [B, K]``; never modified.
+        loader: re-iterable batches ``x`` or ``(x, y)`` of unlabeled images (labels are
+            ignored; out-of-distribution images work too).
+        epochs: training epochs (paper: 100).
+        ratios: "adaptive" (the paper's depth-dependent ratios, see :func:`bcu_ratios`),
+            "uniform:<p>", or a ``{module-name-prefix: p}`` mapping (longest prefix wins;
+            unmatched layers keep all their weights).
+        temperature: a fixed KD temperature; by default T_e = 1 + 3 (e + 1) / E in epoch
+            e = 0..E-1 (the released code).
+        lr, momentum, weight_decay: SGD, with cosine annealing per epoch.
+        amp: "auto" (bfloat16 autocast on CUDA, off on CPU), True, False or a dtype.
+        device: where to train (default: the teacher's); the result returns to the teacher's.
+        seed: seeds the masks, the fresh weights and torch's RNG (a CPU run is reproducible).
+        progress: a tqdm bar with epoch, loss and samples/s.
+        eval_fn: ``eval_fn(model, epoch)`` after every epoch (student in eval mode).
+
+    Returns:
+        The student in eval mode, on the teacher's device.
+    """
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+    _check_options(epochs, temperature, lr, momentum, weight_decay, eval_fn)
+    resolve_amp(amp, torch.device("cpu"))  # validates the value
+    check_loader(loader)
+    home = resolve_device(None, teacher)
+    device = resolve_device(device, teacher)
+    seed_everything(seed)
+
+    # 1. ratios from the forward order of the first batch.
+    t_model = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
+    x, _ = next(iter_batches(loader))
+    check_images(0, x)
+    layer_ratios = bcu_ratios(t_model, x.to(device), ratios)
+
+    # 2. the partially re-initialised student.
+    student = copy.deepcopy(t_model).requires_grad_(True)
+    partial_reinit(student, layer_ratios)
+
+    # 3. distillation.
+    def step(net: nn.Module, x: Tensor, y: Optional[Tensor], epoch: int) -> Tensor:
+        temp = temperature if temperature is not None else 1.0 + 3.0 * (epoch + 1) / epochs
+        with torch.no_grad():
+            logits_t = t_model(x)
+        logits_s = net(x)
+        # KL(p_t || p_s) averaged over the batch, without the usual T^2 factor (eq. 2).
+        return F.kl_div(F.log_softmax(logits_s.float() / temp, dim=1),
+                        F.log_softmax(logits_t.float() / temp, dim=1),
+                        reduction="batchmean", log_target=True)
+
+    optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay)
+    fit(student, loader, step, optimizer, epochs=epochs, device=device, schedule="epoch",
+        amp=amp, progress=progress, eval_fn=eval_fn, desc="bcu")
+    return student.eval().to(home)
+
+
+def bcu_ratios(model: nn.Module, x: Tensor, ratios: RatioSpec = "adaptive") -> Dict[str, float]:
+    """The re-initialisation ratio of every conv and linear layer of ``model``, by name.
+
+    ``x`` [B, C, H, W] is an example batch on the model's device; one no-grad forward with
+    hooks gives the order in which the layers first run and the spatial size of their outputs.
+
+    "adaptive" (the paper): the first layer to run gets 0.01 and the last one (the classifier)
+    0.10. The layers in between are cut into *stages*, the runs of consecutive layers with the
+    same output resolution (a ResNet's stages: downsampling changes the resolution, and a 1x1
+    shortcut conv has its stage's resolution). Stage s of S goes to depth group
+    ``floor(4 (s + 1/2) / S)`` with ratio 0.01, 0.03, 0.09 or 0.27: four stages get one group
+    each (the CIFAR ResNet-18 mapping of the paper), fewer stages are spread over the groups by
+    their centre (2 stages: 0.03, 0.27; 3 stages: 0.01, 0.09, 0.27), more stages share groups
+    in order. Conv/linear layers that do not run get 0.
+
+    "uniform:<p>" gives every conv/linear layer p; a ``{prefix: p}`` mapping gives each layer
+    the p of the longest prefix that names it or one of its parents ("" matches all), else 0.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, CONV + LINEAR)}
+    if not layers:
+        raise ValueError("the model has no Conv or Linear layer to re-initialise")
+    if isinstance(ratios, str) and ratios.startswith("uniform:"):
+        p = _ratio(ratios[len("uniform:"):], "ratios='uniform:<p>'")
+        return {name: p for name in layers}
+    if isinstance(ratios, Mapping):
+        return _prefix_ratios(layers, ratios)
+    if ratios != "adaptive":
+        raise ValueError(f"ratios must be 'adaptive', 'uniform:<p>' or a {{module-name-prefix: p}} "
+                         f"mapping, got {ratios!r}")
+
+    order = _forward_order(model, layers, x)
+    result = {name: 0.0 for name in layers}
+    result[order[0][0]] = ADAPTIVE_RATIOS["first"]
+    result[order[-1][0]] = ADAPTIVE_RATIOS["classifier"]
+    stages: List[List[str]] = []
+    previous = None
+    for name, resolution in order[1:-1]:
+        if resolution != previous:
+            stages.append([])
+            previous = resolution
+        stages[-1].append(name)
+    groups = ADAPTIVE_RATIOS["groups"]
+    for s, stage in enumerate(stages):
+        p = groups[math.floor(len(groups) * (s + 0.5) / len(stages))]
+        result.update({name: p for name in stage})
+    return result
+
+
+@torch.no_grad()
+def partial_reinit(model: nn.Module, ratios: Mapping[str, float]) -> Dict[str, float]:
+    """Replace each weight/bias element of the named layers, with probability ``ratios[name]``,
+    by the value of a freshly initialised copy of the layer (eq. 3; no rescaling). In place.
+
+    Masks and fresh values come from torch's global CPU RNG (seed it for reproducibility), so
+    that a seed gives the same student on any device. Returns the share of
+    elements actually replaced per layer.
+    """
+    modules = dict(model.named_modules())
+    replaced: Dict[str, float] = {}
+    for name, p in ratios.items():
+        module = modules[name]
+        if p == 0:
+            replaced[name] = 0.0
+            continue
+        fresh = copy.deepcopy(module).cpu()
+        fresh.reset_parameters()
+        count = total = 0
+        for (_, param), (_, new) in zip(module.named_parameters(recurse=False),
+                                        fresh.named_parameters(recurse=False)):
+            mask = (torch.rand(param.shape) < p).to(param.device)
+            param.copy_(torch.where(mask, new.to(param.device, param.dtype), param))
+            count += int(mask.sum())
+            total += mask.numel()
+        replaced[name] = count / max(total, 1)
+    return replaced
+
+
+def _forward_order(model: nn.Module, layers: Mapping[str, nn.Module],
+                   x: Tensor) -> List[Tuple[str, Tuple[Any, ...]]]:
+    """``(name, output resolution)`` of the layers in the order they first run on ``x``."""
+    order: Dict[str, Tuple[Any, ...]] = {}
+
+    def hook(name: str):
+        def record(module, inputs, output):
+            if name not in order and isinstance(output, Tensor):
+                # Conv: the spatial dims; Linear: any dims between batch and features.
+                spatial = output.shape[2:] if isinstance(module, CONV) else output.shape[1:-1]
+                order[name] = (isinstance(module, LINEAR),) + tuple(spatial)
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not order:
+        raise ValueError("no Conv or Linear layer ran in the model's forward pass")
+    return list(order.items())
+
+
+def _prefix_ratios(layers: Mapping[str, nn.Module], ratios: Mapping[str, float]) -> Dict[str, float]:
+    checked = {}
+    for prefix, p in ratios.items():
+        if not isinstance(prefix, str):
+            raise TypeError(f"ratios keys must be module-name prefixes (str), got {prefix!r}")
+        if not any(_under(name, prefix) for name in layers):
+            raise ValueError(f"ratios prefix {prefix!r} names no Conv or Linear layer of the model")
+        checked[prefix] = _ratio(p, f"ratios[{prefix!r}]")
+    result = {}
+    for name in layers:
+        matches = [prefix for prefix in checked if _under(name, prefix)]
+        result[name] = checked[max(matches, key=len)] if matches else 0.0
+    return result
+
+
+def _under(name: str, prefix: str) -> bool:
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def _ratio(value: Any, what: str) -> float:
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number in [0, 1], got {value!r}") from None
+    if isinstance(value, bool) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"{what} must be a number in [0, 1], got {value!r}")
+    return p
+
+
+def _check_options(epochs, temperature, lr, momentum, weight_decay, eval_fn) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if temperature is not None and not (isinstance(temperature, (int, float))
+                                        and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive number or None, got {temperature!r}")
+    if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+        if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if eval_fn is not None and not callable(eval_fn):
+        raise TypeError(f"eval_fn must be callable (model, epoch) -> result, got "
+                        f"{type(eval_fn).__name__}")

@@ -1,0 +1,327 @@
+"""MEDIC: remove a backdoor by cloning the model's benign behaviour into a fresh network.
+
+Xu et al., "MEDIC: Remove Model Backdoors via Importance Driven Cloning", CVPR 2023, Algorithm 1.
+A re-initialised student learns from a small clean set with cross-entropy plus an
+importance-weighted clone loss on every hooked layer (eqs. 1-4), so it copies the neurons that
+are strongly activated *and* matter for the clean prediction, and not the backdoor's.
+
+The story of :meth:`Medic.fit`:
+
+1. prepare: deep copies of the teacher (frozen, eval) and of the student; in-place activation
+   modules switched off; layers that a functional in-place op still overwrites are found with
+   the version counter and handed on as clones (one warning);
+2. teacher statistics: exact per-channel mean and std of every hooked output over the whole
+   loader, merged in float64 (all-reduced under DDP);
+3. student: the same architecture with every parameter re-initialised (or ``student=``);
+4. train (:mod:`bdfast.training`): per step, one teacher forward with the hooked outputs in the
+   autograd graph, g = d CE / d outputs by ``torch.autograd.grad`` (no parameter gradients),
+   one student forward, loss = CE + lam * ``ops.medic_clone_loss``; Adam with cosine annealing.
+
+See docs/medic.md for the equations, defaults and deviations from the released code.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bdfast import ops
+from bdfast.ops._dispatch import BACKENDS
+from bdfast._utils import iter_batches, resolve_device, seed_everything
+from bdfast.hooks import (LayerSpec, Tap, disable_inplace, find_inplace_overwrites, select_layers,
+                          warn_inplace)
+from bdfast.stats import ChannelMoments
+from bdfast.training import AmpSpec, EvalFn, check_images, check_loader, fit, resolve_amp
+
+__all__ = ["MedicConfig", "MedicResult", "Medic", "MedicStep", "medic_clone", "teacher_statistics"]
+
+LABEL_MODES = ("auto", "given", "teacher")
+
+
+@dataclass
+class MedicConfig:
+    """MEDIC's options; the defaults are the paper's (Appendix D). See :func:`medic_clone`."""
+
+    epochs: int = 60
+    tau: float = 5.0
+    lam: float = 10.0
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    layers: LayerSpec = "conv+norm+linear"
+    signed: bool = False
+    reference_compat: bool = False
+    amp: AmpSpec = "auto"
+    device: Any = None
+    seed: Optional[int] = None
+    progress: bool = True
+    eval_fn: Optional[EvalFn] = None
+    labels: str = "auto"
+    eval_every: int = 1
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("tau", "lam", "lr", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    value >= 0 and value < float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.labels not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {LABEL_MODES}, got {self.labels!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.eval_fn is not None and not callable(self.eval_fn):
+            raise TypeError(f"eval_fn must be callable (model, epoch) -> result, got "
+                            f"{type(self.eval_fn).__name__}")
+        resolve_amp(self.amp, torch.device("cpu"))  # validates the value
+
+
+@dataclass
+class MedicResult:
+    """The cleaned ``model`` (eval mode, on the teacher's device), the per-epoch ``history``
+    (see :class:`bdfast.training.TrainResult`), ``timings`` in seconds (prepare, statistics,
+    train, eval, total) and the hooked ``layers``."""
+
+    model: nn.Module
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    timings: Dict[str, float] = field(default_factory=dict)
+    layers: List[str] = field(default_factory=list)
+
+
+class Medic:
+    """``Medic(config, **overrides).fit(teacher, loader) -> MedicResult``."""
+
+    def __init__(self, config: Optional[MedicConfig] = None, **overrides: Any):
+        self.config = replace(config or MedicConfig(), **overrides)
+
+    def fit(self, teacher: nn.Module, loader: Iterable, *,
+            student: Optional[nn.Module] = None) -> MedicResult:
+        """Clone ``teacher``'s benign behaviour from ``loader`` into a fresh student.
+
+        ``loader`` yields ``x [B, C, H, W]`` or ``(x, y [B])`` batches (re-iterable: one pass
+        for the statistics, then one per epoch). Neither ``teacher`` nor ``student`` is
+        modified; the result's model is a trained copy.
+        """
+        cfg = self.config
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+        if student is not None and not isinstance(student, nn.Module):
+            raise TypeError(f"student must be a torch.nn.Module or None, got {type(student).__name__}")
+        check_loader(loader)
+        clock = time.perf_counter()
+        home = resolve_device(None, teacher)
+        device = resolve_device(cfg.device, teacher)
+        seed_everything(cfg.seed)
+
+        # 1. prepare the copies.
+        t_model = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
+        disable_inplace(t_model)
+        names = select_layers(t_model, cfg.layers)
+        s_model = _student(teacher if student is None else student, names, fresh=student is None)
+        s_model.to(device)
+        t_clone, s_clone = _overwritten_layers(t_model, s_model, names, loader, device)
+        timings = {"prepare": time.perf_counter() - clock}
+
+        # 2. teacher statistics (mu, sigma per hooked channel), validating every batch on the way.
+        clock = time.perf_counter()
+        mu, sigma = teacher_statistics(t_model, names, loader, device=device, clone=t_clone,
+                                       labels=cfg.labels)
+        timings["statistics"] = time.perf_counter() - clock
+
+        # 3-4. train the student.
+        step = MedicStep(t_model, s_model, names, mu, sigma, cfg, t_clone=t_clone, s_clone=s_clone)
+        optimizer = torch.optim.Adam(s_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        trained = fit(s_model, loader, step, optimizer, epochs=cfg.epochs, device=device,
+                      schedule="step" if hasattr(loader, "__len__") else "epoch",
+                      amp=cfg.amp, progress=cfg.progress, eval_fn=cfg.eval_fn,
+                      eval_every=cfg.eval_every, desc="medic")
+        timings.update(trained.timings)
+        timings["total"] = sum(timings[k] for k in ("prepare", "statistics", "train", "eval"))
+        return MedicResult(s_model.eval().to(home), trained.history, timings, names)
+
+
+class MedicStep:
+    """The loss of one MEDIC training step (Algorithm 1, lines 4-7), as a ``training.fit`` step.
+
+    ``step(net, x, y, epoch) -> loss``: one teacher forward with the hooked outputs t in the
+    autograd graph; g = d CE_teacher / d t by ``torch.autograd.grad`` (per-sample: CE summed
+    over the batch; no parameter gradients, the teacher's are frozen); one forward of ``net``
+    (the student or its DDP wrapper) capturing s; the loss is
+    ``CE(student, y) + lam * medic_clone_loss(t, s, g, mu, sigma)`` (eqs. 1-4). y is the
+    teacher's argmax when the batch has no labels or ``config.labels == "teacher"``.
+    The caller runs backward and the optimizer step.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, names: Sequence[str],
+                 mu: Sequence[Tensor], sigma: Sequence[Tensor], config: MedicConfig, *,
+                 t_clone: Iterable[str] = (), s_clone: Iterable[str] = ()):
+        self.teacher, self.mu, self.sigma, self.config = teacher, list(mu), list(sigma), config
+        # Hooks are on only while a captured forward runs, so eval_fn sees plain models.
+        self.t_tap = Tap(teacher, names, clone=t_clone, require_grad=True)
+        self.s_tap = Tap(student, names, clone=s_clone)
+        self.signed = config.signed or config.reference_compat
+
+    def __call__(self, net: nn.Module, x: Tensor, y: Optional[Tensor], epoch: int) -> Tensor:
+        cfg = self.config
+        with torch.enable_grad(), self.t_tap:
+            logits_t = self.teacher(x)
+            t = self.t_tap.values()
+            if y is None or cfg.labels == "teacher":
+                y = logits_t.argmax(dim=1)
+            # Summed CE: each sample's gradient is its own loss's (eq. 3); the released code's
+            # batch mean scales g by 1/B and flattens the impact softmax.
+            ce_t = F.cross_entropy(logits_t.float(), y,
+                                   reduction="mean" if cfg.reference_compat else "sum")
+            g = torch.autograd.grad(ce_t, t, allow_unused=True)
+        g = [torch.zeros_like(t_l) if g_l is None else g_l for t_l, g_l in zip(t, g)]
+        with self.s_tap:
+            logits_s = net(x)
+        clone = ops.medic_clone_loss(t, self.s_tap.values(), g, self.mu, self.sigma,
+                                     tau=cfg.tau, signed=self.signed, backend=cfg.backend)
+        return F.cross_entropy(logits_s.float(), y) + cfg.lam * clone
+
+
+def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: float = 5.0,
+                lam: float = 10.0, lr: float = 1e-2, weight_decay: float = 1e-4,
+                layers: LayerSpec = "conv+norm+linear", signed: bool = False,
+                reference_compat: bool = False, amp: AmpSpec = "auto", device: Any = None,
+                seed: Optional[int] = None, progress: bool = True,
+                eval_fn: Optional[EvalFn] = None, student: Optional[nn.Module] = None,
+                labels: str = "auto", eval_every: int = 1, backend: str = "auto") -> nn.Module:
+    """Remove a backdoor from ``teacher`` by importance-driven cloning (MEDIC, Algorithm 1).
+
+    Args:
+        teacher: the suspect classifier, ``x [B, C, H, W] -> logits [B, K]``; never modified.
+        loader: a small clean set, re-iterable, yielding ``x`` or ``(x, y [B] int64)``.
+        epochs, lr, weight_decay: Adam with cosine annealing to 0 over the run (per step).
+        tau: softmax temperature of the importance (eqs. 2-3); lam: weight of the clone loss.
+        layers: which outputs to clone: "conv+norm+linear" (the paper, Appendix D),
+            "conv+bn" (the released code), or module types / names / a predicate.
+        signed: signed z-scores and proxy gradients instead of absolute values.
+        reference_compat: the released code's importance: ``signed=True`` and g from the
+            batch-mean CE (``layers`` stays as given; add ``layers="conv+bn"`` for its hooks).
+        amp: "auto" (bfloat16 autocast on CUDA, off on CPU), True, False or a dtype.
+        device: where to train (default: the teacher's); the result returns to the teacher's.
+        seed: seeds the re-initialisation and torch's RNG, so a CPU run is reproducible.
+        progress: a tqdm bar with epoch, loss and samples/s.
+        eval_fn: ``eval_fn(model, epoch)`` every ``eval_every`` epochs (see :class:`Medic` for
+            the history it fills).
+        student: a freshly initialised model to train instead of the re-initialised copy
+            (needed when a module has parameters but no ``reset_parameters``).
+        labels: "auto" (the loader's labels, else the teacher's argmax), "given" (labels are
+            required) or "teacher" (always the teacher's argmax).
+        backend: the ``medic_clone_loss`` backend ("auto", "native", "reference").
+
+    Returns:
+        The trained student in eval mode, on the teacher's device.
+    """
+    config = MedicConfig(epochs=epochs, tau=tau, lam=lam, lr=lr, weight_decay=weight_decay,
+                         layers=layers, signed=signed, reference_compat=reference_compat, amp=amp,
+                         device=device, seed=seed, progress=progress, eval_fn=eval_fn,
+                         labels=labels, eval_every=eval_every, backend=backend)
+    return Medic(config).fit(teacher, loader, student=student).model
+
+
+@torch.no_grad()
+def teacher_statistics(model: nn.Module, names: Sequence[str], loader: Iterable, *,
+                       device: torch.device, clone: Iterable[str] = (),
+                       labels: str = "auto") -> Tuple[List[Tensor], List[Tensor]]:
+    """Exact per-channel mean and (unbiased) std of each hooked output over the whole loader.
+
+    ``model`` runs as it is (the caller puts it in eval mode); outputs are [B, C, *spatial] and
+    every channel is reduced over all samples and spatial positions, merged in float64 and
+    all-reduced over ranks under DDP. Every batch is validated on the way (see
+    :func:`_check_labels`). Returns two lists of float32 [C_l] tensors (mu, sigma).
+    """
+    moments = [ChannelMoments() for _ in names]
+    tap = Tap(model, names, clone=clone, detach=True)
+    for index, (x, y) in enumerate(iter_batches(loader)):
+        check_images(index, x)
+        x = x.to(device)
+        with tap:
+            logits = model(x)
+        _check_labels(index, x, y, logits, labels)
+        for m, value in zip(moments, tap.values()):
+            m.update(value)
+    mu, sigma = [], []
+    for name, m in zip(names, moments):
+        m.all_reduce()
+        if m.count[0] < 2:
+            raise ValueError(f"the loader must yield at least 2 values per channel of layer "
+                             f"{name!r} for its statistics, got {int(m.count[0])}")
+        if not (torch.isfinite(m.mean).all() and torch.isfinite(m.m2).all()):
+            raise FloatingPointError(f"the teacher's activations of layer {name!r} are not finite "
+                                     "on the loader's images")
+        mu.append(m.mean.float())
+        sigma.append(m.std().float())
+    return mu, sigma
+
+
+def _check_labels(index: int, x: Tensor, y: Optional[Tensor], logits: Tensor, labels: str) -> None:
+    """One-sentence errors for teacher outputs or labels the training step could not use."""
+    where = f"batch {index} of the loader"
+    if not isinstance(logits, Tensor) or logits.shape[:1] != x.shape[:1] or logits.dim() != 2:
+        raise ValueError(f"the teacher must return logits [B, K], got "
+                         f"{list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+    if y is None:
+        if labels == "given":
+            raise ValueError(f"labels='given' but {where} yields images without labels; pass "
+                             "(x, y) batches or use labels='teacher'")
+        return
+    if y.dtype != torch.long or y.shape != x.shape[:1]:
+        raise ValueError(f"the labels of {where} must be an int64 tensor [{len(x)}], got shape "
+                         f"{list(y.shape)} and dtype {y.dtype}")
+    if labels != "teacher" and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+        raise ValueError(f"the labels of {where} must be class indices in [0, {logits.shape[1]}) "
+                         f"(the teacher's outputs), got values in [{int(y.min())}, {int(y.max())}]")
+
+
+def _student(source: nn.Module, names: Sequence[str], *, fresh: bool) -> nn.Module:
+    """A trainable deep copy of ``source``: re-initialised when ``fresh`` (Algorithm 1, line 1),
+    else the user's ``student=`` as given. In-place activation modules are switched off."""
+    model = copy.deepcopy(source)
+    if fresh:
+        for name, module in model.named_modules():
+            if any(True for _ in module.parameters(recurse=False)):
+                if not callable(getattr(module, "reset_parameters", None)):
+                    what = f"module {name!r}" if name else "the model itself"
+                    raise TypeError(f"{what} ({type(module).__name__}) has parameters but no "
+                                    "reset_parameters(), so MEDIC cannot re-initialise it; pass a "
+                                    "freshly initialised model of the same architecture as student=")
+                module.reset_parameters()  # BatchNorm's also resets its running statistics
+            elif callable(getattr(module, "reset_running_stats", None)):
+                module.reset_running_stats()  # norm layers without affine parameters
+    else:
+        missing = [n for n in names if n not in dict(model.named_modules())]
+        if missing:
+            raise ValueError(f"student must have the teacher's hooked layers, but lacks {missing[:5]}")
+    disable_inplace(model)
+    return model.requires_grad_(True).train()
+
+
+def _overwritten_layers(t_model: nn.Module, s_model: nn.Module, names: Sequence[str],
+                        loader: Iterable, device: torch.device) -> Tuple[Set[str], Set[str]]:
+    """Hooked layers whose outputs a functional in-place op overwrites, in teacher and student.
+
+    Found with the tensors' version counters on the first batch (the student in eval mode, so
+    that its BatchNorm statistics do not move); warns once if there are any.
+    """
+    x, _ = next(iter_batches(loader))
+    check_images(0, x)
+    x = x.to(device)
+    s_model.eval()
+    t_over = set(find_inplace_overwrites(t_model, names, x))
+    s_over = set(find_inplace_overwrites(s_model, names, x))
+    s_model.train()
+    warn_inplace(sorted(t_over | s_over), "medic_clone")
+    return t_over, s_over

@@ -1,0 +1,181 @@
+"""The one training loop of the distillation defenses (MEDIC, BCU).
+
+A defense supplies the student, the optimizer and a ``step_fn(net, x, y, epoch) -> loss``; this
+module runs epochs x batches around it: mixed precision, the cosine schedule, the progress bar,
+``eval_fn`` callbacks, the non-finite-loss stop, DDP, and the history and timings it returns.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from bdfast._utils import iter_batches, progress as _progress
+
+StepFn = Callable[[nn.Module, Tensor, Optional[Tensor], int], Tensor]
+EvalFn = Callable[[nn.Module, int], Any]
+AmpSpec = Union[str, bool, torch.dtype, None]
+
+# How often (in steps) the loop reads the loss back to the host on a GPU: every read is a sync.
+_GPU_SYNC_EVERY = 25
+_NONE = torch.iinfo(torch.int64).max  # "no bad step yet"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns besides the trained student.
+
+    ``history``: one dict per epoch (1-based ``epoch``, mean ``loss``, ``lr`` at the epoch's
+    start, ``seconds``, ``samples_per_s``, and ``eval`` when ``eval_fn`` ran after it).
+    ``timings``: seconds spent in ``train`` (the loop) and ``eval`` (the callbacks).
+    """
+
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def resolve_amp(amp: AmpSpec, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``amp``: "auto" is bfloat16 on CUDA and off elsewhere, True is
+    bfloat16, False/None is off, or an explicit torch.float16 / torch.bfloat16."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if amp is True:
+        return torch.bfloat16
+    if amp is False or amp is None:
+        return None
+    if amp in (torch.float16, torch.bfloat16):
+        return amp
+    raise ValueError(f"amp must be 'auto', True, False, torch.bfloat16 or torch.float16, got {amp!r}")
+
+
+def check_loader(loader: Iterable, what: str = "loader") -> None:
+    """Fail clearly on a one-shot iterator: training walks the loader once per epoch."""
+    if not hasattr(loader, "__iter__"):
+        raise TypeError(f"{what} must be an iterable of batches (a DataLoader or a list), "
+                        f"got {type(loader).__name__}")
+    if iter(loader) is loader:
+        raise TypeError(f"{what} must be re-iterable (a DataLoader or a list of batches), not a "
+                        "one-shot iterator or generator, because training walks it every epoch")
+
+
+def check_images(index: int, x: Tensor) -> None:
+    """One-sentence error for a batch whose images a model cannot take."""
+    if not x.is_floating_point() or x.dim() < 2 or len(x) == 0:
+        raise ValueError(f"batch {index} of the loader must hold a non-empty float image tensor "
+                         f"[B, C, H, W], got shape {list(x.shape)} and dtype {x.dtype}")
+
+
+def distributed() -> bool:
+    """Whether a torch.distributed process group is running (launched with torchrun)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.optim.Optimizer,
+        *, epochs: int, device: torch.device, schedule: str = "epoch", amp: AmpSpec = "auto",
+        progress: bool = True, eval_fn: Optional[EvalFn] = None, eval_every: int = 1,
+        desc: str = "train") -> TrainResult:
+    """Train ``student`` (in place, already on ``device``) for ``epochs`` passes over ``loader``.
+
+    Args:
+        student: the model being trained; it is put in train mode.
+        loader: re-iterable batches ``x`` or ``(x, y)``; ``x`` [B, ...] is moved to ``device``.
+        step_fn: ``(net, x, y or None, epoch) -> scalar loss``; runs under autocast. ``net`` is
+            the student, or its DDP wrapper when a process group is running: call ``net`` for
+            the forward so that DDP synchronises the gradients.
+        optimizer: over the student's parameters.
+        schedule: cosine annealing from the optimizer's lr to 0, stepped per "epoch" (the lr
+            of epoch e is lr * (1 + cos(pi e / E)) / 2) or per "step" (reaching 0 at the end).
+        amp: see :func:`resolve_amp`; float16 uses a gradient scaler.
+        eval_fn: ``eval_fn(student, epoch)`` after every ``eval_every``-th epoch and the last
+            one, with the student in eval mode; what it returns is stored in the history.
+
+    Raises ``FloatingPointError`` naming the epoch and step of the first non-finite loss.
+    The loss is read back every step on the CPU and every few steps on a GPU (each read waits
+    for the device), so on a GPU a few more steps may run before the error.
+    """
+    if schedule not in ("epoch", "step"):
+        raise ValueError(f"schedule must be 'epoch' or 'step', got {schedule!r}")
+    amp_dtype = resolve_amp(amp, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    steps_per_epoch = len(loader) if schedule == "step" else 1  # type: ignore[arg-type]
+    total_steps = max(1, epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, total_steps) / total_steps)))
+
+    net: nn.Module = student
+    if distributed():
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(student, device_ids=ids)
+    show = progress and (not distributed() or dist.get_rank() == 0)
+    sync_every = 1 if device.type == "cpu" else _GPU_SYNC_EVERY
+
+    result = TrainResult()
+    train_s = eval_s = 0.0
+    bar = _progress(range(epochs), enabled=show, desc=desc, unit="epoch")
+    for epoch in bar:
+        student.train()
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        # First bad step of the epoch, kept on the device so that checking costs no sync.
+        first_bad = torch.full((), _NONE, dtype=torch.int64, device=device)
+        seen = 0
+        for step, (x, y) in enumerate(iter_batches(loader)):
+            x = x.to(device, non_blocking=True)
+            y = None if y is None else y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = step_fn(net, x, y, epoch)
+            loss = loss.float()
+            finite = torch.isfinite(loss)
+            first_bad = torch.where(~finite & (first_bad == _NONE), step, first_bad)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            if schedule == "step":
+                scheduler.step()
+            loss_sum += loss.detach().double() * len(x)
+            seen += len(x)
+            if (step + 1) % sync_every == 0:
+                _raise_if_bad(first_bad, epoch)
+        _raise_if_bad(first_bad, epoch)
+        if schedule == "epoch":
+            scheduler.step()
+        seconds = time.perf_counter() - start
+        train_s += seconds
+        mean_loss = (loss_sum / max(seen, 1)).item()
+        record: Dict[str, Any] = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr,
+                                  "seconds": seconds, "samples_per_s": seen / max(seconds, 1e-9)}
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
+        if eval_fn is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+            start = time.perf_counter()
+            student.eval()
+            record["eval"] = eval_fn(student, epoch + 1)
+            eval_s += time.perf_counter() - start
+        result.history.append(record)
+    student.eval()
+    result.timings.update(train=train_s, eval=eval_s)
+    return result
+
+
+
+def _raise_if_bad(first_bad: Tensor, epoch: int) -> None:
+    """Raise if any step so far had a non-finite loss (on any rank, under DDP)."""
+    if distributed():  # every rank must stop at the same check, or the others would hang
+        first_bad = first_bad.clone()
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    bad = int(first_bad)
+    if bad != _NONE:
+        raise FloatingPointError(f"the training loss became non-finite at epoch {epoch + 1}, "
+                                 f"step {bad + 1}; the training was stopped and the input model "
+                                 "is untouched (try a lower lr, or amp=False)")
