@@ -1,0 +1,94 @@
+"""MBNS: prune the BN channels whose running statistics Mismatch the statistics of clean data
+(DDE/MBNS paper, Sec. 4.3 and 4.4; SPEC 5.1).
+
+A model trained on poisoned data records, in each BN layer, the mean and variance of the
+clean+poisoned mixture. On a backdoor neuron the poisoned samples pull these far from what
+clean data produces; on a benign neuron they agree. So: measure each BN input channel's mean
+and variance on a few clean images, compute KL(N(clean) || N(running stats)), and prune the
+channels more than u standard deviations above their layer's mean KL.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, List
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from bdfast import ops
+from bdfast.pruning import (PruneResult, bn_input_pass, check_finite, check_options, distributed,
+                            layer_offsets, prepare, prune, report)
+from bdfast.stats import ChannelMoments
+
+__all__ = ["mbns_prune"]
+
+
+def mbns_prune(model: nn.Module, loader: Iterable, *, u: float = 3.0, zero_bias: bool = False,
+               inplace: bool = False, device: Any = None, progress: bool = True) -> PruneResult:
+    """Prune backdoor neurons whose BN running statistics do not match clean data.
+
+    Args:
+        model: the suspect model; it must contain affine BatchNorm layers with running
+            statistics (every one is scored, shortcut BNs included).
+        loader: clean images: an iterable of batches ``x [B, C, H, W]`` or ``(x, y)`` (labels
+            ignored). The paper finds 10 to 500 images enough.
+        u: a channel is pruned when its KL is above ``mean + u * std`` of its layer's KLs.
+            (The paper's text writes ``K < mean - u std``, but backdoor neurons have *large* KL
+            and the released code prunes the upper tail.)
+        zero_bias: also zero the pruned channels' BN bias (beta).
+        inplace: prune ``model`` itself instead of a deep copy.
+        device: where to run (default: the model's device); with ``inplace`` the model moves.
+        progress: show a progress bar over the statistics pass.
+
+    Returns:
+        :class:`~bdfast.pruning.PruneResult` with the pruned model and a report whose scores are
+        the per-channel KL divergences (paper eq. 5)::
+
+            KL_k = log(sd_run / sd_clean) + (var_clean + (mu_clean - mu_run)^2) / (2 var_run) - 1/2
+
+        with mu_clean, var_clean the mean and unbiased variance of the BN input over all clean
+        images and spatial positions (merged exactly in float64), mu_run, var_run the BN's
+        running statistics, and both variances floored at 1e-5, so a channel that is constant
+        on clean data gets a large KL instead of NaN.
+
+    Under ``torch.distributed`` every rank passes its shard of the data and the moments are
+    merged exactly, so all ranks prune the same channels.
+    """
+    check_options(u, zero_bias, inplace)
+    start = time.perf_counter()
+    work, names, device = prepare(model, method="mbns_prune", inplace=inplace, device=device,
+                                  running_stats=True)
+
+    moments: List[ChannelMoments] = [ChannelMoments() for _ in names]
+
+    def accumulate(i: int, x: Tensor) -> None:
+        moments[i].update(x)
+
+    seen, convs = bn_input_pass(work, names, loader, accumulate, device=device,
+                                progress=progress, desc="mbns statistics")
+    samples = seen
+    if distributed():
+        for m in moments:
+            m.all_reduce()
+        total = torch.tensor([seen], dtype=torch.int64, device=device)
+        dist.all_reduce(total)
+        samples = int(total)
+    if samples < 2:
+        raise ValueError(f"loader must yield at least 2 clean images to estimate statistics, "
+                         f"got {samples}")
+    mu_clean = torch.cat([m.mean for m in moments])
+    var_clean = torch.cat([m.variance(unbiased=True) for m in moments])
+    bns = dict(work.named_modules())
+    mu_run = torch.cat([bns[n].running_mean for n in names])
+    var_run = torch.cat([bns[n].running_var for n in names])
+    offsets = layer_offsets(work, names, device)
+    check_finite(torch.isfinite(mu_clean) & torch.isfinite(var_clean), offsets, names)
+
+    # Benign (clean sample) distribution first: KL(N_sample || N_BN), as in the released code.
+    kl = ops.gaussian_kl(mu_clean, var_clean, mu_run, var_run)
+    mask = ops.layer_outliers(kl, offsets, u=u, direction="high")
+    layers = prune(work, names, convs, offsets, kl, mask, u=u, direction="high",
+                   zero_bias=zero_bias)
+    options = {"u": u, "zero_bias": zero_bias}
+    return PruneResult(work, report("mbns", "kl", options, samples, layers, start))

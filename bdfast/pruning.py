@@ -1,0 +1,246 @@
+"""The machinery DDE and MBNS share: find the BatchNorm layers, reduce their inputs over a loader,
+prune channels and report (SPEC section 5).
+
+Both defenses score every BN channel from the BN's *input* (the conv output before
+normalisation), flag per-layer outliers with ``ops.layer_outliers`` and prune a channel by
+setting its BN weight (gamma) to 0, as the released code does; ``zero_bias=True`` also zeroes
+beta. The statistics pass runs a working model in eval mode under ``no_grad``; unless
+``inplace=True`` that model is a deep copy, so the user's model is never touched.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from bdfast import reference
+from bdfast._utils import iter_batches, progress as _progress, resolve_device
+from bdfast.hooks import BATCHNORM, CONV
+
+__all__ = ["PruneResult"]
+
+
+@dataclass
+class PruneResult:
+    """What :func:`bdfast.dde_prune` and :func:`bdfast.mbns_prune` return.
+
+    Attributes:
+        model: the pruned model (a deep copy of the input unless ``inplace=True``), with every
+            module's train/eval flag as in the input.
+        report: a JSON-friendly dict::
+
+            method        "dde" or "mbns"
+            score         "entropy" (DDE, low is suspicious) or "kl" (MBNS, high is suspicious)
+            options       the options of the call (u, step, ...)
+            samples       how many images the statistics were computed from
+            layers        one dict per BN layer in registration order: name, conv (the conv
+                          whose output the BN normalises, found from a forward pass; None if the
+                          BN input is not a conv output), channels, scores [channels] (NaN for a
+                          constant neuron), threshold (NaN when the layer has < 2 finite
+                          scores), pruned (channel indices)
+            num_layers, num_channels, num_pruned    totals
+            seconds       wall time of the whole call
+    """
+
+    model: nn.Module
+    report: Dict[str, Any]
+
+
+def check_options(u: float, zero_bias: bool, inplace: bool) -> None:
+    """The options both defenses share; one sentence naming the bad one."""
+    if isinstance(u, bool) or not isinstance(u, (int, float)) or not (0 < u < math.inf):
+        raise ValueError(f"u must be a positive finite number (the threshold is u standard "
+                         f"deviations from the layer mean), got {u!r}")
+    for name, value in (("zero_bias", zero_bias), ("inplace", inplace)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def prepare(model: nn.Module, *, method: str, inplace: bool, device: Any,
+            running_stats: bool = False) -> Tuple[nn.Module, List[str], torch.device]:
+    """The model to prune (the input or a deep copy), its BN layer names and the device.
+
+    Every BatchNorm module counts, shortcut BNs included; each must be affine (a gamma to zero)
+    and, with ``running_stats``, track running statistics (MBNS compares against them).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    names = [n for n, m in model.named_modules() if isinstance(m, BATCHNORM)]
+    if not names:
+        raise ValueError(f"model has no BatchNorm layer; {method} scores and prunes BatchNorm "
+                         "channels, so it needs a model with BatchNorm")
+    modules = dict(model.named_modules())
+    for name in names:
+        bn = modules[name]
+        if bn.weight is None:
+            raise ValueError(f"BatchNorm layer {name!r} has affine=False, so it has no weight "
+                             f"(gamma) for {method} to zero")
+        if running_stats and bn.running_mean is None:
+            raise ValueError(f"BatchNorm layer {name!r} has track_running_stats=False; {method} "
+                             "compares clean statistics with the running statistics")
+    device = resolve_device(device, model)
+    work = model if inplace else copy.deepcopy(model)
+    return work.to(device), names, device
+
+
+def bn_input_pass(model: nn.Module, names: Sequence[str], loader: Iterable,
+                  reduce: Callable[[int, Tensor], None], *, device: torch.device,
+                  progress: bool, desc: str, max_samples: Optional[int] = None
+                  ) -> Tuple[int, List[Optional[str]]]:
+    """Run ``model`` over ``loader`` and hand each BN layer's input to ``reduce(i, x)``.
+
+    ``x`` is the input [B, C, *spatial] of BN layer ``names[i]`` for one batch, seen by a
+    forward pre-hook: reducing it right there keeps memory at O(B * channels) and makes later
+    in-place ops of the model harmless. One forward pass per batch, in eval mode (the mode of
+    every module is restored afterwards) and under ``no_grad``. ``max_samples`` stops after that
+    many images (the last batch is cut).
+
+    Returns the number of images seen and, per BN layer, the name of the conv that feeds it
+    (see :func:`conv_feeding`).
+    """
+    if isinstance(loader, Tensor):
+        raise TypeError("loader must be an iterable of batches x or (x, y), not a single tensor; "
+                        "wrap the tensor with bdfast.data.tensor_loader(x)")
+    modules = dict(model.named_modules())
+    ran = [False] * len(names)
+
+    def hook_for(i: int):
+        def hook(module, args):
+            if ran[i]:
+                raise RuntimeError(f"BatchNorm layer {names[i]!r} ran twice in one forward pass; "
+                                   "its two inputs would need two different statistics")
+            ran[i] = True
+            reduce(i, args[0].detach())
+        return hook
+
+    total = len(loader) if hasattr(loader, "__len__") else None
+    modes = [(m, m.training) for m in model.modules()]
+    handles: list = []
+    seen, convs = 0, None
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x, _ in _progress(iter_batches(loader), enabled=progress, desc=desc,
+                                  unit="batch", total=total):
+                if x.dim() < 2 or not x.is_floating_point():
+                    raise TypeError("loader must yield floating-point image batches [B, C, ...], "
+                                    f"got a {x.dtype} tensor of shape {list(x.shape)}")
+                if max_samples is not None:
+                    x = x[:max_samples - seen]
+                x = x.to(device, non_blocking=True)
+                if convs is None:
+                    convs = conv_feeding(model, names, x[:1])
+                    handles = [modules[n].register_forward_pre_hook(hook_for(i))
+                               for i, n in enumerate(names)]
+                ran[:] = [False] * len(names)
+                model(x)
+                missing = [n for n, r in zip(names, ran) if not r]
+                if missing:
+                    raise RuntimeError(f"BatchNorm layers {missing} did not run in the forward "
+                                       "pass, so they cannot be scored")
+                seen += len(x)
+                if max_samples is not None and seen >= max_samples:
+                    break
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes:
+            module.training = mode
+    return seen, convs
+
+
+def conv_feeding(model: nn.Module, names: Sequence[str], x: Tensor) -> List[Optional[str]]:
+    """For each BN layer, the conv whose output tensor is exactly the BN's input, else None.
+
+    Found from one forward pass on ``x`` (forward order and tensor identity, not module names),
+    so it holds for shortcut convs and models that apply their layers functionally; a BN that
+    normalises something else (a pre-activation BN, a sum) gets None.
+    """
+    modules = dict(model.named_modules())
+    outputs: List[Tuple[Tensor, str]] = []  # references keep the tensors' identities unique
+    feeding: Dict[str, Optional[str]] = {}
+
+    def record_conv(name: str):
+        return lambda module, args, out: outputs.append((out, name))
+
+    def record_bn(name: str):
+        def hook(module, args):
+            feeding[name] = next((c for out, c in reversed(outputs) if out is args[0]), None)
+        return hook
+
+    handles = [m.register_forward_hook(record_conv(n)) for n, m in modules.items()
+               if isinstance(m, CONV)]
+    handles += [modules[n].register_forward_pre_hook(record_bn(n)) for n in names]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [feeding.get(n) for n in names]
+
+
+def distributed() -> bool:
+    """Whether a torch.distributed process group is running (SPEC section 8)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def layer_offsets(model: nn.Module, names: Sequence[str], device: torch.device) -> Tensor:
+    """[L+1] int64 boundaries of each BN layer's channels in the packed [K] score vector."""
+    modules = dict(model.named_modules())
+    sizes = [modules[n].num_features for n in names]
+    return torch.tensor([0] + sizes, dtype=torch.int64, device=device).cumsum(0)
+
+
+def check_finite(finite: Tensor, offsets: Tensor, names: Sequence[str]) -> None:
+    """Stop before pruning if a BN layer's inputs were NaN or infinite (SPEC section 9).
+
+    ``finite`` is bool [K] over the packed channels of the layers delimited by ``offsets``.
+    """
+    if bool(finite.all()):
+        return
+    bounds = offsets.tolist()
+    bad = [n for i, n in enumerate(names) if not bool(finite[bounds[i]:bounds[i + 1]].all())]
+    raise FloatingPointError(f"the inputs of BatchNorm layers {bad} were not finite on the "
+                             "loader's images; the model or the data is broken, nothing was pruned")
+
+
+def prune(model: nn.Module, names: Sequence[str], convs: Sequence[Optional[str]],
+          offsets: Tensor, scores: Tensor, mask: Tensor, *, u: float, direction: str,
+          zero_bias: bool) -> List[Dict[str, Any]]:
+    """Zero gamma (and beta with ``zero_bias``) of the flagged channels; return the layer reports.
+
+    ``scores`` and ``mask`` are packed [K] over the layers delimited by ``offsets`` [L+1].
+    """
+    modules = dict(model.named_modules())
+    thresholds = reference.layer_thresholds(scores, offsets, u=u, direction=direction)
+    bounds = offsets.tolist()
+    scores, mask = scores.double().cpu(), mask.cpu()
+    layers = []
+    with torch.no_grad():
+        for i, (name, conv) in enumerate(zip(names, convs)):
+            lo, hi = bounds[i], bounds[i + 1]
+            pruned = torch.nonzero(mask[lo:hi]).flatten()
+            bn = modules[name]
+            bn.weight[pruned.to(bn.weight.device)] = 0
+            if zero_bias and bn.bias is not None:
+                bn.bias[pruned.to(bn.bias.device)] = 0
+            layers.append({"name": name, "conv": conv, "channels": hi - lo,
+                           "scores": scores[lo:hi].tolist(), "threshold": float(thresholds[i]),
+                           "pruned": pruned.tolist()})
+    return layers
+
+
+def report(method: str, score: str, options: Dict[str, Any], samples: int,
+           layers: List[Dict[str, Any]], start: float) -> Dict[str, Any]:
+    """The report dict described in :class:`PruneResult`."""
+    return {"method": method, "score": score, "options": options, "samples": samples,
+            "layers": layers, "num_layers": len(layers),
+            "num_channels": sum(layer["channels"] for layer in layers),
+            "num_pruned": sum(len(layer["pruned"]) for layer in layers),
+            "seconds": time.perf_counter() - start}
