@@ -2,10 +2,21 @@
 
 Defenses: :func:`medic_clone`, :func:`bcu_cleanse`, :func:`dde_prune`, :func:`mbns_prune`.
 Fused ops: :mod:`bdfast.ops`; their readable ground truth: :mod:`bdfast.reference`.
+The lab: :mod:`bdfast.data`, :mod:`bdfast.models`, :mod:`bdfast.attacks`, :func:`train`,
+:func:`evaluate`.
 """
-from bdfast._extension import backend_info
-from bdfast import ops, reference
-
 __version__ = "0.1.0"
 
-__all__ = ["backend_info", "ops", "reference", "__version__"]
+from bdfast._extension import backend_info
+from bdfast import attacks, data, metrics, models, ops, reference
+from bdfast.bcu import bcu_cleanse
+from bdfast.dde import dde_prune
+from bdfast.mbns import mbns_prune
+from bdfast.medic import Medic, medic_clone
+from bdfast.metrics import evaluate
+from bdfast.pruning import PruneResult
+from bdfast.trainer import train
+
+__all__ = ["medic_clone", "Medic", "bcu_cleanse", "dde_prune", "mbns_prune", "PruneResult",
+           "backend_info", "ops", "reference", "attacks", "data", "metrics", "models", "train",
+           "evaluate", "__version__"]
