@@ -112,7 +112,8 @@ def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 30, lr: float
             loss = F.cross_entropy(model(xb), yb)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the training loss became {loss.item()} at epoch "
-                                         f"{epoch + 1}, step {step + 1}; lower lr (now {lr})")
+                                         f"{epoch + 1}, step {step + 1}; check x for NaN or "
+                                         f"inf values, or lower lr (now {lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

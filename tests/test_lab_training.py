@@ -176,7 +176,7 @@ def test_backdoored_digits_cnn_reaches_the_lab_thresholds(digits, backdoored_mod
     _report(capsys, name, result, backdoored_model.seconds[(name, "digits_cnn")])
     assert result["acc"] >= 0.90
     assert result["asr"] >= 0.90
-    assert result["ra"] <= 1.0 - result["asr"] + 1e-9  # a triggered image has one prediction
+    assert result["ra"] <= 1.0 - result["asr"] + 1e-6  # a triggered image has one prediction
 
 
 def test_sig_backdoor_is_measured(digits, backdoored_model, capsys):
