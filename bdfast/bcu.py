@@ -104,8 +104,9 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
 def bcu_ratios(model: nn.Module, x: Tensor, ratios: RatioSpec = "adaptive") -> Dict[str, float]:
     """The re-initialisation ratio of every conv and linear layer of ``model``, by name.
 
-    ``x`` [B, C, H, W] is an example batch on the model's device; one no-grad forward with
-    hooks gives the order in which the layers first run and the spatial size of their outputs.
+    ``x`` [B, C, H, W] is an example batch on the model's device; one no-grad, eval-mode forward
+    with hooks gives the order in which the layers first run and the spatial size of their
+    outputs (the model's modes are restored; nothing else changes).
 
     "adaptive" (the paper): the first layer to run gets 0.01 and the last one (the classifier)
     0.10. The layers in between are cut into *stages*, the runs of consecutive layers with the
@@ -192,11 +193,16 @@ def _forward_order(model: nn.Module, layers: Mapping[str, nn.Module],
         return record
 
     handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # a train-mode forward would move the BatchNorm running statistics
     try:
-        model(x)
+        with torch.no_grad():
+            model(x)
     finally:
         for handle in handles:
             handle.remove()
+        for m, mode in modes:
+            m.training = mode
     if not order:
         raise ValueError("no Conv or Linear layer ran in the model's forward pass")
     return list(order.items())

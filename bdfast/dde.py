@@ -59,8 +59,8 @@ def dde_prune(model: nn.Module, loader: Iterable, *, u: float = 3.0, step: float
         raise ValueError(f"step must be a positive finite bin width, got {step!r}")
     if not isinstance(reference_compat, bool):
         raise TypeError(f"reference_compat must be True or False, got {reference_compat!r}")
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
-                                    or max_samples < 2):
+    if max_samples is not None and (isinstance(max_samples, bool)
+                                    or not isinstance(max_samples, int) or max_samples < 2):
         raise ValueError(f"max_samples must be None or an int >= 2, got {max_samples!r}")
     start = time.perf_counter()
     work, names, device = prepare(model, method="dde_prune", inplace=inplace, device=device)

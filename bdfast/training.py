@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
@@ -31,7 +32,8 @@ class TrainResult:
     """What :func:`fit` returns besides the trained student.
 
     ``history``: one dict per epoch (1-based ``epoch``, mean ``loss``, ``lr`` at the epoch's
-    start, ``seconds``, ``samples_per_s``, and ``eval`` when ``eval_fn`` ran after it).
+    start, ``seconds``, ``samples_per_s``, and ``eval`` when ``eval_fn`` ran after it); under
+    DDP the loss and throughput are the rank's own.
     ``timings``: seconds spent in ``train`` (the loop) and ``eval`` (the callbacks).
     """
 
@@ -58,7 +60,7 @@ def check_loader(loader: Iterable, what: str = "loader") -> None:
     if not hasattr(loader, "__iter__"):
         raise TypeError(f"{what} must be an iterable of batches (a DataLoader or a list), "
                         f"got {type(loader).__name__}")
-    if iter(loader) is loader:
+    if isinstance(loader, Iterator):  # (without calling iter(): that would start workers)
         raise TypeError(f"{what} must be re-iterable (a DataLoader or a list of batches), not a "
                         "one-shot iterator or generator, because training walks it every epoch")
 
@@ -93,6 +95,10 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
         amp: see :func:`resolve_amp`; float16 uses a gradient scaler.
         eval_fn: ``eval_fn(student, epoch)`` after every ``eval_every``-th epoch and the last
             one, with the student in eval mode; what it returns is stored in the history.
+
+    Under DDP (a process group is initialised, e.g. by torchrun) the student is wrapped in
+    ``DistributedDataParallel``, which broadcasts rank 0's weights and averages the gradients;
+    the loader should give each rank its shard (``DistributedSampler``) with equal batch counts.
 
     Raises ``FloatingPointError`` naming the epoch and step of the first non-finite loss.
     The loss is read back every step on the CPU and every few steps on a GPU (each read waits
@@ -166,7 +172,6 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
     student.eval()
     result.timings.update(train=train_s, eval=eval_s)
     return result
-
 
 
 def _raise_if_bad(first_bad: Tensor, epoch: int) -> None:

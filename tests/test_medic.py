@@ -3,17 +3,21 @@ acceptance runs on the lab's backdoored digits models."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 from torch import nn
 
+import bdfast
 from bdfast import _extension, attacks
 from bdfast.data import tensor_loader
-from bdfast.medic import Medic, MedicConfig, medic_clone
+from bdfast.medic import Medic, medic_clone
 from bdfast.metrics import evaluate
-from bdfast.models import digits_cnn, vgg_small
+from bdfast.models import digits_cnn
 
 FAST = dict(epochs=1, progress=False, seed=0, amp=False)
 
@@ -143,11 +147,13 @@ def test_reference_compat_and_released_layers_run(small):
 
 
 # Acceptance: ASR <= 0.10 and clean accuracy >= original - 0.03 on the digits test split.
-# Settings (measured, see docs/medic.md): the paper's ~20 optimizer steps per epoch (batch 16 of
-# the 270 clean images), and lam = 1 instead of 10. With lam = 10 the clone term copies the
-# blended backdoor's features back (digits CNN: ASR 0.10-0.12) and, at batch 64, costs the
-# digits CNN 4.7 points of accuracy.
-MEDIC_ACCEPTANCE = dict(lam=1.0, progress=False, seed=0)
+# Settings (measured; numbers in docs/medic.md): the paper's epochs (60), batch 16 (the paper's
+# ~20 optimizer steps per epoch on our 270 clean images), lam = 1 and tau = 10 instead of 10 and
+# 5. With the defaults the clone term copies the blended backdoor back (digits CNN: ASR 0.12)
+# and at batch 64 the digits CNN loses 4.7 points of accuracy; the teacher is so confident on
+# clean images that the impact softmax is nearly uniform, so a smaller lam and a sharper tau
+# (the paper's own knobs, App. E.3 and Fig. 4) do the filtering.
+MEDIC_ACCEPTANCE = dict(lam=1.0, tau=10.0, progress=False, seed=0)
 
 
 @pytest.mark.parametrize("attack,arch", [("badnets", "digits_cnn"), ("blended", "digits_cnn"),
@@ -165,3 +171,40 @@ def test_acceptance(digits, backdoored_model, attack, arch):
           f"asr {before['asr']:.3f} -> {after['asr']:.3f}, {seconds:.1f} s")
     assert after["asr"] <= 0.10
     assert after["acc"] >= before["acc"] - 0.03
+
+
+DDP_WORKER = """
+import sys, torch, torch.distributed as dist
+from bdfast.bcu import bcu_cleanse
+from bdfast.medic import medic_clone
+from bdfast.models import digits_cnn
+rank, path = int(sys.argv[1]), sys.argv[2]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method="file://" + path, rank=rank, world_size=2)
+torch.manual_seed(0)
+teacher = digits_cnn().eval()
+x = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(rank))  # a shard per rank
+options = dict(epochs=1, progress=False, amp=False, seed=rank)  # different seeds: DDP must sync
+for model in (medic_clone(teacher, [x[:8], x[8:]], **options),
+              bcu_cleanse(teacher, [x[:8], x[8:]], **options)):
+    w = torch.cat([p.detach().flatten() for p in model.parameters()])
+    both = [torch.empty_like(w) for _ in range(2)]
+    dist.all_gather(both, w)
+    assert torch.equal(both[0], both[1]), "the ranks trained different models"
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_two_ddp_ranks_train_one_model(tmp_path):
+    """Under torchrun-style DDP (2 CPU ranks, gloo) both defenses end with the same model on
+    every rank, although each rank sees other data and seeds its own initialisation."""
+    store = str(tmp_path / "store")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(bdfast.__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_WORKER, str(r), store], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
