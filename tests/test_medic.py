@@ -147,12 +147,11 @@ def test_reference_compat_and_released_layers_run(small):
 
 
 # Acceptance: ASR <= 0.10 and clean accuracy >= original - 0.03 on the digits test split.
-# Settings (measured; numbers in docs/medic.md): the paper's epochs (60), batch 16 (the paper's
-# ~20 optimizer steps per epoch on our 270 clean images), lam = 1 and tau = 10 instead of 10 and
-# 5. With the defaults the clone term copies the blended backdoor back (digits CNN: ASR 0.12)
-# and at batch 64 the digits CNN loses 4.7 points of accuracy; the teacher is so confident on
-# clean images that the impact softmax is nearly uniform, so a smaller lam and a sharper tau
-# (the paper's own knobs, App. E.3 and Fig. 4) do the filtering.
+# Settings (measured; table in docs/medic.md): the paper's 60 epochs at batch 64, with lam = 1
+# and tau = 10 instead of 10 and 5. The paper defaults remove badnets (digits CNN: ACC 0.993,
+# ASR 0.002) but the clone term copies the blended backdoor back (ASR 0.556): the teacher is so
+# confident on clean images that the impact softmax is nearly uniform, so a smaller lam and a
+# sharper tau (the paper's own knobs, App. E.3 and Fig. 4) do the filtering.
 MEDIC_ACCEPTANCE = dict(lam=1.0, tau=10.0, progress=False, seed=0)
 
 
@@ -162,7 +161,7 @@ def test_acceptance(digits, backdoored_model, attack, arch):
     teacher = backdoored_model(attack, arch)
     atk = attacks.get(attack)
     before = evaluate(teacher, *digits.test, attack=atk)
-    loader = tensor_loader(*digits.clean, batch_size=16, shuffle=True, seed=0)
+    loader = tensor_loader(*digits.clean, batch_size=64, shuffle=True, seed=0)
     start = time.perf_counter()
     student = medic_clone(teacher, loader, **MEDIC_ACCEPTANCE)
     seconds = time.perf_counter() - start
