@@ -47,12 +47,21 @@ def _why_no_cuda():
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
+    # -fopenmp makes at::parallel_for (inlined from ATen's headers) run on torch's OpenMP
+    # threads; without it every kernel runs on one thread. The libgomp it links is the one
+    # torch has already loaded.
+    cxx_flags = ["-O3", "-fno-trapping-math"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    else:
+        cxx_flags.append("-fopenmp-simd")
     why = _why_no_cuda()
     if why is not None:
         print(f"bdfast: building the CPU kernels only, because {why}.", file=sys.stderr)
         return CppExtension("bdfast._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx_flags})
+                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     # torch's CUDA headers include cuBLAS/cuSPARSE headers that ship in the pip wheels.
     for site in sys.path:
         wheel_include = os.path.join(site, "nvidia", "cu13", "include")
@@ -65,7 +74,8 @@ def _extension():
     return CUDAExtension("bdfast._C", sources, include_dirs=include_dirs,
                          define_macros=[("WITH_CUDA", None)],
                          extra_compile_args={"cxx": cxx_flags,
-                                             "nvcc": ["-O3", "-lineinfo"]})
+                                             "nvcc": ["-O3", "-lineinfo"]},
+                         extra_link_args=link_flags)
 
 
 setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})

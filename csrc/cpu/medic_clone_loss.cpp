@@ -71,11 +71,7 @@ BDFAST_INLINE void terms(const T* t, const T* s, const T* g, int64_t n, const fl
 BDFAST_INLINE void absorb(RowState& st, const float* tz, const float* tq, const float* e2,
                           int64_t n) {
   float chunk_a = kNegInf, chunk_p = kNegInf;
-#pragma omp simd reduction(max : chunk_a, chunk_p)
-  for (int64_t k = 0; k < n; ++k) {
-    chunk_a = std::max(chunk_a, tz[k]);
-    chunk_p = std::max(chunk_p, tq[k]);
-  }
+  fold_max2(tz, tq, n, &chunk_a, &chunk_p);
   const float new_a = std::max(st.max_a, chunk_a), new_p = std::max(st.max_p, chunk_p);
   if (new_a > st.max_a || new_p > st.max_p) {
     // Rescale the sums to the new maxima; on the first chunk they are zero anyway.
