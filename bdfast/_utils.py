@@ -33,6 +33,21 @@ def resolve_device(device: Any, model: Optional[nn.Module] = None) -> torch.devi
     return torch.device("cpu")
 
 
+def check_labelled_images(model: Any, x: Any, y: Any) -> None:
+    """One-sentence errors unless ``model`` is a module, ``x`` a floating-point [N, C, H, W]
+    tensor and ``y`` an int64 tensor [N]."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError("x must be a floating-point image tensor [N, C, H, W], got "
+                         + (f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor)
+                            else type(x).__name__))
+    if not isinstance(y, Tensor) or y.shape != (len(x),) or y.dtype != torch.long:
+        raise ValueError(f"y must be an int64 tensor of shape [{len(x)}] matching x, got "
+                         + (f"shape {tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor)
+                            else type(y).__name__))
+
+
 def split_batch(batch: Any, what: str = "loader") -> Tuple[Tensor, Optional[Tensor]]:
     """Return ``(x, y)`` of a batch that is ``x`` or ``(x, y, ...)``; ``y`` is None if absent.
 

@@ -17,7 +17,7 @@ from typing import Dict, Mapping
 import torch
 from torch import Tensor, nn
 
-from bdfast._utils import resolve_device
+from bdfast._utils import check_labelled_images, resolve_device
 
 __all__ = ["evaluate", "der", "predict"]
 
@@ -41,18 +41,9 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, attack=None,
     is eligible (e.g. every image is of the target class). The model runs in eval mode; every
     module's train/eval flag is restored afterwards.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError("x must be a floating-point image tensor [N, C, H, W], got "
-                         + (f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor)
-                            else type(x).__name__))
+    check_labelled_images(model, x, y)
     if len(x) == 0:
         raise ValueError("x must hold at least one image, got an empty tensor")
-    if not isinstance(y, Tensor) or y.shape != (len(x),) or y.dtype != torch.long:
-        raise ValueError(f"y must be an int64 tensor of shape [{len(x)}] matching x, got "
-                         + (f"shape {tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor)
-                            else type(y).__name__))
     if attack is not None and not (hasattr(attack, "apply") and hasattr(attack, "target_labels")):
         raise TypeError("attack must be a bdfast.attacks attack (with apply and target_labels) "
                         f"or None, got {type(attack).__name__}")

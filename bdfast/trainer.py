@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdfast._utils import progress as _progress
-from bdfast._utils import resolve_device, seed_everything
+from bdfast._utils import check_labelled_images, resolve_device, seed_everything
 
 __all__ = ["train", "random_shift"]
 
@@ -53,16 +53,7 @@ def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 30, lr: float
     model's). Returns the model in eval mode. Raises ``FloatingPointError`` if the loss stops
     being finite.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError("x must be a floating-point image tensor [N, C, H, W], got "
-                         + (f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor)
-                            else type(x).__name__))
-    if not isinstance(y, Tensor) or y.shape != (len(x),) or y.dtype != torch.long:
-        raise ValueError(f"y must be an int64 tensor of shape [{len(x)}] matching x, got "
-                         + (f"shape {tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor)
-                            else type(y).__name__))
+    check_labelled_images(model, x, y)
     if len(x) < 2:
         raise ValueError(f"x must hold at least 2 images to train with BatchNorm, got {len(x)}")
     if int(y.min()) < 0:
