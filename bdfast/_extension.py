@@ -13,8 +13,9 @@ REBUILD_HINT = ("rebuild the extension with `make build` (or `pip install --no-b
                 "-e .`) on a machine with a CUDA build of torch and nvcc")
 
 _load_error: Optional[BaseException]
+_C = None
 try:
-    importlib.import_module("bdfast._C")  # loading the library registers torch.ops.bdfast.*
+    _C = importlib.import_module("bdfast._C")  # loading it registers torch.ops.bdfast.*
     _load_error = None
 except ImportError as error:  # the package must keep working on the pure-PyTorch reference
     _load_error = error
@@ -40,8 +41,10 @@ def backend_info() -> Dict[str, object]:
     """Which backends are compiled and usable here, and a sentence for each that is not.
 
     Returns a dict with ``native_cpu`` and ``native_cuda`` (kernels compiled for every op),
-    ``cuda_device`` (a GPU is visible to torch), ``torch`` and ``torch_cuda`` (versions) and
-    ``why`` (backend name -> reason it is unavailable).
+    ``cpu_isa`` (the instruction set the vectorised CPU kernels use: "generic", "avx2" or
+    "avx512"; the environment variable ``BDFAST_CPU_ISA`` can name a narrower one; None without
+    the extension), ``cuda_device`` (a GPU is visible to torch), ``torch`` and ``torch_cuda``
+    (versions) and ``why`` (backend name -> reason it is unavailable).
     """
     native_cpu = all(has_kernel(op, "cpu") for op in OPS)
     native_cuda = all(has_kernel(op, "cuda") for op in OPS)
@@ -58,5 +61,7 @@ def backend_info() -> Dict[str, object]:
                                   "or nvcc not found at build time); " + REBUILD_HINT)
     if not cuda_device:
         why["cuda_device"] = "torch sees no CUDA device"
-    return {"native_cpu": native_cpu, "native_cuda": native_cuda, "cuda_device": cuda_device,
+    cpu_isa = _C.cpu_isa() if _C is not None else None
+    return {"native_cpu": native_cpu, "native_cuda": native_cuda, "cpu_isa": cpu_isa,
+            "cuda_device": cuda_device,
             "torch": torch.__version__, "torch_cuda": torch.version.cuda, "why": why}

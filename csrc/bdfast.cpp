@@ -8,8 +8,16 @@
 #include "ops.h"
 
 // Importing bdfast._C loads this library, which runs the TORCH_LIBRARY blocks below.
+// bdfast._C.cpu_isa() -> str: the instruction set of the CPU row kernels (see backend_info).
+static PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(bdfast::cpu::row_kernel_isa());
+}
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set of the CPU row kernels."},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module);
 }
 

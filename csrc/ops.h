@@ -31,6 +31,8 @@ namespace bdfast {
 
 namespace cpu {
 BDFAST_DECLARE_OPS
+// The instruction set the vectorised CPU row kernels run with: "generic", "avx2" or "avx512".
+const char* row_kernel_isa();
 }  // namespace cpu
 
 #ifdef WITH_CUDA

@@ -6,6 +6,10 @@ The loss is compared as a scalar and the student gradient layer by layer.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -238,3 +242,24 @@ def test_gradient_scales_with_upstream_gradient():
     scaled = torch.autograd.grad(loss * -2.5, s)
     for a, b in zip(once, scaled):
         assert torch.allclose(b, -2.5 * a, rtol=1e-5, atol=0)
+
+
+ISAS = ["generic", "avx2", "avx512"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_cpu_instruction_set_matches_reference(isa):
+    """The row kernels are compiled once per instruction set and the widest one the CPU has
+    runs; BDFAST_CPU_ISA caps it, so this runs the CPU parity tests above with each copy."""
+    best = bdfast.backend_info()["cpu_isa"]
+    if ISAS.index(isa) > ISAS.index(best):
+        pytest.skip(f"this CPU runs the {best} kernels at most")
+    env = {**os.environ, "BDFAST_CPU_ISA": isa}
+    used = subprocess.run([sys.executable, "-c", "import bdfast; "
+                           "print(bdfast.backend_info()['cpu_isa'])"],
+                          env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert used == isa
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "cpu and not instruction_set"],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:]

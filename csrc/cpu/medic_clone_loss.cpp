@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu/vector_math.h"
+#include "medic_checks.h"
 #include "ops.h"
 
 namespace bdfast::cpu {
@@ -194,15 +195,22 @@ BDFAST_INLINE void backward_row_impl(const Layer& L, int64_t b, Options o, const
   });
 }
 
-// Each row kernel exists twice: for the baseline ISA and for AVX2+FMA, chosen per call.
+// Each row kernel exists three times: for the baseline ISA, AVX2+FMA and AVX-512, chosen per
+// call.
 #define BDFAST_ROW_KERNEL(name, impl, params, args)                         \
   template <typename T>                                                     \
   void name##_generic params { impl<T> args; }                              \
   template <typename T>                                                     \
   BDFAST_TARGET_AVX2 void name##_avx2 params { impl<T> args; }              \
   template <typename T>                                                     \
+  BDFAST_TARGET_AVX512 void name##_avx512 params { impl<T> args; }          \
+  template <typename T>                                                     \
   void name params {                                                        \
-    if (cpu_has_avx2()) name##_avx2<T> args; else name##_generic<T> args;   \
+    switch (cpu_isa()) {                                                    \
+      case Isa::kAvx512: name##_avx512<T> args; break;                      \
+      case Isa::kAvx2: name##_avx2<T> args; break;                          \
+      default: name##_generic<T> args;                                      \
+    }                                                                       \
   }
 
 BDFAST_ROW_KERNEL(forward_row, forward_row_impl,
@@ -244,30 +252,12 @@ void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
 
 std::vector<Layer> describe(at::TensorList t, at::TensorList s, at::TensorList g,
                             at::TensorList mu, at::TensorList sigma, double eps) {
-  TORCH_CHECK(!t.empty() && s.size() == t.size() && g.size() == t.size() &&
-                  mu.size() == t.size() && sigma.size() == t.size(),
-              "medic_clone_loss: t, s, g, mu and sigma must be non-empty lists of equal length");
+  check_medic_lists(t, s, g, mu, sigma);
   std::vector<Layer> layers(t.size());
   for (size_t l = 0; l < t.size(); ++l) {
+    const bool channels_last = check_medic_layer(t, s, g, mu, sigma, l);
     const at::Tensor& tl = t[l];
-    TORCH_CHECK(tl.dim() >= 2 && tl.numel() > 0, "medic_clone_loss: t[", l,
-                "] must be a non-empty [B, C, *spatial] tensor");
-    TORCH_CHECK(s[l].sizes() == tl.sizes() && g[l].sizes() == tl.sizes(),
-                "medic_clone_loss: t, s and g of layer ", l, " must have the same shape");
-    TORCH_CHECK(s[l].scalar_type() == tl.scalar_type() && g[l].scalar_type() == tl.scalar_type(),
-                "medic_clone_loss: t, s and g of layer ", l, " must have the same dtype");
-    const bool contiguous = tl.is_contiguous() && s[l].is_contiguous() && g[l].is_contiguous();
-    const auto cl = at::MemoryFormat::ChannelsLast;
-    const bool channels_last = !contiguous && tl.dim() == 4 && tl.is_contiguous(cl) &&
-                               s[l].is_contiguous(cl) && g[l].is_contiguous(cl);
-    TORCH_CHECK(contiguous || channels_last, "medic_clone_loss: t, s and g of layer ", l,
-                " must all be contiguous or all channels_last");
     const int64_t channels = tl.size(1);
-    TORCH_CHECK(mu[l].numel() == channels && sigma[l].numel() == channels &&
-                    mu[l].scalar_type() == at::kFloat && sigma[l].scalar_type() == at::kFloat &&
-                    mu[l].is_contiguous() && sigma[l].is_contiguous(),
-                "medic_clone_loss: mu and sigma of layer ", l,
-                " must be contiguous float32 vectors of length C");
     Layer& L = layers[l];
     L.t = tl.data_ptr();
     L.s = s[l].data_ptr();
@@ -289,6 +279,8 @@ std::vector<Layer> describe(at::TensorList t, at::TensorList s, at::TensorList g
 }
 
 }  // namespace
+
+const char* row_kernel_isa() { return isa_name(cpu_isa()); }
 
 std::tuple<at::Tensor, at::Tensor> medic_clone_loss(at::TensorList t, at::TensorList s,
                                                     at::TensorList g, at::TensorList mu,

@@ -1,9 +1,9 @@
 // Small branch-free math the CPU kernels use inside `#pragma omp simd` loops.
 //
-// GCC vectorises these loops (setup.py passes -fopenmp-simd, and -fno-trapping-math so that
-// the clamps below become blends instead of branches), and BDFAST_CLONE_AVX2 compiles a
-// second copy of a row kernel for AVX2+FMA that is picked at run time, so one binary runs on
-// any x86-64 and is fast on current ones.
+// GCC vectorises these loops (setup.py passes -fopenmp, and -fno-trapping-math so that the
+// clamps below become blends instead of branches). BDFAST_ROW_KERNEL-style dispatch compiles
+// extra copies of a row kernel for AVX2+FMA and for AVX-512 that are picked at run time, so
+// one binary runs on any x86-64 and is fast on current ones.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -11,6 +11,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 // Row kernels are compiled twice (baseline and AVX2), so everything they call, lambdas
 // included, must be inlined into them to be compiled for the clone's target.
@@ -23,11 +25,15 @@
 #endif
 
 #if defined(__GNUC__) && defined(__x86_64__)
-#define BDFAST_HAVE_AVX2_CLONE 1
+#define BDFAST_HAVE_X86_CLONES 1
 #define BDFAST_TARGET_AVX2 __attribute__((target("avx2,fma")))
+// 512-bit vectors: GCC's generic tuning would otherwise keep AVX-512 code at 256 bits.
+#define BDFAST_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
 #else
-#define BDFAST_HAVE_AVX2_CLONE 0
+#define BDFAST_HAVE_X86_CLONES 0
 #define BDFAST_TARGET_AVX2
+#define BDFAST_TARGET_AVX512
 #endif
 
 namespace bdfast::cpu {
@@ -117,14 +123,35 @@ BDFAST_INLINE void fold_max2(const float* a, const float* b, int64_t n, float* m
   *max_b = mb;
 }
 
-// True when the running CPU has AVX2 and FMA (checked once).
-inline bool cpu_has_avx2() {
-#if BDFAST_HAVE_AVX2_CLONE
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
+// The instruction set of the row kernels: the widest the running CPU offers, or a narrower one
+// named by the environment variable BDFAST_CPU_ISA ("generic", "avx2" or "avx512"), so that
+// the tests can check every copy on one machine. Decided once, at the first call.
+enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+inline Isa cpu_isa() {
+  static const Isa isa = [] {
+    Isa best = Isa::kGeneric;
+#if BDFAST_HAVE_X86_CLONES
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      best = Isa::kAvx512;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      best = Isa::kAvx2;
 #endif
+    const char* wanted = std::getenv("BDFAST_CPU_ISA");
+    if (wanted == nullptr) return best;
+    const std::string name(wanted);
+    const Isa cap = name == "generic" ? Isa::kGeneric : name == "avx2" ? Isa::kAvx2 : best;
+    return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
+  }();
+  return isa;
+}
+
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "generic";
+  }
 }
 
 }  // namespace bdfast::cpu

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cuda/launchers.h"
+#include "medic_checks.h"
 #include "ops.h"
 
 namespace bdfast::cuda {
@@ -59,9 +60,7 @@ struct MedicCall {
 // `grads`, when given, are the backward's outputs.
 MedicCall describe(at::TensorList t, at::TensorList s, at::TensorList g, at::TensorList mu,
                    at::TensorList sigma, const std::vector<at::Tensor>* grads) {
-  TORCH_CHECK(!t.empty() && s.size() == t.size() && g.size() == t.size() &&
-                  mu.size() == t.size() && sigma.size() == t.size(),
-              "medic_clone_loss: t, s, g, mu and sigma must be non-empty lists of equal length");
+  check_medic_lists(t, s, g, mu, sigma);
   const at::Device device = t[0].device();
   TORCH_CHECK(device.is_cuda(), "medic_clone_loss: t[0] must be a CUDA tensor for the CUDA kernel");
   MedicCall call;
@@ -72,28 +71,9 @@ MedicCall describe(at::TensorList t, at::TensorList s, at::TensorList g, at::Ten
     for (const auto& [name, v] : {std::pair<const char*, const at::Tensor*>{"t", &t[l]},
                                   {"s", &s[l]}, {"g", &g[l]}, {"mu", &mu[l]}, {"sigma", &sigma[l]}})
       check_on(*v, device, "medic_clone_loss", name + idx);
-    TORCH_CHECK(tl.dim() >= 2 && tl.numel() > 0, "medic_clone_loss: t", idx,
-                " must be a non-empty [B, C, *spatial] tensor");
-    TORCH_CHECK(s[l].sizes() == tl.sizes() && g[l].sizes() == tl.sizes(),
-                "medic_clone_loss: t, s and g of layer ", l, " must have the same shape");
+    const bool channels_last = check_medic_layer(t, s, g, mu, sigma, l);
     const int8_t dtype = dtype_code(tl.scalar_type());
-    TORCH_CHECK(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16,
-                "medic_clone_loss: t", idx, " must be float32, float16 or bfloat16, got ",
-                tl.scalar_type());
-    TORCH_CHECK(s[l].scalar_type() == tl.scalar_type() && g[l].scalar_type() == tl.scalar_type(),
-                "medic_clone_loss: t, s and g of layer ", l, " must have the same dtype");
-    const bool contiguous = tl.is_contiguous() && s[l].is_contiguous() && g[l].is_contiguous();
-    const auto cl = at::MemoryFormat::ChannelsLast;
-    const bool channels_last = !contiguous && tl.dim() == 4 && tl.is_contiguous(cl) &&
-                               s[l].is_contiguous(cl) && g[l].is_contiguous(cl);
-    TORCH_CHECK(contiguous || channels_last, "medic_clone_loss: t, s and g of layer ", l,
-                " must all be contiguous or all channels_last");
     const int64_t channels = tl.size(1);
-    TORCH_CHECK(mu[l].numel() == channels && sigma[l].numel() == channels &&
-                    mu[l].scalar_type() == at::kFloat && sigma[l].scalar_type() == at::kFloat &&
-                    mu[l].is_contiguous() && sigma[l].is_contiguous(),
-                "medic_clone_loss: mu and sigma of layer ", l,
-                " must be contiguous float32 vectors of length C");
     const int64_t batch = tl.size(0), row_len = tl.numel() / batch;
     // Element indices within a row are int32, with a tile of headroom.
     TORCH_CHECK(row_len <= kInt32Max - 2 * kMedicTile, "medic_clone_loss: layer ", l, " has ",
