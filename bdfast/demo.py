@@ -97,12 +97,12 @@ def _bcu(model, data, poisoned, cfg, show):
 def _dde(model, data, poisoned, cfg, show):
     # DDE reads the (poisoned) training set the model was trained on.
     loader = tensor_loader(poisoned[0], batch_size=256)
-    return bdfast.dde_prune(model, loader, **cfg.options.get("dde", {})).model
+    return bdfast.dde_prune(model, loader, progress=show, **cfg.options.get("dde", {})).model
 
 
 def _mbns(model, data, poisoned, cfg, show):
     loader = tensor_loader(data.clean[0], batch_size=256)
-    return bdfast.mbns_prune(model, loader, **cfg.options.get("mbns", {})).model
+    return bdfast.mbns_prune(model, loader, progress=show, **cfg.options.get("mbns", {})).model
 
 
 DEFENSE_RUNNERS: Dict[str, Callable] = {
