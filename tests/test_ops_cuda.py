@@ -10,13 +10,16 @@ bins need several shared-memory passes.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
 import bdfast
+import medic_cases
 from bdfast import ops, reference
+from medic_cases import DTYPES, TOL, assert_matches_reference, native, rel_err, unzip
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,84 +28,8 @@ pytestmark = [
                        reason="the extension was built without CUDA kernels"),
 ]
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-MEDIC_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 CUDA = "cuda"
-
-
-def rel_err(out, ref) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64 on the CPU."""
-    out = torch.as_tensor(out).detach().double().cpu()
-    ref = torch.as_tensor(ref).detach().double().cpu()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
-
-
-# ---------------------------------------------------------------------------------------------
-# medic_clone_loss
-
-def make_layer(shape, dtype=torch.float32, *, device=CUDA, seed=0, dead=(),
-               channels_last=False, misaligned=False):
-    """One hooked layer (t, s needing grad, g, mu, sigma) with realistic statistics.
-
-    ``misaligned`` stores t, s and g one element past a 16-byte boundary, which sends the layer
-    down the kernels' scalar path; ``dead`` channels are constant zero with sigma = 0.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    t = torch.randn(shape, generator=gen) * 1.5 + 0.2
-    for c in dead:
-        t[:, c] = 0.0
-    s = t + 0.5 * torch.randn(shape, generator=gen)
-    g = 0.05 * torch.randn(shape, generator=gen)
-    dims = [0] + list(range(2, len(shape)))
-    mu = t.mean(dims)
-    sigma = t.std(dims) if t[:, 0].numel() > 1 else torch.full_like(mu, 0.7)
-    for c in dead:
-        mu[c], sigma[c] = 0.0, 0.0
-
-    def place(x):
-        x = x.to(device=device, dtype=dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if misaligned:  # the same strides, one element into a fresh buffer
-            moved = x.new_zeros(x.numel() + 1)[1:].as_strided(x.shape, x.stride())
-            x = moved.copy_(x)
-        return x
-
-    return place(t), place(s).requires_grad_(), place(g), mu.to(device), sigma.to(device)
-
-
-def unzip(layers):
-    return tuple(list(parts) for parts in zip(*layers))
-
-
-def reference64(t, s, g, mu, sigma, **options):
-    """Loss and student gradients of the reference evaluated in float64 on the same values."""
-    s64 = [x.detach().double().requires_grad_() for x in s]
-    loss = reference.medic_clone_loss([x.detach().double() for x in t], s64,
-                                      [x.detach().double() for x in g],
-                                      [m.double() for m in mu], [v.double() for v in sigma],
-                                      **options)
-    return loss.detach(), list(torch.autograd.grad(loss, s64))
-
-
-def native(t, s, g, mu, sigma, **options):
-    """Loss and student gradients of the compiled kernel on s's device (autograd backward)."""
-    s = [x.detach().clone().requires_grad_() for x in s]  # clone keeps channels_last
-    loss = ops.medic_clone_loss(t, s, g, mu, sigma, backend="native", **options)
-    loss.backward()
-    return loss.detach(), [x.grad for x in s]
-
-
-def assert_matches_reference(layers, tol, **options):
-    t, s, g, mu, sigma = unzip(layers)
-    loss, grads = native(t, s, g, mu, sigma, **options)
-    loss_ref, grads_ref = reference64(t, s, g, mu, sigma, **options)
-    assert loss.device.type == "cuda" and loss.dtype == torch.float32 and loss.dim() == 0
-    assert rel_err(loss, loss_ref) < tol, (float(loss), float(loss_ref))
-    for i, (gr, ref) in enumerate(zip(grads, grads_ref)):
-        assert gr.shape == s[i].shape and gr.dtype == s[i].dtype and gr.device == s[i].device
-        assert rel_err(gr, ref) < tol, f"layer {i}: {rel_err(gr, ref)}"
-    return loss, grads
+make_layer = functools.partial(medic_cases.make_layer, device=CUDA)
 
 
 MIXED = [(4, 16, 8, 8), (4, 10), (4, 3, 5, 7), (4, 33), (1, 1)]
@@ -113,7 +40,7 @@ MIXED = [(4, 16, 8, 8), (4, 10), (4, 3, 5, 7), (4, 33), (1, 1)]
 @pytest.mark.parametrize("tau", [0.0, 5.0, 50.0])
 def test_medic_mixed_layers(dtype, signed, tau):
     layers = [make_layer(shape, dtype, seed=i) for i, shape in enumerate(MIXED)]
-    assert_matches_reference(layers, MEDIC_TOL[dtype], tau=tau, signed=signed)
+    assert_matches_reference(layers, TOL[dtype], tau=tau, signed=signed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -124,7 +51,7 @@ def test_medic_mixed_layers(dtype, signed, tau):
 ], ids=str)
 def test_medic_long_rows(dtype, shape):
     layers = [make_layer(shape, dtype), make_layer((shape[0], 7), dtype, seed=1)]
-    assert_matches_reference(layers, MEDIC_TOL[dtype], tau=5.0)
+    assert_matches_reference(layers, TOL[dtype], tau=5.0)
 
 
 # Not float16: weights of ~2e-6 give gradients below float16's normal range, whose rounding
@@ -133,7 +60,7 @@ def test_medic_long_rows(dtype, shape):
 def test_medic_row_of_many_tiles(dtype):
     # 524,288 elements: 32 tiles merged by the row's last block.
     layers = [make_layer((1, 8, 256, 256), dtype), make_layer((1, 7), dtype, seed=1)]
-    assert_matches_reference(layers, MEDIC_TOL[dtype], tau=5.0)
+    assert_matches_reference(layers, TOL[dtype], tau=5.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -144,7 +71,7 @@ def test_medic_channels_last(dtype, signed):
               make_layer((2, 64, 33, 33), dtype, seed=2, channels_last=True),  # several tiles
               make_layer((3, 12), dtype, seed=3)]
     assert not layers[0][0].is_contiguous()
-    _, grads = assert_matches_reference(layers, MEDIC_TOL[dtype], tau=5.0, signed=signed)
+    _, grads = assert_matches_reference(layers, TOL[dtype], tau=5.0, signed=signed)
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
 
 
@@ -155,7 +82,7 @@ def test_medic_misaligned_storage(dtype, channels_last):
               make_layer((2, 64, 16, 17), dtype, seed=1, misaligned=True),
               make_layer((3, 8, 4, 4), dtype, seed=2)]
     assert layers[0][0].data_ptr() % 16 != 0
-    assert_matches_reference(layers, MEDIC_TOL[dtype], tau=5.0)
+    assert_matches_reference(layers, TOL[dtype], tau=5.0)
 
 
 @pytest.mark.parametrize("signed", [False, True], ids=["abs", "signed"])

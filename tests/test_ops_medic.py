@@ -1,9 +1,5 @@
-"""``medic_clone_loss``: the native kernel against a float64 evaluation of the reference.
-
-SPEC §2 tolerances, as relative errors of the whole output: < 1e-4 for float32 inputs and
-< 1e-2 for 16-bit inputs, whose reference is evaluated in float64 on the same rounded values.
-The loss is compared as a scalar and the student gradient layer by layer.
-"""
+"""``medic_clone_loss``: the native CPU kernel against a float64 evaluation of the reference
+(inputs, tolerances and checks in ``medic_cases.py``, shared with the CUDA tests)."""
 from __future__ import annotations
 
 import os
@@ -15,81 +11,14 @@ import torch
 
 import bdfast
 from bdfast import ops, reference
+from medic_cases import DTYPES, TOL, assert_matches_reference, make_layer, rel_err, unzip
 
 pytestmark = pytest.mark.skipif(not bdfast.backend_info()["native_cpu"],
                                 reason="the compiled CPU kernels are not available")
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DEVICES = ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    return float((out - ref).norm() / ref.norm())
-
-
-def make_layer(shape, dtype=torch.float32, *, device="cpu", dead=(), seed=0,
-               channels_last=False):
-    """One hooked layer: teacher t, student s (needs grad), teacher gradient g, and mu, sigma.
-
-    mu and sigma are the per-channel statistics of t, as MEDIC measures them on clean data;
-    the channels in ``dead`` are constant zero in t with sigma = 0 (a dead ReLU channel).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    t = torch.randn(shape, generator=gen) * 1.5 + 0.2
-    for c in dead:
-        t[:, c] = 0.0
-    s = t + 0.5 * torch.randn(shape, generator=gen)
-    g = 0.05 * torch.randn(shape, generator=gen)
-    dims = [0] + list(range(2, len(shape)))
-    mu = t.mean(dims)
-    sigma = t.std(dims) if t[:, 0].numel() > 1 else torch.full_like(mu, 0.7)
-    for c in dead:
-        mu[c], sigma[c] = 0.0, 0.0
-
-    def place(x):
-        x = x.to(device=device, dtype=dtype)
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-    return (place(t), place(s).requires_grad_(), place(g), mu.to(device), sigma.to(device))
-
-
-def unzip(layers):
-    return tuple(list(parts) for parts in zip(*layers))
-
-
-def reference64(t, s, g, mu, sigma, **options):
-    """Loss and student gradients of the reference evaluated in float64 on the same inputs."""
-    s64 = [x.detach().double().requires_grad_() for x in s]
-    loss = reference.medic_clone_loss([x.detach().double() for x in t], s64,
-                                      [x.detach().double() for x in g],
-                                      [m.double() for m in mu], [v.double() for v in sigma],
-                                      **options)
-    return loss.detach(), list(torch.autograd.grad(loss, s64))
-
-
-def native(t, s, g, mu, sigma, **options):
-    """Loss and student gradients of the compiled kernel (forward + autograd backward)."""
-    s = [x.detach().clone().requires_grad_() for x in s]  # clone keeps channels_last
-    loss = ops.medic_clone_loss(t, s, g, mu, sigma, backend="native", **options)
-    loss.backward()
-    return loss.detach(), [x.grad for x in s]
-
-
-def assert_matches_reference(layers, tol, **options):
-    t, s, g, mu, sigma = unzip(layers)
-    loss, grads = native(t, s, g, mu, sigma, **options)
-    loss_ref, grads_ref = reference64(t, s, g, mu, sigma, **options)
-    assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert rel_err(loss, loss_ref) < tol, (float(loss), float(loss_ref))
-    for i, (gr, ref) in enumerate(zip(grads, grads_ref)):
-        assert gr.shape == s[i].shape and gr.dtype == s[i].dtype
-        assert rel_err(gr, ref) < tol, f"layer {i}: {rel_err(gr, ref)}"
-    return loss, grads
 
 
 MIXED = [(4, 16, 8, 8), (4, 10), (4, 3, 5, 7), (4, 33)]  # 4-D conv and 2-D linear, odd widths
