@@ -17,8 +17,10 @@ import pytest
 import torch
 
 import bdfast
-import medic_cases
 from bdfast import ops, reference
+
+import medic_cases
+from histogram_cases import activations, compare, released_loop
 from medic_cases import DTYPES, TOL, assert_matches_reference, native, rel_err, unzip
 
 pytestmark = [
@@ -141,17 +143,6 @@ def test_medic_is_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
 
 
-def test_medic_gradient_scales_with_upstream_gradient():
-    # grad_loss is read on the device by the backward kernel.
-    layers = [make_layer((3, 4, 3, 3)), make_layer((3, 6), seed=1)]
-    t, s, g, mu, sigma = unzip(layers)
-    loss = ops.medic_clone_loss(t, s, g, mu, sigma, backend="native")
-    once = torch.autograd.grad(loss, s, retain_graph=True)
-    scaled = torch.autograd.grad(loss * -2.5, s)
-    for a, b in zip(once, scaled):
-        assert torch.allclose(b, -2.5 * a, rtol=1e-5, atol=0)
-
-
 def test_medic_under_cuda_graph_capture():
     # No host synchronisation and no host-side state: a captured forward + backward replays
     # on new student values and gives exactly what an eager call gives.
@@ -194,54 +185,6 @@ def test_medic_rejects_inputs_on_two_devices():
 
 # ---------------------------------------------------------------------------------------------
 # histogram_entropy
-
-def activations(n, k, *, seed=0, dtype=torch.float32):
-    """[N, K] BN-input-like activations: per-column scale and shift, some columns skewed."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, k, generator=gen) * (0.2 + 2 * torch.rand(k, generator=gen))
-    x += torch.randn(k, generator=gen)
-    skewed = torch.rand(k, generator=gen) < 0.4
-    x[:, skewed] = x[:, skewed].exp()
-    return x.to(dtype)
-
-
-def compare(out, ref) -> float:
-    """NaN positions must agree; the relative error over the finite entries."""
-    out = torch.as_tensor(out).detach().double().cpu()
-    ref = torch.as_tensor(ref).detach().double().cpu()
-    assert out.shape == ref.shape
-    assert torch.equal(torch.isnan(out), torch.isnan(ref)), (out, ref)
-    finite = ~torch.isnan(ref)
-    if not finite.any():
-        return 0.0
-    return float((out[finite] - ref[finite]).norm() / ref[finite].norm().clamp_min(1e-30))
-
-
-def released_loop(x, offsets, step):
-    """The authors' per-bin loop (SPEC §5.3 reference_compat) on correctly rounded float32
-    moments, as the kernels standardise (torch's float32 column sums vary with vector width)."""
-    x = x.float().cpu()
-    n, k = x.shape
-    h = torch.full((k,), float("nan"), dtype=torch.float64)
-    for lo, hi in zip(offsets[:-1], offsets[1:]):
-        if hi == lo:
-            continue
-        layer = x[:, lo:hi]
-        mean, sd = layer.double().mean(0).float(), layer.double().std(0).float()
-        valid = torch.isfinite(layer).all(0) & (sd > 0)
-        if not valid.any():
-            continue
-        y = ((layer - mean) / sd)[:, valid]
-        ymin, ymax = y.min(), y.max()
-        total = torch.zeros(int(valid.sum()), dtype=torch.float64)
-        for b in range(int((ymax - ymin) / step)):
-            p = ((y > ymin + b * step) & (y < ymin + (b + 1) * step)).sum(0).double() / n
-            total -= torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))
-        part = torch.full((hi - lo,), float("nan"), dtype=torch.float64)
-        part[valid] = total
-        h[lo:hi] = part
-    return h
-
 
 HIST_SHAPES = [  # (N, K, offsets)
     (2, 3, [0, 3]),

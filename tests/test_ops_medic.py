@@ -163,8 +163,10 @@ def test_reference_gradcheck(signed):
                                     fast_mode=True)
 
 
-def test_gradient_scales_with_upstream_gradient():
-    layers = [make_layer((3, 4, 3, 3)), make_layer((3, 6), seed=1)]
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_scales_with_upstream_gradient(device):
+    # On CUDA, grad_loss is read on the device by the backward kernel.
+    layers = [make_layer((3, 4, 3, 3), device=device), make_layer((3, 6), seed=1, device=device)]
     t, s, g, mu, sigma = unzip(layers)
     loss = ops.medic_clone_loss(t, s, g, mu, sigma, backend="native")
     once = torch.autograd.grad(loss, s, retain_graph=True)
