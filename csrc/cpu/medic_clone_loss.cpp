@@ -49,6 +49,15 @@ struct Options {
   uint32_t sign_mask;  // kKeepSign for signed scores, kAbsMask for absolute values
 };
 
+// tau * z and tau * q of one element (eqs. 2-3). The forward and the backward both call these,
+// so the backward rebuilds w from exactly the values the forward's maxima were taken over.
+BDFAST_INLINE float tau_z(float tv, float mu, float inv_sig, Options o) {
+  return o.tau * mask_bits((tv - mu) * inv_sig, o.sign_mask);
+}
+BDFAST_INLINE float tau_q(float gv, float sigma, Options o) {
+  return o.tau * mask_bits(sigma * gv, o.sign_mask);
+}
+
 // The three per-element terms of a run of n elements that share (mu, inv_sig, sigma), or,
 // with per-element parameters, a channels_last run over consecutive channels.
 template <typename T, bool kPerElement>
@@ -59,10 +68,8 @@ BDFAST_INLINE void terms(const T* t, const T* s, const T* g, int64_t n, const fl
   for (int64_t k = 0; k < n; ++k) {
     const int64_t c = kPerElement ? k : 0;
     const float tv = to_float(t[k]);
-    const float z = mask_bits((tv - mu[c]) * inv_sig[c], o.sign_mask);
-    const float q = mask_bits(sigma[c] * to_float(g[k]), o.sign_mask);
-    tz[k] = o.tau * z;
-    tq[k] = o.tau * q;
+    tz[k] = tau_z(tv, mu[c], inv_sig[c], o);
+    tq[k] = tau_q(to_float(g[k]), sigma[c], o);
     const float e = (tv - to_float(s[k])) * inv_sig[c];
     e2[k] = e * e;
   }
@@ -167,10 +174,9 @@ BDFAST_INLINE void grad_terms(const T* t, const T* s, const T* g, T* grad, int64
   for (int64_t k = 0; k < n; ++k) {
     const int64_t c = kPerElement ? k : 0;
     const float tv = to_float(t[k]);
-    const float z = mask_bits((tv - mu[c]) * inv_sig[c], o.sign_mask);
-    const float q = mask_bits(sigma[c] * to_float(g[k]), o.sign_mask);
-    // The same argument order as the forward, so both see the same rounding.
-    const float w = fast_exp(0.5f * (o.tau * z - max_a) + 0.5f * (o.tau * q - max_p) - log_norm);
+    // The same argument order as the forward's absorb, so both see the same rounding.
+    const float w = fast_exp(0.5f * (tau_z(tv, mu[c], inv_sig[c], o) - max_a) +
+                             0.5f * (tau_q(to_float(g[k]), sigma[c], o) - max_p) - log_norm);
     grad[k] = from_float<T>(coef * w * (tv - to_float(s[k])) * inv_sig[c] * inv_sig[c]);
   }
 }
