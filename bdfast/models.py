@@ -171,21 +171,24 @@ class _PreActBlock(nn.Module):
 
 class PreActResNet18(nn.Module):
     """PreAct-ResNet-18 (BackdoorBench's default): ``conv1``, ``layer1..4`` of two pre-activation
-    blocks (64, 128, 256, 512 channels), final ``bn`` + ReLU, ``avgpool`` and ``linear``."""
+    blocks (``width`` x 1, 2, 4, 8 channels: 64, 128, 256, 512 at the default width), final
+    ``bn`` + ReLU, ``avgpool`` and ``linear``."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64):
         super().__init__()
         _check(num_classes, in_channels)
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1, bias=False)
-        stages, c_in = [], 64
-        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive int, got {width!r}")
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        stages, c_in = [], width
+        for c_out, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
             stages.append(nn.Sequential(_PreActBlock(c_in, c_out, stride),
                                         _PreActBlock(c_out, c_out, 1)))
             c_in = c_out
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.bn = nn.BatchNorm2d(512)
+        self.bn = nn.BatchNorm2d(c_in)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(512, num_classes)
+        self.linear = nn.Linear(c_in, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, in_channels, H, W]`` -> logits ``[B, num_classes]``."""
@@ -195,9 +198,12 @@ class PreActResNet18(nn.Module):
         return self.linear(self.avgpool(x).flatten(1))
 
 
-def preact_resnet18(num_classes: int = 10, in_channels: int = 3) -> PreActResNet18:
-    """PreAct-ResNet-18 with BackdoorBench-compatible state_dict keys."""
-    return PreActResNet18(num_classes, in_channels)
+def preact_resnet18(num_classes: int = 10, in_channels: int = 3,
+                    width: int = 64) -> PreActResNet18:
+    """PreAct-ResNet-18 with BackdoorBench-compatible state_dict keys. ``width`` is the first
+    stage's channel count (64 in the paper; narrower nets train in minutes on a CPU and still
+    give the pruning defenses hundreds of BN channels)."""
+    return PreActResNet18(num_classes, in_channels, width)
 
 
 class _WideBlock(nn.Module):

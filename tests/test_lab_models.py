@@ -119,3 +119,20 @@ def test_bad_arguments_are_rejected(factory):
         factory(num_classes=0)
     with pytest.raises(ValueError, match="in_channels"):
         factory(in_channels=0)
+
+
+@pytest.mark.parametrize("width", [16, 64])
+def test_preact_resnet18_width_scales_every_stage(width):
+    model = models.preact_resnet18(num_classes=10, in_channels=1, width=width)
+    bn_channels = [m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    # Per stage: the first block's bn1 sees the previous stage's width, then 3 BNs of its own.
+    expected = []
+    c_in = width
+    for c_out in (width, 2 * width, 4 * width, 8 * width):
+        expected += [c_in, c_out, c_out, c_out]
+        c_in = c_out
+    assert bn_channels == expected + [8 * width]
+    assert model.linear.in_features == 8 * width
+    assert model(torch.rand(2, 1, 16, 16)).shape == (2, 10)
+    with pytest.raises(ValueError, match="width"):
+        models.preact_resnet18(width=0)
