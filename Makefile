@@ -10,7 +10,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: venv build cuda-build test test-gpu bench demo ctest clean
+.PHONY: venv build cuda-build test test-gpu bench demo margin ctest clean
 
 venv: $(VENV)/.installed
 
@@ -44,6 +44,11 @@ bench: venv
 
 demo: venv
 	$(BIN)/bdfast demo
+
+# The efficacy acceptance cases over seeds x 1/2/4 threads x AVX-512/AVX2 (about 50 min on 2 cores;
+# resumes after an interruption). See scripts/efficacy_margin.py.
+margin: venv
+	$(BIN)/python scripts/efficacy_margin.py -j 2 --markdown benchmarks/results/efficacy_margin.md
 
 # The same csrc/ built with CMake, for the C++ tests and sanitizers.
 ctest: venv

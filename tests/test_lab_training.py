@@ -1,5 +1,5 @@
-"""bdfast.trainer and bdfast.metrics: metric definitions on a hand-made model, trainer behaviour,
-and the lab's acceptance numbers (backdoored digits CNNs with the train() defaults)."""
+"""bdfast.trainer and bdfast.metrics: metric definitions on a hand-made model and trainer
+behaviour (the lab's backdoored models are checked in test_efficacy.py)."""
 from __future__ import annotations
 
 import math
@@ -161,28 +161,3 @@ def test_train_rejects_bad_input(digits):
     bad[:] = float("nan")
     with pytest.raises(FloatingPointError, match="epoch 1, step 1"):
         train(model, bad, y, progress=False)
-
-
-def _report(capsys, name, result, seconds):
-    with capsys.disabled():
-        print(f"\n[lab] {name:8s} acc={result['acc']:.3f} asr={result['asr']:.3f} "
-              f"ra={result['ra']:.3f} train={seconds:.1f}s", end="")
-
-
-@pytest.mark.parametrize("name", ["badnets", "blended", "wanet"])
-def test_backdoored_digits_cnn_reaches_the_lab_thresholds(digits, backdoored_model, name, capsys):
-    model = backdoored_model(name)
-    result = metrics.evaluate(model, *digits.test, attack=attacks.get(name))
-    _report(capsys, name, result, backdoored_model.seconds[(name, "digits_cnn")])
-    assert result["acc"] >= 0.90
-    assert result["asr"] >= 0.90
-    assert result["ra"] <= 1.0 - result["asr"] + 1e-6  # a triggered image has one prediction
-
-
-def test_sig_backdoor_is_measured(digits, backdoored_model, capsys):
-    model = backdoored_model("sig")
-    result = metrics.evaluate(model, *digits.test, attack=attacks.get("sig"))
-    _report(capsys, "sig", result, backdoored_model.seconds[("sig", "digits_cnn")])
-    # SIG is clean-label with a faint signal: its ASR is reported, not required.
-    assert result["acc"] >= 0.90
-    assert all(0.0 <= v <= 1.0 for v in result.values())

@@ -1,22 +1,19 @@
-"""MEDIC end to end: the training step, labels, bad input, the teacher left alone, and the
-acceptance runs on the lab's backdoored digits models."""
+"""MEDIC end to end: the training step, labels, bad input, the teacher left alone and
+torch.distributed (its efficacy on the lab's backdoored models is in test_efficacy.py)."""
 from __future__ import annotations
 
 import copy
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from torch import nn
 
 import bdfast
-from bdfast import _extension, attacks
-from bdfast.data import tensor_loader
+from bdfast import _extension
 from bdfast.medic import Medic, medic_clone
-from bdfast.metrics import evaluate
 from bdfast.models import digits_cnn
 
 FAST = dict(epochs=1, progress=False, seed=0, amp=False)
@@ -147,31 +144,6 @@ def test_reference_compat_and_released_layers_run(small):
 
 
 # Acceptance: ASR <= 0.10 and clean accuracy >= original - 0.03 on the digits test split.
-# Settings (measured; table in docs/medic.md): the paper's 60 epochs at batch 64, with lam = 1
-# and tau = 10 instead of 10 and 5. The paper defaults remove badnets (digits CNN: ACC 0.993,
-# ASR 0.002) but the clone term copies the blended backdoor back (ASR 0.556): the teacher is so
-# confident on clean images that the impact softmax is nearly uniform, so a smaller lam and a
-# sharper tau (the paper's own knobs, App. E.3 and Fig. 4) do the filtering.
-MEDIC_ACCEPTANCE = dict(lam=1.0, tau=10.0, progress=False, seed=0)
-
-
-@pytest.mark.parametrize("attack,arch", [("badnets", "digits_cnn"), ("blended", "digits_cnn"),
-                                         ("badnets", "vgg_small"), ("blended", "vgg_small")])
-def test_acceptance(digits, backdoored_model, attack, arch):
-    teacher = backdoored_model(attack, arch)
-    atk = attacks.get(attack)
-    before = evaluate(teacher, *digits.test, attack=atk)
-    loader = tensor_loader(*digits.clean, batch_size=64, shuffle=True, seed=0)
-    start = time.perf_counter()
-    student = medic_clone(teacher, loader, **MEDIC_ACCEPTANCE)
-    seconds = time.perf_counter() - start
-    after = evaluate(student, *digits.test, attack=atk)
-    print(f"medic {attack} {arch}: acc {before['acc']:.3f} -> {after['acc']:.3f}, "
-          f"asr {before['asr']:.3f} -> {after['asr']:.3f}, {seconds:.1f} s")
-    assert after["asr"] <= 0.10
-    assert after["acc"] >= before["acc"] - 0.03
-
-
 DDP_WORKER = """
 import sys, torch, torch.distributed as dist
 from bdfast.bcu import bcu_cleanse

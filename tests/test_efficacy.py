@@ -1,0 +1,25 @@
+"""Efficacy acceptance: every case of ``tests/acceptance.py`` on the lab's digits models, seed 0.
+
+The same cases run over seeds 0-2, 1/2/4 threads and AVX2 / AVX-512 in
+``scripts/efficacy_margin.py`` (``make margin``); a case is listed only if it holds there with
+margin, so this run passes on any x86-64 machine, not only the one it was measured on.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from acceptance import CASES, Case, assert_case
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_case(case: Case, digits, backdoored_model, capsys):
+    teacher = backdoored_model(case.attack, case.arch)
+    start = time.perf_counter()
+    before, after = case.run(digits, teacher, seed=0)
+    with capsys.disabled():
+        print(f"\n[efficacy] {case.name}: ACC {before['acc']:.3f} -> {after['acc']:.3f}, "
+              f"ASR {before['asr']:.3f} -> {after['asr']:.3f}, margin "
+              f"{case.margin(before, after):+.3f}, {time.perf_counter() - start:.1f} s", end="")
+    assert_case(case, before, after)
