@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Iterable, Iterator, Optional, Tuple
+from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,9 +33,36 @@ def resolve_device(device: Any, model: Optional[nn.Module] = None) -> torch.devi
     return torch.device("cpu")
 
 
+# Images scaled to [0, 1] never exceed 1, and standardised images ((x - mean) / std) have
+# negative values; non-negative images above this bound hold raw pixel values such as 0..255.
+PIXEL_RANGE_BOUND = 2.0
+
+
+def check_pixel_range(x: Tensor, what: str = "x") -> None:
+    """One-sentence error when float images ``x [N, C, H, W]`` look like 0..255 pixel values.
+
+    A model trained on images in [0, 1] "cleans" nothing useful from 0..255 inputs, and the
+    attacks of the lab are defined on [0, 1], so this common preprocessing mistake is refused.
+    """
+    if not x.is_floating_point() or x.numel() == 0:
+        return
+    low, high = float(x.amin()), float(x.amax())
+    if low >= 0 and high > PIXEL_RANGE_BOUND:
+        raise ValueError(f"{what} holds values from {low:g} to {high:g}: these look like 0..255 "
+                         "pixel values, but images must be scaled to [0, 1] (divide by 255)")
+
+
+def channels_last_hint(shape: Sequence[int]) -> str:
+    """A hint to transpose when a 4-D image shape looks like [N, H, W, C]; else ""."""
+    if len(shape) == 4 and shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4):
+        return (f"; shape {tuple(shape)} looks like (N, H, W, C) images, transpose them to "
+                "(N, C, H, W) with x.permute(0, 3, 1, 2)")
+    return ""
+
+
 def check_labelled_images(model: Any, x: Any, y: Any) -> None:
     """One-sentence errors unless ``model`` is a module, ``x`` a floating-point [N, C, H, W]
-    tensor and ``y`` an int64 tensor [N]."""
+    tensor of images in [0, 1] (see :func:`check_pixel_range`) and ``y`` an int64 tensor [N]."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
@@ -65,6 +92,13 @@ def split_batch(batch: Any, what: str = "loader") -> Tuple[Tensor, Optional[Tens
                     f"got {type(batch).__name__}")
 
 
+def check_not_tensor(loader: Any, what: str = "loader") -> None:
+    """A bare tensor is iterable (over its rows), but it is not a loader of batches."""
+    if isinstance(loader, Tensor):
+        raise TypeError(f"{what} must be an iterable of batches x or (x, y), not a single tensor; "
+                        "wrap the tensor with bdfast.data.tensor_loader(x)")
+
+
 def iter_batches(loader: Iterable, what: str = "loader") -> Iterator[Tuple[Tensor, Optional[Tensor]]]:
     """Iterate ``(x, y or None)`` over a loader, failing clearly if it yields nothing."""
     empty = True
@@ -73,6 +107,14 @@ def iter_batches(loader: Iterable, what: str = "loader") -> Iterator[Tuple[Tenso
         yield split_batch(batch, what)
     if empty:
         raise ValueError(f"{what} is empty: it yielded no batches")
+
+
+def write(line: str) -> None:
+    """Print ``line`` above any running progress bar instead of gluing it to one."""
+    if _tqdm is None:
+        print(line)
+    else:
+        _tqdm.write(line)
 
 
 def progress(iterable: Iterable, *, enabled: bool = True, **kwargs) -> Iterable:
