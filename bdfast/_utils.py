@@ -73,6 +73,7 @@ def check_labelled_images(model: Any, x: Any, y: Any) -> None:
         raise ValueError(f"y must be an int64 tensor of shape [{len(x)}] matching x, got "
                          + (f"shape {tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor)
                             else type(y).__name__))
+    check_pixel_range(x)
 
 
 def split_batch(batch: Any, what: str = "loader") -> Tuple[Tensor, Optional[Tensor]]:

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bdfast import reference
-from bdfast._utils import iter_batches, progress as _progress, resolve_device
+from bdfast._utils import (check_not_tensor, check_pixel_range, iter_batches,
+                           progress as _progress, resolve_device)
 from bdfast.hooks import BATCHNORM, CONV
 
 __all__ = ["PruneResult"]
@@ -104,9 +105,7 @@ def bn_input_pass(model: nn.Module, names: Sequence[str], loader: Iterable,
     Returns the number of images seen and, per BN layer, the name of the conv that feeds it
     (see :func:`conv_feeding`).
     """
-    if isinstance(loader, Tensor):
-        raise TypeError("loader must be an iterable of batches x or (x, y), not a single tensor; "
-                        "wrap the tensor with bdfast.data.tensor_loader(x)")
+    check_not_tensor(loader)
     modules = dict(model.named_modules())
     ran = [False] * len(names)
 
@@ -131,6 +130,7 @@ def bn_input_pass(model: nn.Module, names: Sequence[str], loader: Iterable,
                 if x.dim() < 2 or not x.is_floating_point():
                     raise TypeError("loader must yield floating-point image batches [B, C, ...], "
                                     f"got a {x.dtype} tensor of shape {list(x.shape)}")
+                check_pixel_range(x, "a batch of the loader")
                 if max_samples is not None:
                     x = x[:max_samples - seen]
                 x = x.to(device, non_blocking=True)
