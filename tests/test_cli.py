@@ -303,22 +303,87 @@ def test_seed_and_typed_options_are_stored(files, tmp_path):
         assert torch.equal(value, repeated[key]), key
 
 
-def test_quick_demo_end_to_end(tmp_path, capsys):
+def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    from tqdm.auto import tqdm
+    written = []
+    real_write = tqdm.write
+    # Log lines go through tqdm.write, so that they are not glued to a progress bar.
+    monkeypatch.setattr(tqdm, "write", lambda line, *a, **k: (written.append(line),
+                                                               real_write(line, *a, **k))[1])
     out = tmp_path / "demo"
     code = main(["demo", "--quick", "--no-progress", "--attacks", "badnets", "--out", str(out)])
     assert code == 0
+    assert any(line.startswith("[badnets] backdoored model") for line in written)
+    assert sum(line.startswith("[badnets] ") for line in written) == 7
     report = json.loads((out / "report.json").read_text())
     rows = {(r["attack"], r["defense"]) for r in report["rows"]}
     assert rows == {("badnets", d) for d in ("none", "finetune", "medic", "bcu", "dde", "mbns")}
     for row in report["rows"]:
-        for key in ("acc", "asr", "ra", "der"):
+        for key in ("acc", "asr", "ra", "der", "acc_before", "asr_before"):
             assert 0.0 <= row[key] <= 1.0
         assert row["seconds"] >= 0
     assert "ASR" in report["definitions"]
     assert report["environment"]["torch"] == torch.__version__
-    assert (out / "report.md").read_text().count("| badnets |") == 6
+    # A smoke run says so in all three outputs.
+    assert report["quick"] is True and report["complete"] is True
+    markdown = (out / "report.md").read_text()
+    assert markdown.count("| badnets |") == 6
+    assert "--quick smoke run" in markdown
     assert (out / "chart.png").stat().st_size > 1000
-    assert "Best defense per attack" in capsys.readouterr().out
+    from PIL import Image
+    with Image.open(out / "chart.png") as chart:
+        assert "--quick smoke run" in chart.info["Description"]
+    printed = capsys.readouterr().out
+    assert "Best defense per attack" in printed and "Quick smoke run" in printed
+
+
+def test_interrupted_demo_keeps_the_rows_it_measured(tmp_path, monkeypatch, capsys):
+    from bdfast import demo
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(demo.DEFENSE_RUNNERS, "bcu", interrupt)
+    out = tmp_path / "demo"
+    code = main(["demo", "--quick", "--no-progress", "--attacks", "badnets", "--defenses",
+                 "none", "dde", "bcu", "mbns", "--out", str(out)])
+    assert code == 130
+    report = json.loads((out / "report.json").read_text())
+    assert [r["defense"] for r in report["rows"]] == ["none", "dde"]
+    assert report["complete"] is False
+    assert "Partial report" in (out / "report.md").read_text()
+
+
+def test_no_best_defense_is_named_for_an_attack_that_did_not_implant(tmp_path):
+    from bdfast.demo import IMPLANTED_ASR, DemoRow, best_per_attack, rows_as_dicts
+    from bdfast.report import write_report
+
+    def row(attack, defense, asr, asr_before, der):
+        return DemoRow(attack, defense, acc=0.99, asr=asr, ra=0.9, der=der, seconds=1.0,
+                       acc_before=0.99, asr_before=asr_before)
+
+    rows = [row("badnets", "none", 1.0, 1.0, 0.5), row("badnets", "medic", 0.01, 1.0, 0.99),
+            row("sig", "none", 0.02, 0.02, 0.5), row("sig", "mbns", 0.0, 0.02, 0.51)]
+    best = best_per_attack(rows)
+    assert set(best) == {"badnets"} and best["badnets"].defense == "medic"
+    paths = write_report(str(tmp_path), rows_as_dicts(rows), {"quick": False}, {},
+                         {a: r.__dict__ for a, r in best.items()}, implanted_asr=IMPLANTED_ASR)
+    report = json.loads(open(paths["json"]).read())
+    assert report["best"] == {"badnets": "medic"}
+    assert report["not_implanted"] == {"sig": 0.02}
+    assert "sig: none named" in open(paths["markdown"]).read()
+
+
+def test_demo_run_times_are_the_same_in_the_readme_and_the_help():
+    from bdfast.cli import build_parser
+    from bdfast.demo import FULL_RUN_SECONDS, QUICK_RUN_SECONDS
+    readme = open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")).read()
+    demo = build_parser()._subparsers._group_actions[0].choices["demo"]
+    help_text = " ".join(demo.format_help().split())
+    for seconds in (FULL_RUN_SECONDS, QUICK_RUN_SECONDS):
+        assert f"{seconds} s" in help_text
+        assert f"{seconds} s" in " ".join(readme.split())
+    assert "10 minutes" not in help_text
 
 
 def test_demo_rejects_unknown_names(capsys):
