@@ -10,6 +10,7 @@ from bdfast import _extension
 
 BACKENDS = ("auto", "reference", "native")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def use_native(op: str, backend: str, device: torch.device) -> bool:
@@ -45,6 +46,25 @@ def check_tensor(value, name: str, *, dims=None, dtypes=FLOAT_DTYPES) -> Tensor:
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, "
                          f"got shape {list(value.shape)}")
     return value
+
+
+def check_scalar(value, name: str, *, positive: bool = False) -> float:
+    """``value`` as a float, or a one-sentence error unless it is a real number that stays
+    finite in float32 (and is > 0 with ``positive``).
+
+    The kernels compute in float32 while the reference mixes Python floats (float64) into its
+    float32 arithmetic, so a value such as 1e300, finite in float64 but inf in float32, would
+    give different results on different backends; both are refused here, in one place.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    number = float(value)
+    if not abs(number) <= FLOAT32_MAX:  # also false for NaN
+        raise ValueError(f"{name} must be finite in float32 (|{name}| <= {FLOAT32_MAX:.4g}), "
+                         f"got {value}")
+    if positive and not number > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return number
 
 
 def check_same_device(named: Iterable[tuple[str, Tensor]]) -> torch.device:

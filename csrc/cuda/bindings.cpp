@@ -21,6 +21,7 @@
 
 #include "cuda/launchers.h"
 #include "medic_checks.h"
+#include "offsets_checks.h"
 #include "ops.h"
 
 namespace bdfast::cuda {
@@ -173,12 +174,7 @@ std::vector<at::Tensor> medic_clone_loss_backward(const at::Tensor& grad_loss, a
   const MedicCall call = describe(t, s, g, mu, sigma, &grads);
   const at::Device device = t[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  TORCH_CHECK(grad_loss.numel() == 1, "medic_clone_loss_backward: grad_loss must hold one value, "
-              "got shape ", grad_loss.sizes());
-  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == call.rows && row_stats.size(1) == 4 &&
-                  row_stats.scalar_type() == at::kFloat,
-              "medic_clone_loss_backward: row_stats must be the forward's float32 [", call.rows,
-              ", 4] tensor, got ", row_stats.scalar_type(), " ", row_stats.sizes());
+  check_medic_backward(grad_loss, row_stats, call.rows);
   check_on(row_stats, device, "medic_clone_loss_backward", "row_stats");
   // Read on the device by the kernel: no host synchronisation.
   const auto upstream = grad_loss.to(device, at::kFloat).contiguous();
@@ -208,10 +204,10 @@ at::Tensor histogram_entropy(const at::Tensor& x_in, const at::Tensor& offsets, 
               x_in.scalar_type());
   TORCH_CHECK(step > 0 && std::isfinite(step), "histogram_entropy: step must be positive, got ",
               step);
-  TORCH_CHECK(offsets.dim() == 1 && offsets.numel() >= 2 && offsets.scalar_type() == at::kLong,
-              "histogram_entropy: offsets must be a 1-D int64 tensor [L+1], got shape ",
-              offsets.sizes(), " and dtype ", offsets.scalar_type());
   check_on(offsets, x_in.device(), "histogram_entropy", "offsets");
+  // Checked on a host copy (a few bytes, one synchronisation) because the kernels index with
+  // the boundaries; the Python wrapper's check is skipped under torch.compile.
+  checked_offsets(offsets, x_in.size(1), "histogram_entropy", "columns of x");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   const auto bounds = offsets.contiguous();
@@ -294,10 +290,9 @@ at::Tensor layer_outliers(const at::Tensor& scores, const at::Tensor& offsets, d
   const int8_t dtype = dtype_code(scores.scalar_type());
   TORCH_CHECK(dtype >= 0, "layer_outliers: scores must be float32, float16, bfloat16 or "
               "float64, got ", scores.scalar_type());
-  TORCH_CHECK(offsets.dim() == 1 && offsets.numel() >= 2 && offsets.scalar_type() == at::kLong,
-              "layer_outliers: offsets must be a 1-D int64 tensor [L+1], got shape ",
-              offsets.sizes(), " and dtype ", offsets.scalar_type());
   check_on(offsets, scores.device(), "layer_outliers", "offsets");
+  // See histogram_entropy: with bad boundaries the kernel would leave mask entries unwritten.
+  checked_offsets(offsets, scores.numel(), "layer_outliers", "scores");
   TORCH_CHECK(offsets.numel() - 1 <= kInt32Max, "layer_outliers: too many layers");
   const c10::cuda::CUDAGuard guard(scores.device());
   const auto values = scores.contiguous();
