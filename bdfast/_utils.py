@@ -1,7 +1,10 @@
 """Small helpers shared by the lab, the defenses and the command line."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import random
+from collections import OrderedDict
 from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
@@ -91,6 +94,74 @@ def split_batch(batch: Any, what: str = "loader") -> Tuple[Tensor, Optional[Tens
         return batch[0], y
     raise TypeError(f"{what} must yield tensors x or tuples (x, y) of tensors, "
                     f"got {type(batch).__name__}")
+
+
+# The per-module dicts of the hooks that run in a forward or backward pass.
+_PASS_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+               "_backward_hooks")
+
+
+@contextlib.contextmanager
+def hooks_set_aside(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block no module of ``model`` has forward or backward hooks; the user's hooks
+    are put back afterwards.
+
+    A defense runs a model many times (statistics, every training step); a user's hook (a
+    logger, a feature extractor) must not fire there. Hooks that the block registers itself
+    are removed with their handles as usual.
+    """
+    saved = []
+    for module in model.modules():
+        for attr in _PASS_HOOKS:
+            hooks = getattr(module, attr, None)
+            if hooks:
+                saved.append((module, attr, hooks))
+                setattr(module, attr, OrderedDict())
+    try:
+        yield model
+    finally:
+        for module, attr, hooks in saved:
+            setattr(module, attr, hooks)
+
+
+def copy_without_hooks(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without its forward and backward hooks (see
+    :func:`hooks_set_aside`); the model itself keeps them."""
+    with hooks_set_aside(model):
+        return copy.deepcopy(model)
+
+
+@contextlib.contextmanager
+def model_input_errors(model: nn.Module, x: Tensor, what: str = "the loader's images"
+                       ) -> Iterator[None]:
+    """Turn the RuntimeError of a forward of ``model`` on ``x [B, C, H, W]`` (wrong dtype,
+    channel count or size) into one sentence saying what the images and the model are."""
+    try:
+        yield
+    except RuntimeError as error:
+        param = next(model.parameters(), None)
+        held = f" (the model's parameters are {param.dtype})" if param is not None else ""
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"the model cannot run on {what} of shape {list(x.shape)} and dtype "
+                         f"{x.dtype}{held}: {first}{channels_last_hint(x.shape)}") from error
+
+
+def check_logits(output: Any, batch: int, who: str = "the model") -> None:
+    """One-sentence error unless ``output`` is a logits tensor [batch, K]."""
+    if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != batch:
+        got = (f"shape {list(output.shape)}" if isinstance(output, Tensor)
+               else f"a {type(output).__name__}")
+        raise ValueError(f"{who} must return one logits tensor [B, K] (B = {batch}), got {got}; "
+                         "wrap a model that returns several outputs so it returns the logits")
+
+
+def check_finite_parameters(model: nn.Module, when: str) -> None:
+    """FloatingPointError naming the first parameter of ``model`` that is not finite."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise FloatingPointError(f"parameter {name!r} became non-finite {when}; lower lr "
+                                     "(the loss was still finite, so the last update broke it)")
 
 
 def check_not_tensor(loader: Any, what: str = "loader") -> None:

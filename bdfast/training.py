@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bdfast._utils import check_not_tensor, check_pixel_range, iter_batches, progress as _progress
+from bdfast._utils import (check_finite_parameters, check_not_tensor, check_pixel_range,
+                           iter_batches, progress as _progress)
 
 StepFn = Callable[[nn.Module, Tensor, Optional[Tensor], int], Tensor]
 EvalFn = Callable[[nn.Module, int], Any]
@@ -173,6 +174,9 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
             record["eval"] = eval_fn(student, epoch + 1)
             eval_s += time.perf_counter() - start
         result.history.append(record)
+    # The loss is checked before each update, so the last update is checked here.
+    check_finite_parameters(student, f"in the last update of epoch {epochs}; the training was "
+                            "stopped and the input model is untouched")
     student.eval()
     result.timings.update(train=train_s, eval=eval_s)
     return result

@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -45,6 +46,17 @@ void check_on(const at::Tensor& x, const at::Device& device, const char* op,
   TORCH_CHECK(x.device() == device, op, ": ", name, " is on ", x.device(),
               " but the other inputs are on ", device,
               "; all inputs must be on the same CUDA device");
+}
+
+// The kernels index with the layer boundaries, so the op checks them itself (the Python
+// wrapper's check is skipped under torch.compile): on a host copy of the L+1 values, which
+// costs one synchronisation. A stream being captured into a CUDA graph cannot synchronise, so
+// there the caller's boundaries are trusted, as the graph replays them unchanged.
+void check_offsets_unless_capturing(const at::Tensor& offsets, int64_t k, const char* op,
+                                    const char* what) {
+  check_offsets_kind(offsets, op);
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
+    checked_offsets(offsets, k, op, what);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -205,10 +217,8 @@ at::Tensor histogram_entropy(const at::Tensor& x_in, const at::Tensor& offsets, 
   TORCH_CHECK(step > 0 && std::isfinite(step), "histogram_entropy: step must be positive, got ",
               step);
   check_on(offsets, x_in.device(), "histogram_entropy", "offsets");
-  // Checked on a host copy (a few bytes, one synchronisation) because the kernels index with
-  // the boundaries; the Python wrapper's check is skipped under torch.compile.
-  checked_offsets(offsets, x_in.size(1), "histogram_entropy", "columns of x");
   const c10::cuda::CUDAGuard guard(x_in.device());
+  check_offsets_unless_capturing(offsets, x_in.size(1), "histogram_entropy", "columns of x");
   const auto x = x_in.contiguous();
   const auto bounds = offsets.contiguous();
   const int64_t n = x.size(0), k = x.size(1);
@@ -291,10 +301,10 @@ at::Tensor layer_outliers(const at::Tensor& scores, const at::Tensor& offsets, d
   TORCH_CHECK(dtype >= 0, "layer_outliers: scores must be float32, float16, bfloat16 or "
               "float64, got ", scores.scalar_type());
   check_on(offsets, scores.device(), "layer_outliers", "offsets");
-  // See histogram_entropy: with bad boundaries the kernel would leave mask entries unwritten.
-  checked_offsets(offsets, scores.numel(), "layer_outliers", "scores");
   TORCH_CHECK(offsets.numel() - 1 <= kInt32Max, "layer_outliers: too many layers");
   const c10::cuda::CUDAGuard guard(scores.device());
+  // With bad boundaries the kernel would leave mask entries unwritten.
+  check_offsets_unless_capturing(offsets, scores.numel(), "layer_outliers", "scores");
   const auto values = scores.contiguous();
   const auto bounds = offsets.contiguous();
   auto out = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
