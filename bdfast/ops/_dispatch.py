@@ -16,14 +16,24 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 def use_native(op: str, backend: str, device: torch.device) -> bool:
     """Decide whether ``op`` on ``device`` runs the compiled kernel or the reference.
 
-    ``"auto"`` takes the kernel when one is compiled for the device, ``"reference"`` never
-    does, and ``"native"`` insists, failing with a sentence that says how to get the kernel.
+    ``"auto"`` takes the kernel when one is compiled for the device (on a GPU: for its
+    architecture, else it warns once and uses the reference), ``"reference"`` never does, and
+    ``"native"`` insists, failing with a sentence that says how to get the kernel.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return False
     available = _extension.has_kernel(op, device.type)
+    if available and device.type == "cuda":
+        # A kernel compiled for other GPUs fails with "no kernel image is available".
+        problem = _extension.cuda_image_problem(device)
+        if problem is not None:
+            if backend == "native":
+                raise RuntimeError(f"backend='native' was requested for {op} on {device}, but "
+                                   f"{problem}, or use backend='auto'.")
+            _extension.warn_no_image_once(device, problem)
+            return False
     if backend == "native" and not available:
         if not _extension.loaded():
             reason = "the compiled extension bdfast._C is not loaded"
