@@ -14,10 +14,10 @@ import importlib
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
-import signal
 import time
 from typing import Dict, List, Optional, Sequence
 
