@@ -197,6 +197,9 @@ BAD_CASES = [
      "whole class numbers"),
     ("NHWC images", lambda f, b: ["--method", "mbns", "--data", str(b["nhwc"])], "transpose"),
     ("--option seed", lambda f, b: ["--method", "bcu", "--option", "seed=1"], "--seed"),
+    ("dde step too small for the compat grid",
+     lambda f, b: ["--method", "dde", "--option", "step=1e-9", "--option",
+                   "reference_compat=True", "--option", "progress=False"], "larger step"),
 ]
 
 

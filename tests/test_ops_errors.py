@@ -240,7 +240,7 @@ def test_medic_backward_kernel_checks_row_stats(bad):
 @pytest.mark.parametrize("backend", ["reference"] + (["native"] if NATIVE_CPU else []))
 def test_histogram_compat_bin_count_is_bounded(backend):
     x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
-    with pytest.raises((ValueError, RuntimeError), match="more than the 16777216 allowed"):
+    with pytest.raises(ValueError, match="more than the 16777216 allowed"):
         ops.histogram_entropy(x, step=1e-8, reference_compat=True, backend=backend)
 
 

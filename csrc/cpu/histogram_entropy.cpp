@@ -158,10 +158,12 @@ Grid make_grid(float gmin, float gmax, double step, int64_t layer) {
   grid.inv_step = 1.0 / step;
   // int((max - min) / step) on float32 tensors: a float32 subtraction and division, truncated.
   const double span = (gmax - gmin) / static_cast<float>(step);
-  // The grid stores one edge per bin; the reference has the same limit and sentence.
-  TORCH_CHECK(span <= static_cast<double>(kMaxCompatBins), "histogram_entropy: step ", step,
-              " needs ", span, " bins for layer ", layer, " of the reference_compat estimator, "
-              "more than the ", kMaxCompatBins, " allowed; use a larger step");
+  // The grid stores one edge per bin. The reference has the same limit and sentence, and
+  // raises the same ValueError.
+  TORCH_CHECK_VALUE(span <= static_cast<double>(kMaxCompatBins), "histogram_entropy: step ",
+                    step, " needs ", span, " bins for layer ", layer,
+                    " of the reference_compat estimator, more than the ", kMaxCompatBins,
+                    " allowed; use a larger step");
   const int64_t num_bins = checked_bins(span);
   grid.edges.resize(num_bins + 1);
   // `min + b * step`: the Python float b * step is rounded to float32, then added in float32.
