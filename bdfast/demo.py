@@ -23,6 +23,7 @@ from bdfast.models import digits_cnn
 from bdfast.trainer import train
 
 ATTACKS = ("badnets", "blended", "sig", "wanet")
+DEFENSES = ("none", "finetune", "medic", "bcu", "dde", "mbns")
 
 # Measured wall times, in seconds, of `bdfast demo` and `bdfast demo --quick` (all attacks and
 # defenses, seed 0, start to finish) on the 2-core CPU machine of the README's table; the quick
@@ -30,7 +31,6 @@ ATTACKS = ("badnets", "blended", "sig", "wanet")
 # help and the README quote these numbers.
 FULL_RUN_SECONDS = 132
 QUICK_RUN_SECONDS = 62
-DEFENSES = ("none", "finetune", "medic", "bcu", "dde", "mbns")
 
 
 @dataclass

@@ -52,7 +52,7 @@ def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 30, lr: float
     augmentation and torch's global RNG, so the same seed and the same initial model give the
     same trained model on the CPU. Batches are moved one by one to ``device`` (default: the
     model's). Returns the model in eval mode. Raises ``FloatingPointError`` if the loss stops
-    being finite.
+    being finite, or if the last update makes a parameter non-finite.
     """
     check_labelled_images(model, x, y)
     if len(x) < 2:

@@ -105,7 +105,8 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
     ``DistributedDataParallel``, which broadcasts rank 0's weights and averages the gradients;
     the loader should give each rank its shard (``DistributedSampler``) with equal batch counts.
 
-    Raises ``FloatingPointError`` naming the epoch and step of the first non-finite loss.
+    Raises ``FloatingPointError`` naming the epoch and step of the first non-finite loss, or
+    the parameter that the last update made non-finite.
     The loss is read back every step on the CPU and every few steps on a GPU (each read waits
     for the device), so on a GPU a few more steps may run before the error.
     """
