@@ -198,7 +198,7 @@ def _num_outputs(model: nn.Module, x: torch.Tensor, flag: str) -> int:
     finally:
         model.train(was_training)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise UsageError(f"the model must return logits (N, classes), got "
+        raise UsageError("the model must return logits (N, classes), got "
                          + (f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor)
                             else f"a {type(logits).__name__}"))
     return int(logits.shape[1])

@@ -13,7 +13,6 @@ import re
 import shlex
 
 import numpy as np
-import pytest
 import torch
 
 from bdfast.cli import main
