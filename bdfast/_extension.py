@@ -39,8 +39,9 @@ def has_kernel(op: str, device_type: str) -> bool:
 
 def cuda_arch_list() -> Optional[List[str]]:
     """The CUDA architectures the kernels were built for (e.g. ``["8.0", "9.0+PTX"]``), or None
-    without CUDA kernels."""
-    raw = _C.cuda_arch_list() if _C is not None else None
+    without CUDA kernels (or with an extension built before the list was recorded)."""
+    recorded = getattr(_C, "cuda_arch_list", None)
+    raw = recorded() if recorded is not None else None
     return raw.split("_") if raw else None
 
 

@@ -389,6 +389,11 @@ def test_demo_run_times_are_the_same_in_the_readme_and_the_help():
     assert "10 minutes" not in help_text
 
 
+def test_demo_refuses_a_missing_gpu_in_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _expect_error(capsys, ["demo", "--quick", "--device", "cuda"], "no CUDA device")
+
+
 def test_demo_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--attacks", "nothing"])

@@ -115,3 +115,10 @@ def test_backend_info_says_why_the_gpu_is_not_used(t4_without_its_kernels):
     assert info["cuda_archs"] == ["8.0", "9.0+PTX"]
     assert "Tesla T4" in info["why"]["cuda_kernel_image"]
     assert "7.5" in info["why"]["cuda_kernel_image"]
+
+
+def test_an_extension_without_the_recorded_list_is_not_an_error(monkeypatch):
+    # An extension built before the architecture list was recorded (an old editable build).
+    monkeypatch.setattr(_extension, "_C", object())
+    assert _extension.cuda_arch_list() is None
+    assert _extension.cuda_image_problem(torch.device("cuda", 0)) is None
