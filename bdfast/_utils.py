@@ -1,8 +1,11 @@
 """Small helpers shared by the lab, the defenses and the command line."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import random
-from typing import Any, Iterable, Iterator, Optional, Tuple
+from collections import OrderedDict
+from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,9 +36,36 @@ def resolve_device(device: Any, model: Optional[nn.Module] = None) -> torch.devi
     return torch.device("cpu")
 
 
+# Images scaled to [0, 1] never exceed 1, and standardised images ((x - mean) / std) have
+# negative values; non-negative images above this bound hold raw pixel values such as 0..255.
+PIXEL_RANGE_BOUND = 2.0
+
+
+def check_pixel_range(x: Tensor, what: str = "x") -> None:
+    """One-sentence error when float images ``x [N, C, H, W]`` look like 0..255 pixel values.
+
+    A model trained on images in [0, 1] "cleans" nothing useful from 0..255 inputs, and the
+    attacks of the lab are defined on [0, 1], so this common preprocessing mistake is refused.
+    """
+    if not x.is_floating_point() or x.numel() == 0:
+        return
+    low, high = float(x.amin()), float(x.amax())
+    if low >= 0 and high > PIXEL_RANGE_BOUND:
+        raise ValueError(f"{what} holds values from {low:g} to {high:g}: these look like 0..255 "
+                         "pixel values, but images must be scaled to [0, 1] (divide by 255)")
+
+
+def channels_last_hint(shape: Sequence[int]) -> str:
+    """A hint to transpose when a 4-D image shape looks like [N, H, W, C]; else ""."""
+    if len(shape) == 4 and shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4):
+        return (f"; shape {tuple(shape)} looks like (N, H, W, C) images, transpose them to "
+                "(N, C, H, W) with x.permute(0, 3, 1, 2)")
+    return ""
+
+
 def check_labelled_images(model: Any, x: Any, y: Any) -> None:
     """One-sentence errors unless ``model`` is a module, ``x`` a floating-point [N, C, H, W]
-    tensor and ``y`` an int64 tensor [N]."""
+    tensor of images in [0, 1] (see :func:`check_pixel_range`) and ``y`` an int64 tensor [N]."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
@@ -46,6 +76,7 @@ def check_labelled_images(model: Any, x: Any, y: Any) -> None:
         raise ValueError(f"y must be an int64 tensor of shape [{len(x)}] matching x, got "
                          + (f"shape {tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor)
                             else type(y).__name__))
+    check_pixel_range(x)
 
 
 def split_batch(batch: Any, what: str = "loader") -> Tuple[Tensor, Optional[Tensor]]:
@@ -65,6 +96,81 @@ def split_batch(batch: Any, what: str = "loader") -> Tuple[Tensor, Optional[Tens
                     f"got {type(batch).__name__}")
 
 
+# The per-module dicts of the hooks that run in a forward or backward pass.
+_PASS_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+               "_backward_hooks")
+
+
+@contextlib.contextmanager
+def hooks_set_aside(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block no module of ``model`` has forward or backward hooks; the user's hooks
+    are put back afterwards.
+
+    A defense runs a model many times (statistics, every training step); a user's hook (a
+    logger, a feature extractor) must not fire there. Hooks that the block registers itself
+    are removed with their handles as usual.
+    """
+    saved = []
+    for module in model.modules():
+        for attr in _PASS_HOOKS:
+            hooks = getattr(module, attr, None)
+            if hooks:
+                saved.append((module, attr, hooks))
+                setattr(module, attr, OrderedDict())
+    try:
+        yield model
+    finally:
+        for module, attr, hooks in saved:
+            setattr(module, attr, hooks)
+
+
+def copy_without_hooks(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without its forward and backward hooks (see
+    :func:`hooks_set_aside`); the model itself keeps them."""
+    with hooks_set_aside(model):
+        return copy.deepcopy(model)
+
+
+@contextlib.contextmanager
+def model_input_errors(model: nn.Module, x: Tensor, what: str = "the loader's images"
+                       ) -> Iterator[None]:
+    """Turn the RuntimeError of a forward of ``model`` on ``x [B, C, H, W]`` (wrong dtype,
+    channel count or size) into one sentence saying what the images and the model are."""
+    try:
+        yield
+    except RuntimeError as error:
+        param = next(model.parameters(), None)
+        held = f" (the model's parameters are {param.dtype})" if param is not None else ""
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"the model cannot run on {what} of shape {list(x.shape)} and dtype "
+                         f"{x.dtype}{held}: {first}{channels_last_hint(x.shape)}") from error
+
+
+def check_logits(output: Any, batch: int, who: str = "the model") -> None:
+    """One-sentence error unless ``output`` is a logits tensor [batch, K]."""
+    if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != batch:
+        got = (f"shape {list(output.shape)}" if isinstance(output, Tensor)
+               else f"a {type(output).__name__}")
+        raise ValueError(f"{who} must return one logits tensor [B, K] (B = {batch}), got {got}; "
+                         "wrap a model that returns several outputs so it returns the logits")
+
+
+def check_finite_parameters(model: nn.Module, when: str) -> None:
+    """FloatingPointError naming the first parameter of ``model`` that is not finite."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise FloatingPointError(f"parameter {name!r} became non-finite {when}; lower lr "
+                                     "(the loss was still finite, so the last update broke it)")
+
+
+def check_not_tensor(loader: Any, what: str = "loader") -> None:
+    """A bare tensor is iterable (over its rows), but it is not a loader of batches."""
+    if isinstance(loader, Tensor):
+        raise TypeError(f"{what} must be an iterable of batches x or (x, y), not a single tensor; "
+                        "wrap the tensor with bdfast.data.tensor_loader(x)")
+
+
 def iter_batches(loader: Iterable, what: str = "loader") -> Iterator[Tuple[Tensor, Optional[Tensor]]]:
     """Iterate ``(x, y or None)`` over a loader, failing clearly if it yields nothing."""
     empty = True
@@ -73,6 +179,14 @@ def iter_batches(loader: Iterable, what: str = "loader") -> Iterator[Tuple[Tenso
         yield split_batch(batch, what)
     if empty:
         raise ValueError(f"{what} is empty: it yielded no batches")
+
+
+def write(line: str) -> None:
+    """Print ``line`` above any running progress bar instead of gluing it to one."""
+    if _tqdm is None:
+        print(line)
+    else:
+        _tqdm.write(line)
 
 
 def progress(iterable: Iterable, *, enabled: bool = True, **kwargs) -> Iterable:

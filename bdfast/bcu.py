@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bdfast._utils import iter_batches, resolve_device, seed_everything
+from bdfast._utils import (check_logits, copy_without_hooks, iter_batches, model_input_errors,
+                           resolve_device, seed_everything)
 from bdfast.hooks import CONV, LINEAR
 from bdfast.training import AmpSpec, EvalFn, check_images, check_loader, fit, resolve_amp
 
@@ -62,7 +63,8 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
         eval_fn: ``eval_fn(model, epoch)`` after every epoch (student in eval mode).
 
     Returns:
-        The student in eval mode, on the teacher's device.
+        The student in eval mode, on the teacher's device. The teacher's forward and backward
+        hooks never fire inside the defense, and the student has none of them.
     """
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
@@ -74,10 +76,14 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
     seed_everything(seed)
 
     # 1. ratios from the forward order of the first batch.
-    t_model = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
+    # The user's forward/backward hooks stay on their model: they must not fire here.
+    t_model = copy_without_hooks(teacher).to(device).eval().requires_grad_(False)
     x, _ = next(iter_batches(loader))
     check_images(0, x)
-    layer_ratios = bcu_ratios(t_model, x.to(device), ratios)
+    x = x.to(device)
+    with torch.no_grad(), model_input_errors(t_model, x):
+        check_logits(t_model(x), len(x), "the teacher")
+    layer_ratios = bcu_ratios(t_model, x, ratios)
 
     # 2. the partially re-initialised student.
     student = copy.deepcopy(t_model).requires_grad_(True)

@@ -1,8 +1,9 @@
 """The ``bdfast`` command line: ``demo``, ``clean``, ``bench`` and ``info``.
 
 Every user error (missing file, unimportable factory, data that does not fit the model, a
-checkpoint that does not fit the architecture, an unknown option) prints one line and exits
-with code 2, and nothing is written.
+checkpoint that does not fit the architecture, an unknown or invalid option, a device that is
+not there) prints one line and exits with code 2, and nothing is written. Checks that need no
+defense run before it, so a mistake costs seconds.
 """
 from __future__ import annotations
 
@@ -13,15 +14,18 @@ import importlib
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from bdfast._utils import channels_last_hint, check_pixel_range
 
 METHODS = ("medic", "bcu", "dde", "mbns")
 
@@ -33,34 +37,46 @@ class UsageError(Exception):
 # ----------------------------------------------------------------------------- demo
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from bdfast.demo import DemoConfig, best_per_attack, environment, rows_as_dicts, run_demo
-    from bdfast.report import PLOT_HINT, table, write_report
+    from bdfast.demo import (IMPLANTED_ASR, DemoConfig, best_per_attack, environment,
+                             rows_as_dicts, run_demo)
+    from bdfast.report import PLOT_HINT, best_sentence, not_implanted, table, write_report
 
     overrides = {"device": args.device, "seed": args.seed}
     if args.attacks:
         overrides["attacks"] = args.attacks
     if args.defenses:
         overrides["defenses"] = args.defenses
+    if args.device:
+        _check_device(args.device, "--device")
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+    config = dataclasses.asdict(cfg)
+    config["quick"] = args.quick
+    env = environment()
+
+    def report(rows, complete: bool):
+        best = {a: dataclasses.asdict(r) for a, r in best_per_attack(rows).items()}
+        return write_report(args.out, rows_as_dicts(rows), config, env, best,
+                            implanted_asr=IMPLANTED_ASR, complete=complete)
+
     start = time.perf_counter()
     try:
-        rows = run_demo(cfg, show_progress=not args.no_progress)
+        rows = run_demo(cfg, show_progress=not args.no_progress,
+                        on_row=lambda rows: report(rows, complete=False))
     except ValueError as error:
         raise UsageError(str(error)) from error
     total = time.perf_counter() - start
+    paths = report(rows, complete=True)
     row_dicts = rows_as_dicts(rows)
     best = {a: dataclasses.asdict(r) for a, r in best_per_attack(rows).items()}
-    config = dataclasses.asdict(cfg)
-    config["quick"] = args.quick
-    paths = write_report(args.out, row_dicts, config, environment(), best)
     print()
+    if args.quick:
+        print("Quick smoke run: tiny budgets, the numbers do not measure the defenses.")
     print(table(row_dicts))
     print()
     print(f"Wrote {paths['json']}, {paths['markdown']}"
           + (f" and {paths['chart']}" if paths["chart"] else f" (no chart: {PLOT_HINT})")
           + f" in {total:.0f}s.")
-    print("Best defense per attack: " + ", ".join(
-        f"{a}: {r['defense']} (ACC {r['acc']:.3f}, ASR {r['asr']:.3f})" for a, r in best.items()))
+    print(best_sentence(best, not_implanted(row_dicts, IMPLANTED_ASR), IMPLANTED_ASR))
     return 0
 
 
@@ -116,7 +132,9 @@ def _load_weights(model: nn.Module, path: str) -> None:
         raise UsageError(f"--weights {path} does not fit the architecture: {detail}") from error
 
 
-def _load_npz(path: str, flag: str, need_labels: bool = False):
+def _load_npz(path: str, flag: str, *, min_images: int, need_labels: bool = False):
+    """Images ``x [N, C, H, W]`` float32 in [0, 1] and labels ``y [N]`` int64 (or None) of an
+    .npz file, with a one-line UsageError for anything a defense could not use."""
     if not os.path.isfile(path):
         raise UsageError(f"{flag} file not found: {path}")
     try:
@@ -129,27 +147,85 @@ def _load_npz(path: str, flag: str, need_labels: bool = False):
     x = arrays["x"]
     if x.ndim != 4:
         raise UsageError(f"{flag} {path}: x must be (N, C, H, W), got shape {x.shape}")
-    x = torch.from_numpy(x.astype(np.float32) / 255.0 if x.dtype == np.uint8
-                         else x.astype(np.float32))
-    y = torch.from_numpy(arrays["y"].astype(np.int64)) if "y" in arrays else None
-    if y is not None and y.shape != (len(x),):
-        raise UsageError(f"{flag} {path}: y must have shape ({len(x)},), got {tuple(y.shape)}")
+    if len(x) < min_images:
+        raise UsageError(f"{flag} {path} must hold at least {min_images} image"
+                         f"{'s' if min_images > 1 else ''}, got {len(x)}")
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    elif np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+    else:
+        raise UsageError(f"{flag} {path}: x must be uint8 or floating-point images, got {x.dtype}")
+    if not np.isfinite(x).all():
+        raise UsageError(f"{flag} {path}: x holds NaN or infinite values")
+    x = torch.from_numpy(x)
+    try:
+        check_pixel_range(x, f"{flag} {path}: x")
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    y = _labels(arrays["y"], len(x), f"{flag} {path}") if "y" in arrays else None
     if need_labels and y is None:
         raise UsageError(f"{flag} {path} needs labels 'y' for evaluation")
     return x, y
 
 
-def _check_fits(model: nn.Module, x: torch.Tensor, flag: str) -> None:
+def _labels(y: np.ndarray, count: int, where: str) -> torch.Tensor:
+    """Integer class labels [count] as int64; float labels must hold whole numbers."""
+    if y.shape != (count,):
+        raise UsageError(f"{where}: y must have shape ({count},), got {tuple(y.shape)}")
+    if np.issubdtype(y.dtype, np.floating):
+        if not (np.isfinite(y).all() and (y == np.round(y)).all()):
+            bad = y[~(np.isfinite(y) & (y == np.round(y)))][0]
+            raise UsageError(f"{where}: y must hold whole class numbers, got {bad}")
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise UsageError(f"{where}: y must hold integer class labels, got dtype {y.dtype}")
+    if len(y) and y.min() < 0:
+        raise UsageError(f"{where}: y must hold class indices >= 0, got {y.min()}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _num_outputs(model: nn.Module, x: torch.Tensor, flag: str) -> int:
+    """The number of classes the model predicts, from a forward pass on two images of ``x``;
+    a UsageError if the images do not fit the model."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(x[:2])
+            logits = model(x[:2])
     except Exception as error:
         raise UsageError(f"{flag} images of shape {tuple(x.shape[1:])} do not fit the model: "
-                         f"{str(error).splitlines()[0]}") from error
+                         f"{str(error).splitlines()[0]}{channels_last_hint(x.shape)}") from error
     finally:
         model.train(was_training)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise UsageError("the model must return logits (N, classes), got "
+                         + (f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor)
+                            else f"a {type(logits).__name__}"))
+    return int(logits.shape[1])
+
+
+def _check_label_range(y: Optional[torch.Tensor], classes: int, flag: str) -> None:
+    if y is not None and len(y) and int(y.max()) >= classes:
+        raise UsageError(f"{flag} labels must be below the model's {classes} classes, "
+                         f"got {int(y.max())}")
+
+
+def _check_device(value: object, flag: str) -> torch.device:
+    """A torch device that exists on this machine, or a UsageError naming ``flag``."""
+    try:
+        device = torch.device(value)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError) as error:
+        raise UsageError(f"{flag} must be a torch device such as cpu or cuda, got {value!r}") \
+            from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {value} was asked for, but torch sees no CUDA device here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {value} does not exist: torch sees "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UsageError(f"{flag} must be cpu or cuda, got {value!r}")
+    return device
 
 
 def _method_options(method: str, options: Dict[str, object]):
@@ -164,65 +240,109 @@ def _method_options(method: str, options: Dict[str, object]):
     return fn
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 def _cmd_clean(args: argparse.Namespace) -> int:
     import bdfast
+    from bdfast import attacks
     from bdfast.data import tensor_loader
     from bdfast.metrics import evaluate
 
+    # Everything that can be checked without running the defense is checked first, so that a
+    # mistake costs seconds, not a whole training run.
     options = dict(_parse_option(o) for o in args.option)
     fn = _method_options(args.method, options)
+    if "seed" in options:
+        raise UsageError("give the seed with --seed, not --option seed=...")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive int, got {args.batch_size}")
+    if args.device:
+        _check_device(args.device, "--device")
+    if "device" in options:
+        _check_device(options["device"], "--option device")
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a directory; give the path of the checkpoint "
+                         "file to write")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"--out folder does not exist: {out_dir}")
+    if args.method in ("medic", "bcu"):
+        options["seed"] = args.seed
+
     model = _load_factory(args.arch)
     _load_weights(model, args.weights)
-    x, y = _load_npz(args.data, "--data")
-    _check_fits(model, x, "--data")
+    x, y = _load_npz(args.data, "--data", min_images=2)
+    classes = _num_outputs(model, x, "--data")
+    _check_label_range(y, classes, "--data")
     evaluation = None
     if args.eval:
         if not args.attack:
             raise UsageError("--eval needs --attack NAME to measure the attack success rate")
-        from bdfast import attacks
         if args.attack not in attacks.names():
             raise UsageError(f"unknown --attack {args.attack!r}; choose from {attacks.names()}")
-        x_test, y_test = _load_npz(args.eval, "--eval", need_labels=True)
-        _check_fits(model, x_test, "--eval")
-        evaluation = (x_test, y_test, attacks.get(args.attack, target=args.target))
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise UsageError(f"--out folder does not exist: {out_dir}")
+        if not 0 <= args.target < classes:
+            raise UsageError(f"--target must be a class index below the model's {classes} "
+                             f"classes, got {args.target}")
+        x_test, y_test = _load_npz(args.eval, "--eval", min_images=1, need_labels=True)
+        _num_outputs(model, x_test, "--eval")
+        _check_label_range(y_test, classes, "--eval")
+        attack = attacks.get(args.attack, target=args.target, num_classes=classes)
+        evaluation = (x_test, y_test, attack)
     if args.device:
         model = model.to(args.device)
         options.setdefault("device", args.device)
 
-    if evaluation:
-        before = evaluate(model, evaluation[0], evaluation[1], attack=evaluation[2])
     # BCU ignores labels; MEDIC uses them when given; the pruning methods read images only.
     use_labels = args.method == "medic" and y is not None
     loader = tensor_loader(x, y if use_labels else None, batch_size=args.batch_size,
-                           shuffle=args.method in ("medic", "bcu"), seed=0)
-    start = time.perf_counter()
-    result = fn(model, loader, **options)
+                           shuffle=args.method in ("medic", "bcu"), seed=args.seed)
+    try:
+        before = evaluate(model, *evaluation) if evaluation else None
+        start = time.perf_counter()
+        result = fn(model, loader, **options)
+    except (ValueError, TypeError, FloatingPointError) as error:
+        # The defenses validate their options and data with one-sentence errors.
+        raise UsageError(f"{args.method}: {_one_line(error)}") from error
     cleaned = result.model if hasattr(result, "model") else result
     seconds = time.perf_counter() - start
+    # Plain Python values (not their repr) so that a run can be repeated from its checkpoint,
+    # and so that torch.load(..., weights_only=True) reads the whole file.
     payload = {"state_dict": {k: v.detach().cpu() for k, v in cleaned.state_dict().items()},
-               "method": args.method, "options": {k: repr(v) for k, v in options.items()},
+               "method": args.method, "options": options, "seed": args.seed,
                "arch": args.arch, "bdfast_version": bdfast.__version__}
     if hasattr(result, "report"):
         payload["report"] = json.loads(json.dumps(result.report, default=_jsonable))
-    # Write next to the target and rename, so a failure never leaves a partial checkpoint.
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _save_atomically(payload, args.out)
     print(f"{args.method}: cleaned model written to {args.out} ({seconds:.1f}s)")
     if evaluation:
-        after = evaluate(cleaned, evaluation[0], evaluation[1], attack=evaluation[2])
+        after = evaluate(cleaned, *evaluation)
         for name, metrics in (("before", before), ("after", after)):
             print(f"  {name:>6}: acc {metrics['acc']:.3f}  asr {metrics['asr']:.3f}  "
                   f"ra {metrics['ra']:.3f}")
     return 0
+
+
+def _save_atomically(payload: dict, path: str) -> None:
+    """``torch.save(payload)`` to ``path`` so that it holds the old file or the whole new one.
+
+    The data goes to a temporary file next to ``path``, is flushed to disk (fsync) and then
+    renamed over ``path``; an error or an interrupt (Ctrl-C, or SIGTERM, which :func:`main`
+    turns into KeyboardInterrupt) removes the temporary file. The file is created with
+    ``open``, so its mode follows the umask like any other file the user writes.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _jsonable(value):
@@ -261,7 +381,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    from bdfast.demo import ATTACKS, DEFENSES
+    from bdfast.demo import ATTACKS, DEFENSES, FULL_RUN_SECONDS, QUICK_RUN_SECONDS
     parser = argparse.ArgumentParser(
         prog="bdfast",
         description="Remove backdoors from PyTorch image classifiers (MEDIC, BCU, DDE, MBNS).",
@@ -273,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="backdoor digits classifiers and compare every defense",
         description="Train one backdoored digits CNN per attack on scikit-learn's embedded "
                     "handwritten digits, run every defense on it, print an ACC/ASR/RA/DER/time "
-                    "table and write report.json, report.md and chart.png. About 10 minutes on "
-                    "2 CPU cores; --quick is a one-minute smoke run.")
+                    f"table and write report.json, report.md and chart.png. {FULL_RUN_SECONDS} s "
+                    f"on a 2-core CPU machine; --quick is a {QUICK_RUN_SECONDS} s smoke run.")
     demo.add_argument("--out", default="bdfast-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--attacks", nargs="+", choices=ATTACKS, metavar="ATTACK",
                       help=f"attacks to run (default: all of {', '.join(ATTACKS)})")
@@ -283,7 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     demo.add_argument("--seed", type=int, default=0, help="seed of data split, poisoning and "
                       "training (default: %(default)s)")
-    demo.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test")
+    demo.add_argument("--quick", action="store_true",
+                      help=f"tiny budgets: a smoke test of everything ({QUICK_RUN_SECONDS} s on "
+                           "2 CPU cores), marked as such in the report; its numbers do not "
+                           "measure the defenses")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(run=_cmd_demo)
 
@@ -310,7 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--attack", metavar="NAME", help="attack used with --eval")
     clean.add_argument("--target", type=int, default=0, help="attack target class (default 0)")
     clean.add_argument("--batch-size", type=int, default=64)
-    clean.add_argument("--device", default=None)
+    clean.add_argument("--device", default=None, help="torch device, e.g. cuda (default: the "
+                       "CPU)")
+    clean.add_argument("--seed", type=int, default=0, help="seed of the shuffling and, for medic "
+                       "and bcu, of the initialisation (default: %(default)s); stored in the "
+                       "checkpoint with the options")
     clean.set_defaults(run=_cmd_clean)
 
     bench = sub.add_parser("bench", help="run the speed benchmarks and print the ratio table",
@@ -324,9 +451,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SIGTERM (kill, a batch scheduler) unwinds like Ctrl-C, so that no temporary file is left.
+    # Signal handlers can only be set from the main thread.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         return args.run(args)
     except UsageError as error:
@@ -335,6 +470,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("bdfast: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 __all__: List[str] = ["main", "build_parser"]

@@ -16,7 +16,7 @@ from torch import nn
 
 import bdfast
 from bdfast import attacks as attack_lib
-from bdfast._utils import progress, resolve_device
+from bdfast._utils import progress, resolve_device, write
 from bdfast.data import Digits, load_digits, tensor_loader
 from bdfast.metrics import der, evaluate
 from bdfast.models import digits_cnn
@@ -24,6 +24,13 @@ from bdfast.trainer import train
 
 ATTACKS = ("badnets", "blended", "sig", "wanet")
 DEFENSES = ("none", "finetune", "medic", "bcu", "dde", "mbns")
+
+# Measured wall times, in seconds, of `bdfast demo` and `bdfast demo --quick` (all attacks and
+# defenses, seed 0, start to finish) on the 2-core CPU machine of the README's table; the quick
+# run was timed while another job shared the machine, so it is an upper bound. The command's
+# help and the README quote these numbers.
+FULL_RUN_SECONDS = 132
+QUICK_RUN_SECONDS = 62
 
 
 @dataclass
@@ -57,8 +64,16 @@ class DemoConfig:
         return cls(**budget)
 
 
+# An attack whose ASR stays below this before any defense did not implant a backdoor, so no
+# defense can be said to remove it.
+IMPLANTED_ASR = 0.5
+
+
 @dataclass
 class DemoRow:
+    """One (attack, defense) result: metrics after the defense, and of the backdoored model
+    before it (``acc_before``, ``asr_before``), as fractions; ``seconds`` the defense took."""
+
     attack: str
     defense: str
     acc: float
@@ -66,6 +81,8 @@ class DemoRow:
     ra: float
     der: float
     seconds: float
+    acc_before: float = float("nan")
+    asr_before: float = float("nan")
     note: str = ""
 
 
@@ -125,11 +142,14 @@ def _check_names(names: Sequence[str], known: Sequence[str], what: str) -> List[
 
 
 def run_demo(cfg: DemoConfig, *, show_progress: bool = True,
-             log: Callable[[str], None] = print) -> List[DemoRow]:
+             log: Callable[[str], None] = write,
+             on_row: Optional[Callable[[List[DemoRow]], None]] = None) -> List[DemoRow]:
     """Train one backdoored digits CNN per attack and run every defense on it.
 
     Returns one :class:`DemoRow` per (attack, defense); metrics are fractions in [0, 1]
-    measured on the held-out digits test split (see :mod:`bdfast.metrics`).
+    measured on the held-out digits test split (see :mod:`bdfast.metrics`). ``log`` gets one
+    line per model and defense (by default printed above the progress bars); ``on_row`` gets
+    the rows so far after each defense, so that an interrupted run keeps what it measured.
     """
     attack_names = _check_names(cfg.attacks, ATTACKS, "attacks")
     defense_names = _check_names(cfg.defenses, DEFENSES, "defenses")
@@ -154,17 +174,24 @@ def run_demo(cfg: DemoConfig, *, show_progress: bool = True,
             seconds = time.perf_counter() - start
             after = evaluate(defended, *data.test, attack=attack)
             rows.append(DemoRow(attack_name, defense, after["acc"], after["asr"], after["ra"],
-                                der(before, after), seconds))
+                                der(before, after), seconds, acc_before=before["acc"],
+                                asr_before=before["asr"]))
+            if on_row is not None:
+                on_row(list(rows))
             log(f"[{attack_name}] {defense:>8}: acc {after['acc']:.3f}  asr {after['asr']:.3f}  "
                 f"ra {after['ra']:.3f}  ({seconds:.1f}s)")
     return rows
 
 
 def best_per_attack(rows: Sequence[DemoRow]) -> Dict[str, DemoRow]:
-    """The defense with the highest DER for each attack (ties: the faster one)."""
+    """The defense with the highest DER for each attack (ties: the faster one).
+
+    Attacks that did not implant (ASR before the defense below :data:`IMPLANTED_ASR`) get no
+    entry: with no backdoor to remove, DER only ranks accuracy noise.
+    """
     best: Dict[str, DemoRow] = {}
     for row in rows:
-        if row.defense == "none":
+        if row.defense == "none" or not row.asr_before >= IMPLANTED_ASR:
             continue
         current = best.get(row.attack)
         if current is None or (row.der, -row.seconds) > (current.der, -current.seconds):

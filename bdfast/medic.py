@@ -21,7 +21,6 @@ See docs/medic.md for the equations, defaults and deviations from the released c
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -32,7 +31,8 @@ from torch import Tensor, nn
 
 from bdfast import ops
 from bdfast.ops._dispatch import BACKENDS
-from bdfast._utils import iter_batches, resolve_device, seed_everything
+from bdfast._utils import (check_logits, copy_without_hooks, iter_batches, model_input_errors,
+                           resolve_device, seed_everything)
 from bdfast.hooks import (LayerSpec, Tap, disable_inplace, find_inplace_overwrites, select_layers,
                           warn_inplace)
 from bdfast.stats import ChannelMoments
@@ -124,7 +124,8 @@ class Medic:
         seed_everything(cfg.seed)
 
         # 1. prepare the copies.
-        t_model = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
+        # The user's forward/backward hooks stay on their model: they must not fire here.
+        t_model = copy_without_hooks(teacher).to(device).eval().requires_grad_(False)
         disable_inplace(t_model)
         names = select_layers(t_model, cfg.layers)
         s_model = _student(teacher if student is None else student, names, fresh=student is None)
@@ -223,7 +224,8 @@ def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: 
         backend: the ``medic_clone_loss`` backend ("auto", "native", "reference").
 
     Returns:
-        The trained student in eval mode, on the teacher's device.
+        The trained student in eval mode, on the teacher's device. The teacher's forward and
+        backward hooks never fire inside the defense, and the student has none of them.
     """
     config = MedicConfig(epochs=epochs, tau=tau, lam=lam, lr=lr, weight_decay=weight_decay,
                          layers=layers, signed=signed, reference_compat=reference_compat, amp=amp,
@@ -270,9 +272,7 @@ def teacher_statistics(model: nn.Module, names: Sequence[str], loader: Iterable,
 def _check_labels(index: int, x: Tensor, y: Optional[Tensor], logits: Tensor, labels: str) -> None:
     """One-sentence errors for teacher outputs or labels the training step could not use."""
     where = f"batch {index} of the loader"
-    if not isinstance(logits, Tensor) or logits.shape[:1] != x.shape[:1] or logits.dim() != 2:
-        raise ValueError(f"the teacher must return logits [B, K], got "
-                         f"{list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+    check_logits(logits, len(x), "the teacher")
     if y is None:
         if labels == "given":
             raise ValueError(f"labels='given' but {where} yields images without labels; pass "
@@ -289,7 +289,7 @@ def _check_labels(index: int, x: Tensor, y: Optional[Tensor], logits: Tensor, la
 def _student(source: nn.Module, names: Sequence[str], *, fresh: bool) -> nn.Module:
     """A trainable deep copy of ``source``: re-initialised when ``fresh`` (Algorithm 1, line 1),
     else the user's ``student=`` as given. In-place activation modules are switched off."""
-    model = copy.deepcopy(source)
+    model = copy_without_hooks(source)
     if fresh:
         for name, module in model.named_modules():
             if any(True for _ in module.parameters(recurse=False)):
@@ -320,8 +320,11 @@ def _overwritten_layers(t_model: nn.Module, s_model: nn.Module, names: Sequence[
     check_images(0, x)
     x = x.to(device)
     s_model.eval()
-    t_over = set(find_inplace_overwrites(t_model, names, x))
-    s_over = set(find_inplace_overwrites(s_model, names, x))
+    # The first forward of each model: images it cannot take fail here, in one sentence.
+    with model_input_errors(t_model, x):
+        t_over = set(find_inplace_overwrites(t_model, names, x))
+    with model_input_errors(s_model, x, "the loader's images (as the student)"):
+        s_over = set(find_inplace_overwrites(s_model, names, x))
     s_model.train()
     warn_inplace(sorted(t_over | s_over), "medic_clone")
     return t_over, s_over

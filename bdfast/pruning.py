@@ -9,7 +9,6 @@ beta. The statistics pass runs a working model in eval mode under ``no_grad``; u
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -20,7 +19,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bdfast import reference
-from bdfast._utils import iter_batches, progress as _progress, resolve_device
+from bdfast._utils import (check_not_tensor, check_pixel_range, copy_without_hooks,
+                           hooks_set_aside, iter_batches, model_input_errors,
+                           progress as _progress, resolve_device)
 from bdfast.hooks import BATCHNORM, CONV
 
 __all__ = ["PruneResult"]
@@ -32,7 +33,9 @@ class PruneResult:
 
     Attributes:
         model: the pruned model (a deep copy of the input unless ``inplace=True``), with every
-            module's train/eval flag as in the input.
+            module's train/eval flag as in the input. The input's forward and backward hooks
+            never fire during the statistics pass; a copy has none of them, while with
+            ``inplace=True`` the model keeps its own.
         report: a JSON-friendly dict::
 
             method        "dde" or "mbns"
@@ -84,8 +87,19 @@ def prepare(model: nn.Module, *, method: str, inplace: bool, device: Any,
         if running_stats and bn.running_mean is None:
             raise ValueError(f"BatchNorm layer {name!r} has track_running_stats=False; {method} "
                              "compares clean statistics with the running statistics")
+        # Broken running statistics would show up only downstream (NaN inputs of the next
+        # layers) or not at all (an infinite mean gives an infinite KL that no rule flags).
+        if bn.running_mean is not None and not (
+                bool(torch.isfinite(bn.running_mean).all())
+                and bool(torch.isfinite(bn.running_var).all())
+                and bool((bn.running_var >= 0).all())):
+            raise ValueError(f"BatchNorm layer {name!r} has broken running statistics (a "
+                             "running_mean that is not finite, or a running_var that is negative "
+                             f"or not finite), so {method} cannot use the model; nothing was "
+                             "pruned")
     device = resolve_device(device, model)
-    work = model if inplace else copy.deepcopy(model)
+    # A copy does not take the user's hooks along: they must not fire in the statistics pass.
+    work = model if inplace else copy_without_hooks(model)
     return work.to(device), names, device
 
 
@@ -104,9 +118,7 @@ def bn_input_pass(model: nn.Module, names: Sequence[str], loader: Iterable,
     Returns the number of images seen and, per BN layer, the name of the conv that feeds it
     (see :func:`conv_feeding`).
     """
-    if isinstance(loader, Tensor):
-        raise TypeError("loader must be an iterable of batches x or (x, y), not a single tensor; "
-                        "wrap the tensor with bdfast.data.tensor_loader(x)")
+    check_not_tensor(loader)
     modules = dict(model.named_modules())
     ran = [False] * len(names)
 
@@ -125,17 +137,20 @@ def bn_input_pass(model: nn.Module, names: Sequence[str], loader: Iterable,
     seen, convs = 0, None
     model.eval()
     try:
-        with torch.no_grad():
+        # With inplace=True this is the user's model: its own hooks must not fire here.
+        with torch.no_grad(), hooks_set_aside(model):
             for x, _ in _progress(iter_batches(loader), enabled=progress, desc=desc,
                                   unit="batch", total=total):
                 if x.dim() < 2 or not x.is_floating_point():
                     raise TypeError("loader must yield floating-point image batches [B, C, ...], "
                                     f"got a {x.dtype} tensor of shape {list(x.shape)}")
+                check_pixel_range(x, "a batch of the loader")
                 if max_samples is not None:
                     x = x[:max_samples - seen]
                 x = x.to(device, non_blocking=True)
                 if convs is None:
-                    convs = conv_feeding(model, names, x[:1])
+                    with model_input_errors(model, x):
+                        convs = conv_feeding(model, names, x[:1])
                     handles = [modules[n].register_forward_pre_hook(hook_for(i))
                                for i, n in enumerate(names)]
                 ran[:] = [False] * len(names)

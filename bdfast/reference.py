@@ -15,7 +15,13 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+# The reference_compat grid of one layer has at most this many bins (the CPU kernel stores one
+# float32 edge per bin and has the same limit and error sentence): 64 MiB of edges, which a
+# step of 1e-6 on a million standardised samples still fits.
+MAX_COMPAT_BINS = 1 << 24
+
 __all__ = [
+    "MAX_COMPAT_BINS",
     "medic_importance",
     "medic_clone_loss",
     "histogram_entropy",
@@ -144,36 +150,48 @@ def histogram_entropy(x: Tensor, offsets: Optional[Tensor] = None, *, step: floa
     n, k = x.shape
     h = torch.full((k,), float("nan"), dtype=dtype, device=x.device)
     bounds = _default_offsets(offsets, k, x.device)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for layer, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         if hi == lo:
             continue
         y, valid = _standardize(x[:, lo:hi])
         if not bool(valid.any()):
             continue
         if reference_compat:
-            h[lo:hi] = _entropy_released_grid(y.float(), valid, n, step).to(dtype)
+            h[lo:hi] = _entropy_released_grid(y.float(), valid, n, step, layer).to(dtype)
         else:
             h[lo:hi] = _entropy_own_grid(y, valid, n, step)
     return h
 
 
 def _entropy_own_grid(y: Tensor, valid: Tensor, n: int, step: float) -> Tensor:
-    """Default estimator for one layer's standardised columns y [N, K_l]."""
+    """Default estimator for one layer's standardised columns y [N, K_l].
+
+    Bin counts come from sorting each column's bin indices (a new bin starts where the sorted
+    index changes), so memory stays O(N K_l) however small ``step`` is.
+    """
     h = torch.full((y.shape[1],), float("nan"), dtype=y.dtype, device=y.device)
     yv = y[:, valid]
-    bin_index = torch.floor((yv - yv.min(dim=0).values) / step).long()
-    counts = torch.zeros(yv.shape[1], int(bin_index.max()) + 1, dtype=y.dtype, device=y.device)
-    counts.scatter_add_(1, bin_index.T, torch.ones_like(yv.T))
+    bin_index = torch.floor((yv - yv.min(dim=0).values) / step).sort(dim=0).values
+    starts = torch.ones_like(bin_index, dtype=torch.bool)
+    starts[1:] = bin_index[1:] != bin_index[:-1]
+    run = starts.long().cumsum(dim=0) - 1  # [N, K_l]: which non-empty bin each value is in
+    counts = torch.zeros(yv.shape, dtype=y.dtype, device=y.device)
+    counts.scatter_add_(0, run, torch.ones_like(yv))
     p = counts / n
     plogp = torch.where(p > 0, p * torch.log(p / step), torch.zeros_like(p))
-    h[valid] = -plogp.sum(dim=1)
+    h[valid] = -plogp.sum(dim=0)
     return h
 
 
-def _entropy_released_grid(y: Tensor, valid: Tensor, n: int, step: float) -> Tensor:
+def _entropy_released_grid(y: Tensor, valid: Tensor, n: int, step: float, layer: int) -> Tensor:
     """The released per-bin loop for one layer, on float32 standardised columns y [N, K_l]."""
     yv = y[:, valid]
     gmin, gmax = yv.min(), yv.max()
+    span = float((gmax - gmin) / step)
+    if span > MAX_COMPAT_BINS:
+        raise ValueError(f"histogram_entropy: step {step} needs {span:g} bins for layer {layer} "
+                         f"of the reference_compat estimator, more than the {MAX_COMPAT_BINS} "
+                         "allowed; use a larger step")
     num_bins = int((gmax - gmin) / step)
     h = torch.zeros(yv.shape[1], dtype=torch.float64, device=y.device)
     for b in range(num_bins):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdfast._utils import progress as _progress
-from bdfast._utils import check_labelled_images, resolve_device, seed_everything
+from bdfast._utils import (check_finite_parameters, check_labelled_images, resolve_device,
+                           seed_everything)
 
 __all__ = ["train", "random_shift"]
 
@@ -51,7 +52,7 @@ def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 30, lr: float
     augmentation and torch's global RNG, so the same seed and the same initial model give the
     same trained model on the CPU. Batches are moved one by one to ``device`` (default: the
     model's). Returns the model in eval mode. Raises ``FloatingPointError`` if the loss stops
-    being finite.
+    being finite, or if the last update makes a parameter non-finite.
     """
     check_labelled_images(model, x, y)
     if len(x) < 2:
@@ -113,4 +114,6 @@ def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 30, lr: float
             seen += len(idx)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{total / seen:.4f}")
+    # The loss is checked before each update, so the last update is checked here.
+    check_finite_parameters(model, f"in the last update of epoch {epochs} (lr {lr})")
     return model.eval()

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bdfast._utils import iter_batches, progress as _progress
+from bdfast._utils import (check_finite_parameters, check_not_tensor, check_pixel_range,
+                           iter_batches, progress as _progress)
 
 StepFn = Callable[[nn.Module, Tensor, Optional[Tensor], int], Tensor]
 EvalFn = Callable[[nn.Module, int], Any]
@@ -56,7 +57,9 @@ def resolve_amp(amp: AmpSpec, device: torch.device) -> Optional[torch.dtype]:
 
 
 def check_loader(loader: Iterable, what: str = "loader") -> None:
-    """Fail clearly on a one-shot iterator: training walks the loader once per epoch."""
+    """Fail clearly on a bare tensor or a one-shot iterator: training walks the loader once per
+    epoch."""
+    check_not_tensor(loader, what)
     if not hasattr(loader, "__iter__"):
         raise TypeError(f"{what} must be an iterable of batches (a DataLoader or a list), "
                         f"got {type(loader).__name__}")
@@ -66,10 +69,12 @@ def check_loader(loader: Iterable, what: str = "loader") -> None:
 
 
 def check_images(index: int, x: Tensor) -> None:
-    """One-sentence error for a batch whose images a model cannot take."""
+    """One-sentence error for a batch whose images a model cannot take, or that hold 0..255
+    pixel values instead of images in [0, 1]."""
     if not x.is_floating_point() or x.dim() < 2 or len(x) == 0:
         raise ValueError(f"batch {index} of the loader must hold a non-empty float image tensor "
                          f"[B, C, H, W], got shape {list(x.shape)} and dtype {x.dtype}")
+    check_pixel_range(x, f"batch {index} of the loader")
 
 
 def distributed() -> bool:
@@ -100,7 +105,8 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
     ``DistributedDataParallel``, which broadcasts rank 0's weights and averages the gradients;
     the loader should give each rank its shard (``DistributedSampler``) with equal batch counts.
 
-    Raises ``FloatingPointError`` naming the epoch and step of the first non-finite loss.
+    Raises ``FloatingPointError`` naming the epoch and step of the first non-finite loss, or
+    the parameter that the last update made non-finite.
     The loss is read back every step on the CPU and every few steps on a GPU (each read waits
     for the device), so on a GPU a few more steps may run before the error.
     """
@@ -169,6 +175,9 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
             record["eval"] = eval_fn(student, epoch + 1)
             eval_s += time.perf_counter() - start
         result.history.append(record)
+    # The loss is checked before each update, so the last update is checked here.
+    check_finite_parameters(student, f"in the last update of epoch {epochs}; the training was "
+                            "stopped and the input model is untouched")
     student.eval()
     result.timings.update(train=train_s, eval=eval_s)
     return result

@@ -47,4 +47,17 @@ inline bool check_medic_layer(at::TensorList t, at::TensorList s, at::TensorList
   return channels_last;
 }
 
+// Checks the backward's own inputs: grad_loss holds one value and row_stats is the forward's
+// float32 [rows, 4] tensor (rows = the sum of the layers' batch sizes). The kernels read four
+// floats per row from row_stats, so a short or 1-D tensor would be read past its end.
+inline void check_medic_backward(const at::Tensor& grad_loss, const at::Tensor& row_stats,
+                                 int64_t rows) {
+  TORCH_CHECK(grad_loss.numel() == 1, "medic_clone_loss_backward: grad_loss must hold one value, "
+              "got shape ", grad_loss.sizes());
+  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == rows && row_stats.size(1) == 4 &&
+                  row_stats.scalar_type() == at::kFloat,
+              "medic_clone_loss_backward: row_stats must be the forward's float32 [", rows,
+              ", 4] tensor, got ", row_stats.scalar_type(), " ", row_stats.sizes());
+}
+
 }  // namespace bdfast

@@ -44,3 +44,81 @@ def test_every_op_has_a_cuda_kernel_where_cuda_can_be_built():
                          f"present, but bdfast._C has no CUDA kernel for {missing}; "
                          f"{_extension.REBUILD_HINT}")
     assert bdfast.backend_info()["native_cuda"]
+
+
+def _load_setup_py():
+    """setup.py as a module, without building (it only calls setup() as __main__)."""
+    import importlib.util
+    from unittest import mock
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "setup.py")
+    spec = importlib.util.spec_from_file_location("bdfast_setup_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch.dict(os.environ):  # setup.py sets CUDA_HOME for torch's build tools
+        spec.loader.exec_module(module)
+    return module
+
+
+def test_setup_builds_for_the_visible_gpus_plus_the_defaults():
+    setup_py = _load_setup_py()
+    assert setup_py.cuda_arch_list(None, []) == "8.0;9.0+PTX"
+    assert setup_py.cuda_arch_list("", [(7, 5)]) == "7.5;8.0;9.0+PTX"  # a T4 (Colab)
+    assert setup_py.cuda_arch_list(None, [(7, 0), (8, 6)]) == "7.0;8.0;8.6;9.0+PTX"
+    assert setup_py.cuda_arch_list(None, [(9, 0), (8, 0)]) == "8.0;9.0+PTX"
+    assert setup_py.cuda_arch_list(None, [(12, 0)]) == "8.0;9.0+PTX;12.0"
+    # The user's own list wins.
+    assert setup_py.cuda_arch_list("7.5", [(9, 0)]) == "7.5"
+
+
+@pytest.mark.parametrize("capability,archs,expected", [
+    ((7, 5), ["8.0", "9.0+PTX"], False),        # T4: PTX never runs on an older GPU
+    ((7, 0), ["8.0", "9.0+PTX"], False),        # V100
+    ((8, 0), ["8.0", "9.0+PTX"], True),
+    ((8, 6), ["8.0", "9.0+PTX"], True),         # sm_80 code runs on sm_86
+    ((9, 0), ["8.0", "9.0+PTX"], True),
+    ((12, 0), ["8.0", "9.0+PTX"], True),        # through the PTX
+    ((12, 0), ["8.0", "9.0"], False),
+    ((7, 5), ["7.5", "8.0", "9.0+PTX"], True),
+    ((8, 0), ["8.6"], False),                   # sm_86 code does not run on sm_80
+    ((8, 0), ["Ampere"], None),                 # a name: cannot be told
+])
+def test_kernel_image_rule(capability, archs, expected):
+    assert _extension.has_kernel_image(capability, archs) is expected
+
+
+@pytest.fixture
+def t4_without_its_kernels(monkeypatch):
+    """A visible T4 and CUDA kernels built for the default architectures only."""
+    monkeypatch.setattr(_extension, "has_kernel", lambda op, device_type: True)
+    monkeypatch.setattr(_extension, "cuda_arch_list", lambda: ["8.0", "9.0+PTX"])
+    monkeypatch.setattr(_extension, "_no_image_warned", set())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla T4")
+
+
+def test_auto_falls_back_to_the_reference_with_one_warning_on_an_uncovered_gpu(
+        t4_without_its_kernels):
+    from bdfast.ops._dispatch import use_native
+    device = torch.device("cuda", 0)
+    with pytest.warns(RuntimeWarning, match="compute capability 7.5") as record:
+        assert use_native("gaussian_kl", "auto", device) is False
+        assert use_native("medic_clone_loss", "auto", device) is False
+    assert len(record) == 1
+    with pytest.raises(RuntimeError, match="backend='native'.*7.5.*TORCH_CUDA_ARCH_LIST"):
+        use_native("gaussian_kl", "native", device)
+
+
+def test_backend_info_says_why_the_gpu_is_not_used(t4_without_its_kernels):
+    info = bdfast.backend_info()
+    assert info["cuda_archs"] == ["8.0", "9.0+PTX"]
+    assert "Tesla T4" in info["why"]["cuda_kernel_image"]
+    assert "7.5" in info["why"]["cuda_kernel_image"]
+
+
+def test_an_extension_without_the_recorded_list_is_not_an_error(monkeypatch):
+    # An extension built before the architecture list was recorded (an old editable build).
+    monkeypatch.setattr(_extension, "_C", object())
+    assert _extension.cuda_arch_list() is None
+    assert _extension.cuda_image_problem(torch.device("cuda", 0)) is None

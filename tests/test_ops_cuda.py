@@ -413,3 +413,13 @@ def test_small_ops_are_deterministic():
     stats = [v.to(CUDA) for v in bn_statistics(5000, seed=6)]
     assert torch.equal(torch.ops.bdfast.gaussian_kl(*stats, 1e-5),
                        torch.ops.bdfast.gaussian_kl(*stats, 1e-5))
+
+
+@pytest.mark.parametrize("offsets", [[0, 50, 10, 64], [0, 70], [1, 64]])
+def test_kernels_check_offsets_themselves(offsets):
+    # The Python wrapper's check is skipped under torch.compile; the ops check on their own.
+    bad = torch.tensor(offsets, device=CUDA)
+    with pytest.raises(RuntimeError, match="layer_outliers: offsets must start at 0"):
+        torch.ops.bdfast.layer_outliers(torch.randn(64, device=CUDA), bad, 3.0, False)
+    with pytest.raises(RuntimeError, match="histogram_entropy: offsets must start at 0"):
+        torch.ops.bdfast.histogram_entropy(torch.randn(20, 64, device=CUDA), bad, 0.01, True)

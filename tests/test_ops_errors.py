@@ -5,6 +5,7 @@ The "meta" device stands in for a second device, so the device checks run withou
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 
 import pytest
@@ -219,3 +220,79 @@ def test_backend_info():
             assert isinstance(info["why"][key], str) and info["why"][key]
     if not info["native_cuda"] and _extension.loaded():
         assert re.search("rebuild", info["why"]["native_cuda"])
+
+
+# --- memory safety and backend agreement on extreme input -------------------------------------
+
+@needs_kernels
+@pytest.mark.parametrize("bad", ["short", "1-D", "3 columns", "float64"])
+def test_medic_backward_kernel_checks_row_stats(bad):
+    # Reachable through torch.ops.bdfast directly; a short row_stats was read past its end.
+    t, s, g, mu, sigma = (list(part) for part in medic_args())
+    _, row_stats = torch.ops.bdfast.medic_clone_loss(t, s, g, mu, sigma, 5.0, 1e-5, False)
+    broken = {"short": row_stats[:1], "1-D": row_stats.flatten(), "3 columns": row_stats[:, :3],
+              "float64": row_stats.double()}[bad]
+    with pytest.raises(RuntimeError, match="row_stats must be the forward's float32"):
+        torch.ops.bdfast.medic_clone_loss_backward(torch.ones(()), t, s, g, mu, sigma, broken,
+                                                   5.0, 1e-5, False)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["native"] if NATIVE_CPU else []))
+def test_histogram_compat_bin_count_is_bounded(backend):
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="more than the 16777216 allowed"):
+        ops.histogram_entropy(x, step=1e-8, reference_compat=True, backend=backend)
+
+
+@needs_kernels
+def test_histogram_default_tiny_step_agrees_without_a_dense_histogram():
+    # Every sample in its own bin: h = ln(N * step) on both backends, and the reference no longer
+    # allocates one count per bin (4 x 5e9 here).
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    native = ops.histogram_entropy(x, step=1e-9, backend="native")
+    reference = ops.histogram_entropy(x, step=1e-9, backend="reference")
+    torch.testing.assert_close(native, reference, rtol=1e-6, atol=0)
+    torch.testing.assert_close(native, torch.full((4,), math.log(50 * 1e-9)), rtol=1e-6, atol=0)
+
+
+BACKENDS = ["reference"] + (["native"] if NATIVE_CPU else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("step", [math.inf, 1e300, -math.inf, math.nan])
+def test_histogram_step_outside_float32_is_refused_on_every_backend(backend, step):
+    with raises_naming(ValueError, "step"):
+        ops.histogram_entropy(torch.randn(10, 3), step=step, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_medic_tau_and_eps_outside_float32_are_refused_on_every_backend(backend):
+    args = medic_args()
+    with raises_naming(ValueError, "tau", "float32"):
+        ops.medic_clone_loss(*args, tau=1e300, backend=backend)
+    with raises_naming(ValueError, "eps", "float32"):
+        ops.medic_clone_loss(*args, eps=1e300, backend=backend)
+    with raises_naming(ValueError, "eps", "float32"):
+        ops.gaussian_kl(*(torch.rand(3) for _ in range(4)), eps=math.inf, backend=backend)
+
+
+@needs_kernels
+def test_medic_overflowing_activations_give_nan_on_both_backends():
+    t, s, g, mu, sigma = medic_args()
+    t = [t_l * 1e30 for t_l in t]
+    losses = [ops.medic_clone_loss(t, s, g, mu, sigma, backend=b) for b in ("native", "reference")]
+    assert all(bool(torch.isnan(loss)) for loss in losses), losses
+
+
+@needs_kernels
+def test_medic_double_backward_through_native_raises():
+    t, s, g, mu, sigma = medic_args()
+    loss = ops.medic_clone_loss(t, s, g, mu, sigma, backend="native")
+    with pytest.raises(RuntimeError, match="second derivative"):
+        torch.autograd.grad(loss, s, create_graph=True)
+    # The reference supports it, and a plain backward through native is unaffected.
+    loss_ref = ops.medic_clone_loss(t, s, g, mu, sigma, backend="reference")
+    (grad_ref,) = torch.autograd.grad(loss_ref, s[0], create_graph=True)
+    assert grad_ref.requires_grad
+    ops.medic_clone_loss(t, s, g, mu, sigma, backend="native").backward()
+    assert all(x.grad is not None for x in s)

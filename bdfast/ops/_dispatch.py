@@ -10,19 +10,30 @@ from bdfast import _extension
 
 BACKENDS = ("auto", "reference", "native")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def use_native(op: str, backend: str, device: torch.device) -> bool:
     """Decide whether ``op`` on ``device`` runs the compiled kernel or the reference.
 
-    ``"auto"`` takes the kernel when one is compiled for the device, ``"reference"`` never
-    does, and ``"native"`` insists, failing with a sentence that says how to get the kernel.
+    ``"auto"`` takes the kernel when one is compiled for the device (on a GPU: for its
+    architecture, else it warns once and uses the reference), ``"reference"`` never does, and
+    ``"native"`` insists, failing with a sentence that says how to get the kernel.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return False
     available = _extension.has_kernel(op, device.type)
+    if available and device.type == "cuda":
+        # A kernel compiled for other GPUs fails with "no kernel image is available".
+        problem = _extension.cuda_image_problem(device)
+        if problem is not None:
+            if backend == "native":
+                raise RuntimeError(f"backend='native' was requested for {op} on {device}, but "
+                                   f"{problem}, or use backend='auto'.")
+            _extension.warn_no_image_once(device, problem)
+            return False
     if backend == "native" and not available:
         if not _extension.loaded():
             reason = "the compiled extension bdfast._C is not loaded"
@@ -45,6 +56,25 @@ def check_tensor(value, name: str, *, dims=None, dtypes=FLOAT_DTYPES) -> Tensor:
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, "
                          f"got shape {list(value.shape)}")
     return value
+
+
+def check_scalar(value, name: str, *, positive: bool = False) -> float:
+    """``value`` as a float, or a one-sentence error unless it is a real number that stays
+    finite in float32 (and is > 0 with ``positive``).
+
+    The kernels compute in float32 while the reference mixes Python floats (float64) into its
+    float32 arithmetic, so a value such as 1e300, finite in float64 but inf in float32, would
+    give different results on different backends; both are refused here, in one place.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    number = float(value)
+    if not abs(number) <= FLOAT32_MAX:  # also false for NaN
+        raise ValueError(f"{name} must be finite in float32 (|{name}| <= {FLOAT32_MAX:.4g}), "
+                         f"got {value}")
+    if positive and not number > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return number
 
 
 def check_same_device(named: Iterable[tuple[str, Tensor]]) -> torch.device:

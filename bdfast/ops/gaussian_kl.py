@@ -5,7 +5,8 @@ import torch
 from torch import Tensor
 
 from bdfast import _extension, reference
-from bdfast.ops._dispatch import FLOAT_DTYPES, check_same_device, check_tensor, use_native
+from bdfast.ops._dispatch import (FLOAT_DTYPES, check_same_device, check_scalar, check_tensor,
+                                  use_native)
 
 _NAMES = ("mu_p", "var_p", "mu_q", "var_q")
 
@@ -25,8 +26,7 @@ def gaussian_kl(mu_p: Tensor, var_p: Tensor, mu_q: Tensor, var_q: Tensor, *, eps
         if v.shape != inputs[0].shape:
             raise ValueError(f"{name} has shape {list(v.shape)} but mu_p has shape "
                              f"{list(inputs[0].shape)}; all four vectors must match")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    eps = check_scalar(eps, "eps", positive=True)
     if use_native("gaussian_kl", backend, device):
         return torch.ops.bdfast.gaussian_kl(*(v.contiguous() for v in inputs), float(eps))
     return reference.gaussian_kl(*inputs, eps=eps).float()

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from bdfast import _extension, reference
-from bdfast.ops._dispatch import check_offsets, check_tensor, use_native
+from bdfast.ops._dispatch import check_offsets, check_scalar, check_tensor, use_native
 
 
 def histogram_entropy(x: Tensor, offsets: Optional[Tensor] = None, *, step: float = 0.01,
@@ -19,7 +19,9 @@ def histogram_entropy(x: Tensor, offsets: Optional[Tensor] = None, *, step: floa
             float32, float16 or bfloat16.
         offsets: [L+1] int64 layer boundaries (``None``: all columns form one layer). Only the
             ``reference_compat`` estimator uses them (its grid is shared within a layer).
-        step: bin width in standardised units.
+        step: bin width in standardised units: positive and finite in float32. The
+            ``reference_compat`` grid holds at most
+            :data:`bdfast.reference.MAX_COMPAT_BINS` bins per layer; a smaller step is an error.
         reference_compat: reproduce the released code's estimator exactly (see
             :func:`bdfast.reference.histogram_entropy`).
         backend: "auto", "native" or "reference".
@@ -30,8 +32,7 @@ def histogram_entropy(x: Tensor, offsets: Optional[Tensor] = None, *, step: floa
     check_tensor(x, "x", dims=(2,))
     if x.shape[0] < 2:
         raise ValueError(f"x must hold at least 2 samples (rows) to standardise, got {x.shape[0]}")
-    if not step > 0:
-        raise ValueError(f"step must be positive, got {step}")
+    step = check_scalar(step, "step", positive=True)
     offsets = check_offsets(offsets, x.shape[1], x.device)
     if use_native("histogram_entropy", backend, x.device):
         return torch.ops.bdfast.histogram_entropy(x.contiguous(), offsets, float(step),

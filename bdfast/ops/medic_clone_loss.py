@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from bdfast import _extension, reference
-from bdfast.ops._dispatch import FLOAT_DTYPES, check_same_device, check_tensor, use_native
+from bdfast.ops._dispatch import (FLOAT_DTYPES, check_same_device, check_scalar, check_tensor,
+                                  use_native)
 
 _NAMES = ("t", "s", "g", "mu", "sigma")
 
@@ -24,7 +25,7 @@ def medic_clone_loss(t: Sequence[Tensor], s: Sequence[Tensor], g: Sequence[Tenso
         s: student activations, same shapes; the only input that receives a gradient.
         g: gradients of the teacher's per-sample loss w.r.t. ``t``, same shapes.
         mu, sigma: per-channel mean and std of each teacher layer over the clean set, [C_l].
-        tau: softmax temperature; eps: added to sigma.
+        tau: softmax temperature; eps: added to sigma (both finite in float32, eps > 0).
         signed: use signed deviations and gradients (the released code) instead of absolute.
         backend: "auto" (compiled kernel when available), "native" or "reference".
         return_weights: also return the per-layer importance w (materialised, for inspection).
@@ -44,6 +45,9 @@ def medic_clone_loss(t: Sequence[Tensor], s: Sequence[Tensor], g: Sequence[Tenso
                                                     bool(signed))
     else:
         loss = reference.medic_clone_loss(t, s, g, mu, sigma, tau=tau, eps=eps, signed=signed)
+    # A float32 overflow (e.g. activations near 1e30) ends as inf on one backend and as NaN
+    # (inf * 0) on the other; both are NaN here, which training reports as a non-finite loss.
+    loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("nan")))
     if not return_weights:
         return loss
     weights = [reference.medic_importance(t_l, g_l, mu_l, sigma_l, tau=tau, eps=eps,
@@ -63,10 +67,8 @@ def _validated(t, s, g, mu, sigma, tau, eps):
     if len(set(lengths)) != 1 or lengths[0] == 0:
         raise ValueError("t, s, g, mu and sigma must be non-empty lists of the same length (one "
                          f"entry per hooked layer), got lengths {', '.join(map(str, lengths))}")
-    if not (float(tau) == float(tau) and abs(float(tau)) != float("inf")):
-        raise ValueError(f"tau must be a finite number, got {tau}")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    check_scalar(tau, "tau")
+    check_scalar(eps, "eps", positive=True)
     out = ([], [], [], [], [])
     for i, layer in enumerate(zip(*lists)):
         t_l, s_l, g_l, mu_l, sigma_l = (
@@ -123,6 +125,12 @@ if _extension.loaded():
         ctx.mark_non_differentiable(output[1])
 
     def _backward(ctx, grad_loss, _grad_row_stats):
+        # Grad mode is on in a backward only with create_graph=True, i.e. when the caller wants
+        # to differentiate the gradient again, which the backward kernel cannot provide.
+        if torch.is_grad_enabled():
+            raise RuntimeError("medic_clone_loss: the native kernels have no second derivative, "
+                               "so backward(create_graph=True) through them is not supported; "
+                               "use backend='reference' for double backward")
         saved, n = ctx.saved_tensors, ctx.num_layers
         t, s, g, mu, sigma = (list(saved[i * n:(i + 1) * n]) for i in range(5))
         grad_s = torch.ops.bdfast.medic_clone_loss_backward(

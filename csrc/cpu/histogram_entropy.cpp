@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "offsets_checks.h"
 #include "ops.h"
 
 namespace bdfast::cpu {
@@ -28,6 +29,9 @@ constexpr int64_t kScratchBytes = int64_t(1) << 20;
 // Beyond this many bins a dense count buffer would be mostly empty, so counts come from sorting
 // the column's bin indices instead (only a tiny step on a wide column gets there).
 constexpr int64_t kMaxDenseBins = int64_t(1) << 20;
+// The reference_compat grid holds one float32 edge per bin: at most this many (64 MiB), which
+// a step of 1e-6 on a million standardised samples still fits. bdfast.reference has the same.
+constexpr int64_t kMaxCompatBins = int64_t(1) << 24;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
@@ -148,12 +152,19 @@ struct Grid {
   int64_t num_bins() const { return static_cast<int64_t>(edges.size()) - 1; }
 };
 
-Grid make_grid(float gmin, float gmax, double step) {
+Grid make_grid(float gmin, float gmax, double step, int64_t layer) {
   Grid grid;
   grid.origin = gmin;
   grid.inv_step = 1.0 / step;
   // int((max - min) / step) on float32 tensors: a float32 subtraction and division, truncated.
-  const int64_t num_bins = checked_bins((gmax - gmin) / static_cast<float>(step));
+  const double span = (gmax - gmin) / static_cast<float>(step);
+  // The grid stores one edge per bin. The reference has the same limit and sentence, and
+  // raises the same ValueError.
+  TORCH_CHECK_VALUE(span <= static_cast<double>(kMaxCompatBins), "histogram_entropy: step ",
+                    step, " needs ", span, " bins for layer ", layer,
+                    " of the reference_compat estimator, more than the ", kMaxCompatBins,
+                    " allowed; use a larger step");
+  const int64_t num_bins = checked_bins(span);
   grid.edges.resize(num_bins + 1);
   // `min + b * step`: the Python float b * step is rounded to float32, then added in float32.
   for (int64_t b = 0; b <= num_bins; ++b)
@@ -226,19 +237,6 @@ void for_each_column(const at::Tensor& x, Fn&& fn) {
   });
 }
 
-// Layer boundaries on the host: 0 = o_0 <= o_1 <= ... <= o_L = K.
-std::vector<int64_t> checked_offsets(const at::Tensor& offsets, int64_t k) {
-  TORCH_CHECK(offsets.dim() == 1 && offsets.numel() >= 2 && offsets.scalar_type() == at::kLong,
-              "histogram_entropy: offsets must be a 1-D int64 tensor [L+1], got shape ",
-              offsets.sizes(), " and dtype ", offsets.scalar_type());
-  const auto host = offsets.to(at::kCPU).contiguous();
-  std::vector<int64_t> b(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
-  TORCH_CHECK(b.front() == 0 && b.back() == k && std::is_sorted(b.begin(), b.end()),
-              "histogram_entropy: offsets must start at 0, never decrease and end at ", k,
-              " (the number of columns of x)");
-  return b;
-}
-
 }  // namespace
 
 at::Tensor histogram_entropy(const at::Tensor& x_in, const at::Tensor& offsets, double step,
@@ -252,7 +250,7 @@ at::Tensor histogram_entropy(const at::Tensor& x_in, const at::Tensor& offsets, 
               step);
   const auto x = x_in.contiguous();
   const int64_t n = x.size(0), k = x.size(1);
-  const auto bounds = checked_offsets(offsets, k);
+  const auto bounds = checked_offsets(offsets, k, "histogram_entropy", "columns of x");
   auto out = at::empty({k}, x.options().dtype(at::kFloat));
   float* h = out.data_ptr<float>();
   if (k == 0) return out;
@@ -294,7 +292,7 @@ at::Tensor histogram_entropy(const at::Tensor& x_in, const at::Tensor& offsets, 
       gmin = std::min(gmin, cols[c].y_lo);
       gmax = std::max(gmax, cols[c].y_hi);
     }
-    if (gmin <= gmax) grids[l] = make_grid(gmin, gmax, step);
+    if (gmin <= gmax) grids[l] = make_grid(gmin, gmax, step, l);
   }
   // Pass 2: count every column on its layer's grid.
   for_each_column(x, [&](int64_t col, const float* v, Workspace& ws) {

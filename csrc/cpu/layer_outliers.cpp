@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "offsets_checks.h"
 #include "ops.h"
 
 namespace bdfast::cpu {
@@ -23,17 +24,10 @@ at::Tensor layer_outliers(const at::Tensor& scores, const at::Tensor& offsets, d
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                   dtype == at::kBFloat16,
               "layer_outliers: scores must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(offsets.dim() == 1 && offsets.numel() >= 2 && offsets.scalar_type() == at::kLong,
-              "layer_outliers: offsets must be a 1-D int64 tensor [L+1], got shape ",
-              offsets.sizes(), " and dtype ", offsets.scalar_type());
   const int64_t k = scores.numel();
-  const auto host = offsets.to(at::kCPU).contiguous();
-  const int64_t* bounds = host.data_ptr<int64_t>();
-  const int64_t num_layers = host.numel() - 1;
-  TORCH_CHECK(bounds[0] == 0 && bounds[num_layers] == k &&
-                  std::is_sorted(bounds, bounds + num_layers + 1),
-              "layer_outliers: offsets must start at 0, never decrease and end at ", k,
-              " (the number of scores)");
+  const std::vector<int64_t> host = checked_offsets(offsets, k, "layer_outliers", "scores");
+  const int64_t* bounds = host.data();
+  const int64_t num_layers = static_cast<int64_t>(host.size()) - 1;
 
   // Widening to double is exact for every accepted dtype and makes the statistics double.
   const auto s64 = scores.to(at::kDouble).contiguous();

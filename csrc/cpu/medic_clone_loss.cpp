@@ -347,6 +347,11 @@ std::vector<at::Tensor> medic_clone_loss_backward(const at::Tensor& grad_loss, a
     grads.push_back(at::empty_like(s[l]));  // keeps s's memory format
     layers[l].grad = grads.back().data_ptr();
   }
+  int64_t rows = 0;
+  for (const auto& L : layers) rows += L.batch;
+  check_medic_backward(grad_loss, row_stats, rows);
+  TORCH_CHECK(row_stats.device().is_cpu(), "medic_clone_loss_backward: row_stats must be on the "
+              "CPU like s, got ", row_stats.device());
   const auto stats_c = row_stats.contiguous();
   const float* stats = stats_c.data_ptr<float>();
   const float upstream = grad_loss.item<float>();

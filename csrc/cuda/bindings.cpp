@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -21,6 +22,7 @@
 
 #include "cuda/launchers.h"
 #include "medic_checks.h"
+#include "offsets_checks.h"
 #include "ops.h"
 
 namespace bdfast::cuda {
@@ -44,6 +46,17 @@ void check_on(const at::Tensor& x, const at::Device& device, const char* op,
   TORCH_CHECK(x.device() == device, op, ": ", name, " is on ", x.device(),
               " but the other inputs are on ", device,
               "; all inputs must be on the same CUDA device");
+}
+
+// The kernels index with the layer boundaries, so the op checks them itself (the Python
+// wrapper's check is skipped under torch.compile): on a host copy of the L+1 values, which
+// costs one synchronisation. A stream being captured into a CUDA graph cannot synchronise, so
+// there the caller's boundaries are trusted, as the graph replays them unchanged.
+void check_offsets_unless_capturing(const at::Tensor& offsets, int64_t k, const char* op,
+                                    const char* what) {
+  check_offsets_kind(offsets, op);
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
+    checked_offsets(offsets, k, op, what);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -173,12 +186,7 @@ std::vector<at::Tensor> medic_clone_loss_backward(const at::Tensor& grad_loss, a
   const MedicCall call = describe(t, s, g, mu, sigma, &grads);
   const at::Device device = t[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  TORCH_CHECK(grad_loss.numel() == 1, "medic_clone_loss_backward: grad_loss must hold one value, "
-              "got shape ", grad_loss.sizes());
-  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == call.rows && row_stats.size(1) == 4 &&
-                  row_stats.scalar_type() == at::kFloat,
-              "medic_clone_loss_backward: row_stats must be the forward's float32 [", call.rows,
-              ", 4] tensor, got ", row_stats.scalar_type(), " ", row_stats.sizes());
+  check_medic_backward(grad_loss, row_stats, call.rows);
   check_on(row_stats, device, "medic_clone_loss_backward", "row_stats");
   // Read on the device by the kernel: no host synchronisation.
   const auto upstream = grad_loss.to(device, at::kFloat).contiguous();
@@ -208,11 +216,9 @@ at::Tensor histogram_entropy(const at::Tensor& x_in, const at::Tensor& offsets, 
               x_in.scalar_type());
   TORCH_CHECK(step > 0 && std::isfinite(step), "histogram_entropy: step must be positive, got ",
               step);
-  TORCH_CHECK(offsets.dim() == 1 && offsets.numel() >= 2 && offsets.scalar_type() == at::kLong,
-              "histogram_entropy: offsets must be a 1-D int64 tensor [L+1], got shape ",
-              offsets.sizes(), " and dtype ", offsets.scalar_type());
   check_on(offsets, x_in.device(), "histogram_entropy", "offsets");
   const c10::cuda::CUDAGuard guard(x_in.device());
+  check_offsets_unless_capturing(offsets, x_in.size(1), "histogram_entropy", "columns of x");
   const auto x = x_in.contiguous();
   const auto bounds = offsets.contiguous();
   const int64_t n = x.size(0), k = x.size(1);
@@ -294,12 +300,11 @@ at::Tensor layer_outliers(const at::Tensor& scores, const at::Tensor& offsets, d
   const int8_t dtype = dtype_code(scores.scalar_type());
   TORCH_CHECK(dtype >= 0, "layer_outliers: scores must be float32, float16, bfloat16 or "
               "float64, got ", scores.scalar_type());
-  TORCH_CHECK(offsets.dim() == 1 && offsets.numel() >= 2 && offsets.scalar_type() == at::kLong,
-              "layer_outliers: offsets must be a 1-D int64 tensor [L+1], got shape ",
-              offsets.sizes(), " and dtype ", offsets.scalar_type());
   check_on(offsets, scores.device(), "layer_outliers", "offsets");
   TORCH_CHECK(offsets.numel() - 1 <= kInt32Max, "layer_outliers: too many layers");
   const c10::cuda::CUDAGuard guard(scores.device());
+  // With bad boundaries the kernel would leave mask entries unwritten.
+  check_offsets_unless_capturing(offsets, scores.numel(), "layer_outliers", "scores");
   const auto values = scores.contiguous();
   const auto bounds = offsets.contiguous();
   auto out = at::empty(scores.sizes(), scores.options().dtype(at::kBool));

@@ -157,6 +157,16 @@ void test_medic(at::ScalarType dtype, bool channels_last, bool sgn, double tau) 
     check_close(rel_err(grads[l].contiguous(), ref.grad[l]), tol,
                 name + ": gradient " + std::to_string(l));
   }
+  // A row_stats that is not the forward's [R, 4] float32 would be read past its end.
+  for (const auto& bad : {row_stats.narrow(0, 0, 8), row_stats.flatten(), row_stats.narrow(1, 0, 3),
+                          row_stats.to(at::kDouble)}) {
+    check(throws([&] {
+            bdfast::cpu::medic_clone_loss_backward(at::ones({}), t, s, g, mu, sigma, bad, tau, eps,
+                                                   sgn);
+          }),
+          name + ": backward rejects row_stats of shape " + c10::str(bad.sizes()) + " " +
+              c10::toString(bad.scalar_type()));
+  }
 }
 
 // ---- histogram_entropy -----------------------------------------------------------------------
@@ -258,6 +268,13 @@ void test_histogram(at::ScalarType dtype) {
       bdfast::cpu::histogram_entropy(at::randn({40, 2}), at::tensor({0, 2}, at::kLong), 1e-7, false);
   check_close(rel_err(tiny, {std::log(40 * 1e-7), std::log(40 * 1e-7)}), 1e-6,
               "histogram_entropy: one sample per bin (sorted counts for millions of bins)");
+  // The compat grid stores one edge per bin, so its bin count is bounded instead of allocating
+  // gigabytes for a tiny step.
+  check(throws([&] {
+          bdfast::cpu::histogram_entropy(at::randn({50, 4}), at::tensor({0, 4}, at::kLong), 1e-8,
+                                         true);
+        }),
+        "histogram_entropy: compat grid with more bins than allowed is refused");
 }
 
 // ---- gaussian_kl and layer_outliers ----------------------------------------------------------
