@@ -10,7 +10,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: venv build cuda-build test test-gpu bench demo margin ctest clean
+.PHONY: venv data build cuda-build test test-gpu bench demo margin ctest clean
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,16 @@ $(VENV)/.installed: $(SOURCES)
 	$(BIN)/pip install setuptools wheel ninja numpy
 	$(BIN)/pip install --no-build-isolation -e ".[test,plot]"
 	touch $@
+
+# Fashion-MNIST's four IDX files from Debian's dataset-fashion-mnist package, where apt-get exists
+# and we may use it; elsewhere the tests that need them say why they skip.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+data:
+	@if [ -f $(FASHION_MNIST) ]; then echo "Fashion-MNIST: $(dir $(FASHION_MNIST))"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			dataset-fashion-mnist) || echo "Fashion-MNIST could not be installed; its tests skip"; \
+	else echo "Fashion-MNIST: no apt-get (or not root); install dataset-fashion-mnist to run its tests"; fi
 
 # Rebuild the extension in place after editing csrc/ (incremental with ninja).
 build: venv

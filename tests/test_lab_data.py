@@ -1,6 +1,7 @@
 """bdfast.data: the embedded digits split, tensor loaders and the optional vision loaders."""
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
 
@@ -125,3 +126,73 @@ def test_vision_loaders_never_download(tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloads"):
         data.gtsrb(tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+# --- Fashion-MNIST ----------------------------------------------------------------------------
+
+def _write_idx(path, array: np.ndarray) -> None:
+    import gzip
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny_fashion(tmp_path):
+    """Four IDX files in the standard layout: 200 training and 50 test 28x28 images, where
+    every image is filled with its own index (mod 256) and labels cycle through 10 classes."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 200), ("t10k", 50)):
+        images = np.repeat((np.arange(n) % 256)[:, None, None], 28 * 28, axis=1).reshape(n, 28, 28)
+        labels = rng.permutation(np.arange(n) % 10)
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return tmp_path
+
+
+def test_fashion_mnist_reads_idx_files_and_splits_stratified(tiny_fashion):
+    lab = data.load_fashion_mnist(tiny_fashion, clean_size=40, train_size=100, test_size=30)
+    assert (lab.num_classes, lab.size) == (10, 28)
+    assert [len(s[1]) for s in (lab.train, lab.clean, lab.test)] == [100, 40, 30]
+    for (x, y), per_class in ((lab.train, 10), (lab.clean, 4), (lab.test, 3)):
+        assert x.shape[1:] == (1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert Counter(y.tolist()) == {c: per_class for c in range(10)}
+        index = torch.round(x[:, 0, 0, 0] * 255).long()
+        assert torch.equal(x, (index.float() / 255)[:, None, None, None].expand_as(x))
+        assert torch.equal(index, index.sort().values)  # the files' order is kept
+    train_idx = set(torch.round(lab.train[0][:, 0, 0, 0] * 255).long().tolist())
+    clean_idx = set(torch.round(lab.clean[0][:, 0, 0, 0] * 255).long().tolist())
+    assert not train_idx & clean_idx  # the defender's clean images are not the attacker's
+    again = data.load_fashion_mnist(tiny_fashion, clean_size=40, train_size=100, test_size=30)
+    assert torch.equal(again.clean[0], lab.clean[0])
+    other = data.load_fashion_mnist(tiny_fashion, clean_size=40, train_size=100, test_size=30,
+                                    seed=1)
+    assert not torch.equal(other.clean[0], lab.clean[0])
+    whole = data.load_fashion_mnist(tiny_fashion, clean_size=40)
+    assert [len(s[1]) for s in (whole.train, whole.clean, whole.test)] == [160, 40, 50]
+
+
+def test_fashion_mnist_bad_input(tiny_fashion, tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        data.load_fashion_mnist(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="clean_size"):
+        data.load_fashion_mnist(tiny_fashion, clean_size=200)
+    with pytest.raises(ValueError, match="train_size"):
+        data.load_fashion_mnist(tiny_fashion, clean_size=40, train_size=161)
+    _write_idx(tiny_fashion / "t10k-labels-idx1-ubyte.gz", np.zeros(49))
+    with pytest.raises(ValueError, match="do not pair up"):
+        data.load_fashion_mnist(tiny_fashion, clean_size=40)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(data.FASHION_MNIST_ROOT,
+                                                    "t10k-labels-idx1-ubyte.gz")),
+                    reason="Fashion-MNIST is not installed: `make data` installs Debian's "
+                           "dataset-fashion-mnist package where apt-get exists")
+def test_fashion_mnist_installed_files():
+    lab = data.load_fashion_mnist(test_size=1000)
+    assert [len(s[1]) for s in (lab.train, lab.clean, lab.test)] == [57000, 3000, 1000]
+    assert Counter(lab.test[1].tolist()) == {c: 100 for c in range(10)}
+    # Real photographs of clothing: dark background, a full range of grey levels.
+    assert float(lab.test[0].min()) == 0.0 and float(lab.test[0].max()) == 1.0
+    assert 0.2 < float(lab.train[0][:2000].mean()) < 0.4
