@@ -17,7 +17,7 @@ capability that took effect is read back from the worker and shown. Results are 
 ``--results`` (JSON lines) as they arrive and reused by a later run with the same sources, so an
 interrupted run resumes; trained lab models are cached in ``--cache`` likewise.
 
-    python scripts/efficacy_margin.py                       # the full matrix (about 45 min, 2 cores)
+    python scripts/efficacy_margin.py                       # the full matrix (~4 min a variant, 2 cores)
     python scripts/efficacy_margin.py --cases dde mbns -j 2 # a subset, two workers at a time
 """
 from __future__ import annotations
@@ -104,6 +104,9 @@ def worker(args: argparse.Namespace) -> None:
 def run_variant(args, seed: int, threads: int, isa: str) -> List[dict]:
     env = dict(os.environ, **ISA_ENV[isa], PYTHONPATH=str(ROOT))
     env.pop("OMP_NUM_THREADS", None)
+    # Variants run side by side share the cores; spinning OpenMP threads would starve each
+    # other. The results do not depend on it: work is split by the thread count alone.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cmd = [sys.executable, __file__, "--worker", "--seed", str(seed), "--threads", str(threads),
            "--isa", isa, "--cache", args.cache, "--tag",
            f"s{seed}-t{threads}-{isa}-{source_hash(MODEL_SOURCES)}"]
