@@ -167,6 +167,8 @@ def main() -> int:
     parser.add_argument("--results", default=str(ROOT / ".cache/margin/results.jsonl"))
     parser.add_argument("--cache", default=str(ROOT / ".cache/margin/models"))
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: print the table of the results already measured")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tag", help=argparse.SUPPRESS)
@@ -188,7 +190,7 @@ def main() -> int:
     # Fewest threads first, both instruction sets side by side: an interrupted run has covered
     # every instruction set for the thread counts it reached.
     todo = [(s, t, i) for t in args.threads for s in args.seeds for i in args.isa
-            if any((c.key, s, t, i) not in have for c in cases)]
+            if not args.table_only and any((c.key, s, t, i) not in have for c in cases)]
     print(f"{len(cases)} cases x {len(args.seeds) * len(args.threads) * len(args.isa)} variants; "
           f"{len(todo)} variants to run", flush=True)
 
@@ -214,6 +216,9 @@ def main() -> int:
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
+    ran = sorted({(r["seed"], r["threads"], r["isa"]) for r in rows})
+    print(f"\n{len(ran)} variants measured (seed, threads, instruction set): "
+          + ", ".join(f"{s}/{t}/{i}" for s, t, i in ran))
     failed = sorted({r["case"] for r in rows if not r["margin"] >= 0})
     print(f"\nworst margin {min(r['margin'] for r in rows):+.3f}; "
           + (f"FAILED: {', '.join(failed)}" if failed else "every case passes on every variant"))
