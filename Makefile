@@ -55,8 +55,8 @@ bench: venv
 demo: venv
 	$(BIN)/bdfast demo
 
-# The efficacy acceptance cases over seeds x 1/2/4 threads x AVX-512/AVX2 (about 50 min on 2 cores;
-# resumes after an interruption). See scripts/efficacy_margin.py.
+# The efficacy acceptance cases over seeds x 1/2/4 threads x AVX-512/AVX2 (18 variants of about
+# 4 min each on 2 cores; resumes after an interruption). See scripts/efficacy_margin.py.
 margin: venv
 	$(BIN)/python scripts/efficacy_margin.py -j 2 --markdown benchmarks/results/efficacy_margin.md
 
