@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ RatioSpec = Union[str, Mapping[str, float]]
 def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
                 ratios: RatioSpec = "adaptive", temperature: Optional[float] = None,
                 lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
+                init: str = "reset", schedule_epochs: Optional[int] = None,
                 amp: AmpSpec = "auto", device: Any = None, seed: Optional[int] = None,
                 progress: bool = True, eval_fn: Optional[EvalFn] = None) -> nn.Module:
     """Remove a backdoor from ``teacher`` by partial re-initialisation and distillation (BCU).
@@ -56,6 +57,12 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
         temperature: a fixed KD temperature; by default T_e = 1 + 3 (e + 1) / E in epoch
             e = 0..E-1 (the released code).
         lr, momentum, weight_decay: SGD, with cosine annealing per epoch.
+        init: where the replacement values come from: "reset" (each layer's own
+            ``reset_parameters()``, PyTorch's default init) or "kaiming" (Kaiming-normal with
+            fan_out for conv weights, as the constructors of the released code's models do;
+            larger values in deep layers). See docs/bcu.md.
+        schedule_epochs: the cosine schedule's horizon in epochs (default ``epochs``: the lr
+            reaches 0 at the end); the released code fixes it at 100 whatever ``epochs`` is.
         amp: "auto" (bfloat16 autocast on CUDA, off on CPU), True, False or a dtype.
         device: where to train (default: the teacher's); the result returns to the teacher's.
         seed: seeds the masks, the fresh weights and torch's RNG (a CPU run is reproducible).
@@ -69,6 +76,13 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
     _check_options(epochs, temperature, lr, momentum, weight_decay, eval_fn)
+    if not isinstance(init, str) or init not in INITS:
+        raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
+    if schedule_epochs is not None and (isinstance(schedule_epochs, bool)
+                                        or not isinstance(schedule_epochs, int)
+                                        or schedule_epochs < 1):
+        raise ValueError(f"schedule_epochs must be None or a positive int, got "
+                         f"{schedule_epochs!r}")
     resolve_amp(amp, torch.device("cpu"))  # validates the value
     check_loader(loader)
     home = resolve_device(None, teacher)
@@ -87,7 +101,7 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
 
     # 2. the partially re-initialised student.
     student = copy.deepcopy(t_model).requires_grad_(True)
-    partial_reinit(student, layer_ratios)
+    partial_reinit(student, layer_ratios, init=init)
 
     # 3. distillation.
     def step(net: nn.Module, x: Tensor, y: Optional[Tensor], epoch: int) -> Tensor:
@@ -103,7 +117,7 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay)
     fit(student, loader, step, optimizer, epochs=epochs, device=device, schedule="epoch",
-        amp=amp, progress=progress, eval_fn=eval_fn, desc="bcu")
+        schedule_epochs=schedule_epochs, amp=amp, progress=progress, eval_fn=eval_fn, desc="bcu")
     return student.eval().to(home)
 
 
@@ -156,10 +170,25 @@ def bcu_ratios(model: nn.Module, x: Tensor, ratios: RatioSpec = "adaptive") -> D
     return result
 
 
+def _kaiming_fan_out(module: nn.Module) -> None:
+    module.reset_parameters()
+    if isinstance(module, CONV):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+
+# How a fresh copy of a layer draws the replacement values (``init=`` of bcu_cleanse).
+INITS: Dict[str, Callable[[nn.Module], None]] = {
+    "reset": lambda module: module.reset_parameters(),
+    "kaiming": _kaiming_fan_out,
+}
+
+
 @torch.no_grad()
-def partial_reinit(model: nn.Module, ratios: Mapping[str, float]) -> Dict[str, float]:
+def partial_reinit(model: nn.Module, ratios: Mapping[str, float],
+                   init: str = "reset") -> Dict[str, float]:
     """Replace each weight/bias element of the named layers, with probability ``ratios[name]``,
     by the value of a freshly initialised copy of the layer (eq. 3; no rescaling). In place.
+    ``init`` names how the copy is initialised (see :data:`INITS`).
 
     Masks and fresh values come from torch's global CPU RNG (seed it for reproducibility), so
     that a seed gives the same student on any device. Returns the share of
@@ -173,7 +202,7 @@ def partial_reinit(model: nn.Module, ratios: Mapping[str, float]) -> Dict[str, f
             replaced[name] = 0.0
             continue
         fresh = copy.deepcopy(module).cpu()
-        fresh.reset_parameters()
+        INITS[init](fresh)
         count = total = 0
         for (_, param), (_, new) in zip(module.named_parameters(recurse=False),
                                         fresh.named_parameters(recurse=False)):

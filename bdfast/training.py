@@ -83,8 +83,8 @@ def distributed() -> bool:
 
 
 def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.optim.Optimizer,
-        *, epochs: int, device: torch.device, schedule: str = "epoch", amp: AmpSpec = "auto",
-        progress: bool = True, eval_fn: Optional[EvalFn] = None, eval_every: int = 1,
+        *, epochs: int, device: torch.device, schedule: str = "epoch",
+        schedule_epochs: Optional[int] = None, amp: AmpSpec = "auto", progress: bool = True, eval_fn: Optional[EvalFn] = None, eval_every: int = 1,
         desc: str = "train") -> TrainResult:
     """Train ``student`` (in place, already on ``device``) for ``epochs`` passes over ``loader``.
 
@@ -97,6 +97,8 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
         optimizer: over the student's parameters.
         schedule: cosine annealing from the optimizer's lr to 0, stepped per "epoch" (the lr
             of epoch e is lr * (1 + cos(pi e / E)) / 2) or per "step" (reaching 0 at the end).
+        schedule_epochs: the cosine's horizon E in epochs (default ``epochs``); past it the lr
+            stays 0, before it the run stops early on the curve.
         amp: see :func:`resolve_amp`; float16 uses a gradient scaler.
         eval_fn: ``eval_fn(student, epoch)`` after every ``eval_every``-th epoch and the last
             one, with the student in eval mode; what it returns is stored in the history.
@@ -115,7 +117,8 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
     amp_dtype = resolve_amp(amp, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     steps_per_epoch = len(loader) if schedule == "step" else 1  # type: ignore[arg-type]
-    total_steps = max(1, epochs * steps_per_epoch)
+    horizon = epochs if schedule_epochs is None else schedule_epochs
+    total_steps = max(1, horizon * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, total_steps) / total_steps)))
 
