@@ -1,0 +1,389 @@
+"""The efficacy matrix: every defense on data sets x models x attacks x seeds, on the CPU.
+
+For each cell (data set, model, attack, seed) a backdoored lab model is trained (poison rate 0.1,
+``bdfast.train`` defaults) or taken from the cache, and every requested defense setting runs on
+it. A result row holds ACC / ASR / RA before and after, the seconds the defense took and whether
+it meets the bound a user cares about: **ASR <= 0.10 with an ACC drop <= 0.03**.
+
+Data, subsampled so that the whole matrix fits a 2-core machine:
+
+- ``digits``: scikit-learn's 1,797 handwritten digits at 16x16 (``load_digits``): 1,077 train,
+  270 clean (the defender's set), 450 test.
+- ``fmnist``: Fashion-MNIST (``load_fashion_mnist``, Debian's dataset-fashion-mnist): a stratified
+  2,000 of the training images to poison and train on, 500 clean, 1,000 of the test images,
+  area-downsampled from 28x28 to 16x16.
+
+Models: ``digits_cnn``, ``vgg_small`` and ``preact_resnet18`` at width 16 (the DDE/MBNS papers'
+architecture with a quarter of its channels: 976 BN channels).
+
+Each defense gets its data as a user would give it: MEDIC the clean set with labels, BCU the
+clean images without labels, fine-tuning the clean set, DDE the poisoned training images (and,
+for ``u="auto"``, the clean set to validate on), MBNS the clean images; batches of 64 for
+training, 256 for statistics. A *setting* is a named set of options (``SETTINGS``);
+``default`` is whatever the library's signature says, resolved to explicit values when the row
+is written, so a later change of a default shows as a different row.
+
+Rows are appended to ``--results`` (JSON lines) as they finish and a later run skips every row
+already there with the same options, so an interrupted run resumes; trained models are cached
+under ``--cache``. ``--report`` writes the Markdown tables, a JSON summary and a chart from the
+rows without running anything.
+
+    python benchmarks/efficacy.py                          # the whole matrix
+    python benchmarks/efficacy.py --data digits --seeds 0  # a slice
+    python benchmarks/efficacy.py --report                 # tables and chart only
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import inspect
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bdfast
+from bdfast import attacks, models
+from bdfast.data import LabData, load_digits, load_fashion_mnist, tensor_loader
+from bdfast.metrics import evaluate
+from bdfast.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+ASR_MAX = 0.10
+MAX_ACC_DROP = 0.03
+
+DATA = ("digits", "fmnist")
+ARCHS = ("digits_cnn", "preact_resnet18", "vgg_small")
+ATTACKS = ("badnets", "blended", "wanet", "sig")
+DEFENSES = ("none", "finetune", "medic", "bcu", "dde", "mbns")
+
+# Named option sets per defense. "default" is the library's own; the others are the papers'
+# values and the candidates the defaults were chosen from (docs/medic.md, docs/bcu.md,
+# docs/pruning.md).
+SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    "none": {"default": {}},
+    "finetune": {"default": {"epochs": 20, "lr": 0.01}},
+    "medic": {"default": {}, "paper": {"lam": 10.0, "tau": 5.0},
+              "lam1-tau10": {"lam": 1.0, "tau": 10.0}, "lam3-tau10": {"lam": 3.0, "tau": 10.0}},
+    "bcu": {"default": {}, "paper": {"lr": 0.01, "epochs": 100, "init": "reset"},
+            "lr0.05": {"lr": 0.05, "epochs": 100, "init": "reset"},
+            "kaiming": {"lr": 0.01, "epochs": 100, "init": "kaiming"},
+            "kaiming-lr0.05": {"lr": 0.05, "epochs": 100, "init": "kaiming"}},
+    "dde": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
+    "mbns": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
+}
+# What a cached model depends on: a change here retrains it.
+MODEL_SOURCES = ("bdfast/trainer.py", "bdfast/models.py", "bdfast/attacks.py", "bdfast/data.py")
+PREACT_WIDTH = 16
+
+
+def source_hash(paths: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.encode())
+        digest.update((ROOT / path).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def load_data(name: str) -> LabData:
+    if name == "digits":
+        return load_digits()
+    if name == "fmnist":
+        full = load_fashion_mnist(train_size=2000, clean_size=500, test_size=1000, seed=0)
+
+        def small(split):
+            x, y = split
+            return F.interpolate(x, size=(16, 16), mode="area").clamp_(0, 1), y
+
+        return LabData(train=small(full.train), clean=small(full.clean), test=small(full.test),
+                       num_classes=10, size=16)
+    raise ValueError(f"unknown data set {name!r}; choose from {list(DATA)}")
+
+
+def build_model(arch: str, num_classes: int, in_channels: int) -> nn.Module:
+    if arch == "preact_resnet18":
+        return models.preact_resnet18(num_classes, in_channels, width=PREACT_WIDTH)
+    return getattr(models, arch)(num_classes=num_classes, in_channels=in_channels)
+
+
+def backdoored_model(data: LabData, data_name: str, arch: str, attack_name: str, seed: int,
+                     cache: Path) -> Tuple[nn.Module, torch.Tensor]:
+    """The lab model of one cell and the poisoned training images it was trained on."""
+    attack = attacks.get(attack_name, num_classes=data.num_classes)
+    x, y, _ = attack.poison(*data.train, rate=0.1, seed=seed)
+    torch.manual_seed(seed)
+    model = build_model(arch, data.num_classes, x.shape[1])
+    threads = torch.get_num_threads()
+    path = cache / (f"{data_name}-{arch}-{attack_name}-s{seed}-t{threads}-"
+                    f"{source_hash(MODEL_SOURCES)}.pt")
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval(), x
+    start = time.perf_counter()
+    train(model, x, y, seed=seed, progress=False)
+    print(f"  trained {path.name} in {time.perf_counter() - start:.0f} s", flush=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model.eval(), x
+
+
+def resolved_options(defense: str, setting: str) -> Dict[str, Any]:
+    """The setting's options with every library default of the defense written out."""
+    options = dict(SETTINGS[defense][setting])
+    function = {"medic": bdfast.medic_clone, "bcu": bdfast.bcu_cleanse,
+                "dde": bdfast.dde_prune, "mbns": bdfast.mbns_prune}.get(defense)
+    if function is None:
+        return options
+    skip = {"progress", "seed", "device", "eval_fn", "student", "inplace", "eval_every",
+            "backend", "amp", "val_loader"}
+    for name, parameter in inspect.signature(function).parameters.items():
+        if parameter.kind is parameter.KEYWORD_ONLY and name not in skip:
+            options.setdefault(name, parameter.default)
+    return options
+
+
+def run_defense(defense: str, options: Dict[str, Any], teacher: nn.Module, data: LabData,
+                x_poisoned: torch.Tensor, seed: int) -> nn.Module:
+    """The defended model, given the data a user of that defense has."""
+    x_clean, y_clean = data.clean
+    if defense == "none":
+        return teacher
+    if defense == "finetune":
+        return train(copy.deepcopy(teacher), x_clean, y_clean, seed=seed, progress=False,
+                     **options)
+    if defense == "medic":
+        loader = tensor_loader(x_clean, y_clean, batch_size=64, shuffle=True, seed=seed)
+        return bdfast.medic_clone(teacher, loader, seed=seed, progress=False, **options)
+    if defense == "bcu":
+        loader = tensor_loader(x_clean, batch_size=64, shuffle=True, seed=seed)
+        return bdfast.bcu_cleanse(teacher, loader, seed=seed, progress=False, **options)
+    if defense == "dde":
+        extra = {}
+        if options.get("u") == "auto":
+            extra["val_loader"] = tensor_loader(x_clean, y_clean, batch_size=256)
+        return bdfast.dde_prune(teacher, tensor_loader(x_poisoned, batch_size=256),
+                                progress=False, **options, **extra).model
+    if defense == "mbns":
+        return bdfast.mbns_prune(teacher, tensor_loader(x_clean, batch_size=256),
+                                 progress=False, **options).model
+    raise ValueError(f"unknown defense {defense!r}")
+
+
+def row_key(row: Dict[str, Any]) -> str:
+    return json.dumps([row["data"], row["arch"], row["attack"], row["seed"], row["threads"],
+                       row["defense"], row["options"]], sort_keys=True)
+
+
+def read_rows(path: Path) -> List[Dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    done = {row_key(r) for r in read_rows(args.results)}
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    for data_name in args.data:
+        data = load_data(data_name)
+        for arch in args.archs:
+            for attack_name in args.attacks:
+                for seed in args.seeds:
+                    todo = []
+                    for defense in args.defenses:
+                        for setting in args.settings.get(defense, ["default"]):
+                            options = resolved_options(defense, setting)
+                            row = dict(data=data_name, arch=arch, attack=attack_name, seed=seed,
+                                       threads=args.threads, defense=defense, setting=setting,
+                                       options=options)
+                            if row_key(row) not in done:
+                                todo.append(row)
+                                done.add(row_key(row))
+                    if not todo:
+                        continue
+                    print(f"{data_name} / {arch} / {attack_name} / seed {seed}", flush=True)
+                    teacher, x_poisoned = backdoored_model(data, data_name, arch, attack_name,
+                                                           seed, args.cache)
+                    attack = attacks.get(attack_name, num_classes=data.num_classes)
+                    before = evaluate(teacher, *data.test, attack=attack)
+                    for row in todo:
+                        start = time.perf_counter()
+                        model = run_defense(row["defense"], row["options"], teacher, data,
+                                            x_poisoned, seed)
+                        seconds = time.perf_counter() - start
+                        after = evaluate(model, *data.test, attack=attack)
+                        row.update(acc_before=before["acc"], asr_before=before["asr"],
+                                   acc=after["acc"], asr=after["asr"], ra=after["ra"],
+                                   seconds=round(seconds, 2), meets=meets(before, after),
+                                   torch=torch.__version__, cpu=platform.processor()
+                                   or platform.machine(),
+                                   isa=torch.backends.cpu.get_cpu_capability())
+                        with args.results.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        print(f"  {row['defense']:8s} {row['setting']:14s} ACC "
+                              f"{before['acc']:.3f} -> {after['acc']:.3f}  ASR "
+                              f"{before['asr']:.3f} -> {after['asr']:.3f}  "
+                              f"{seconds:6.1f} s", flush=True)
+
+
+def meets(before: Dict[str, float], after: Dict[str, float]) -> bool:
+    return after["asr"] <= ASR_MAX and after["acc"] >= before["acc"] - MAX_ACC_DROP
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def _cell(row: Dict[str, Any]) -> Tuple[str, str, str]:
+    return row["data"], row["arch"], row["attack"]
+
+
+def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per defense setting: how many (cell, seed) runs meet the bound, on implanted backdoors.
+
+    A run counts only where the backdoor took (ASR before >= 0.5); SIG on these small images
+    often does not implant, and then no defense can be said to remove it."""
+    by_setting: Dict[Tuple[str, str], Dict[str, Any]] = {}
+    for row in rows:
+        if row["defense"] == "none" or row["asr_before"] < 0.5:
+            continue
+        entry = by_setting.setdefault((row["defense"], row["setting"]),
+                                      {"defense": row["defense"], "setting": row["setting"],
+                                       "options": row["options"], "runs": 0, "meets": 0,
+                                       "worst_drop": 0.0, "worst_asr": 0.0})
+        entry["runs"] += 1
+        entry["meets"] += int(row["meets"])
+        entry["worst_drop"] = max(entry["worst_drop"], row["acc_before"] - row["acc"])
+        entry["worst_asr"] = max(entry["worst_asr"], row["asr"])
+    return {"bound": {"asr_max": ASR_MAX, "max_acc_drop": MAX_ACC_DROP},
+            "settings": sorted(by_setting.values(),
+                               key=lambda e: (e["defense"], -e["meets"] / max(e["runs"], 1)))}
+
+
+def markdown(rows: List[Dict[str, Any]]) -> str:
+    lines = ["# Efficacy matrix", "",
+             f"Bound: ASR <= {ASR_MAX:.2f} with ACC drop <= {MAX_ACC_DROP:.2f}. Each entry is "
+             "ACC / ASR after the defense for seed 0 · seed 1 ...; **bold** where it meets the "
+             "bound. `benchmarks/efficacy.py` explains the data, models and settings.", "",
+             "## Settings: runs that meet the bound (implanted backdoors only)", "",
+             "| defense | setting | options | meets / runs | worst ACC drop | worst ASR |",
+             "|---|---|---|---:|---:|---:|"]
+    for e in summary(rows)["settings"]:
+        shown = {k: v for k, v in e["options"].items()
+                 if k in SETTINGS[e["defense"]].get(e["setting"], {}) or e["setting"] == "default"}
+        lines.append(f"| {e['defense']} | {e['setting']} | `{json.dumps(shown)}` | "
+                     f"{e['meets']} / {e['runs']} | {e['worst_drop']:.3f} | {e['worst_asr']:.3f} |")
+    columns = sorted({(r["defense"], r["setting"]) for r in rows},
+                     key=lambda c: (DEFENSES.index(c[0]) if c[0] in DEFENSES else 99, c[1]))
+    cells = sorted({_cell(r) for r in rows})
+    lines += ["", "## Every cell", "",
+              "| data | model | attack | " + " | ".join(f"{d} {s}" for d, s in columns) + " |",
+              "|---|---|---|" + "---|" * len(columns)]
+    for cell in cells:
+        entries = []
+        for defense, setting in columns:
+            found = sorted((r for r in rows if _cell(r) == cell and r["defense"] == defense
+                            and r["setting"] == setting), key=lambda r: r["seed"])
+            text = []
+            for r in found:
+                value = f"{r['acc']:.2f}/{r['asr']:.2f}"
+                text.append(f"**{value}**" if r["meets"] and defense != "none" else value)
+            entries.append(" · ".join(text) or "–")
+        lines.append(f"| {' | '.join(cell)} | " + " | ".join(entries) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: List[Dict[str, Any]], path: Path) -> Optional[Path]:
+    """ASR after against ACC drop, one panel per defense, with the bound's box."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install bdfast[plot]); no chart", file=sys.stderr)
+        return None
+    defenses = [d for d in DEFENSES if d != "none" and any(r["defense"] == d for r in rows)]
+    if not defenses:
+        return None
+    fig, axes = plt.subplots(1, len(defenses), figsize=(3.2 * len(defenses), 3.2), sharey=True,
+                             squeeze=False)
+    for ax, defense in zip(axes[0], defenses):
+        for setting in sorted({r["setting"] for r in rows if r["defense"] == defense}):
+            found = [r for r in rows if r["defense"] == defense and r["setting"] == setting
+                     and r["asr_before"] >= 0.5]
+            ax.scatter([r["acc_before"] - r["acc"] for r in found], [r["asr"] for r in found],
+                       s=14, alpha=0.7, label=setting)
+        ax.axvline(MAX_ACC_DROP, color="gray", lw=0.8, ls="--")
+        ax.axhline(ASR_MAX, color="gray", lw=0.8, ls="--")
+        ax.set_title(defense)
+        ax.set_xlabel("ACC drop")
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("ASR after")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(rows: List[Dict[str, Any]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "efficacy.md").write_text(markdown(rows))
+    (out / "efficacy.json").write_text(json.dumps(summary(rows), indent=1) + "\n")
+    written = chart(rows, out / "efficacy.png")
+    print(f"wrote {out / 'efficacy.md'}, {out / 'efficacy.json'}"
+          + (f", {written}" if written else ""))
+
+
+def parse_settings(values: List[str]) -> Dict[str, List[str]]:
+    """``["medic:paper,default", "bcu:kaiming"]`` -> {"medic": ["paper", "default"], ...}."""
+    chosen: Dict[str, List[str]] = {}
+    for value in values:
+        defense, _, names = value.partition(":")
+        if defense not in SETTINGS:
+            raise SystemExit(f"--settings: unknown defense {defense!r}")
+        names_list = names.split(",") if names else list(SETTINGS[defense])
+        unknown = [n for n in names_list if n not in SETTINGS[defense]]
+        if unknown:
+            raise SystemExit(f"--settings: {defense} has no setting {unknown}; choose from "
+                             f"{list(SETTINGS[defense])}")
+        chosen[defense] = names_list
+    return chosen
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", nargs="+", default=list(DATA), choices=DATA)
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=DEFENSES)
+    parser.add_argument("--settings", nargs="*", default=[],
+                        help="defense:setting[,setting...] (default: each defense's 'default'; "
+                             "'defense:' alone runs all its settings)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", type=Path, default=RESULTS / "efficacy.jsonl")
+    parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "efficacy")
+    parser.add_argument("--report", action="store_true", help="only write the tables and chart")
+    args = parser.parse_args(argv)
+    args.settings = parse_settings(args.settings)
+    if not args.report:
+        run(args)
+    write_report(read_rows(args.results), args.results.parent)
+
+
+if __name__ == "__main__":
+    main()
