@@ -11,23 +11,25 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Iterable, List, Optional
+from typing import Any, Iterable, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from bdfast import ops
-from bdfast.pruning import (PruneResult, bn_input_pass, check_finite, check_options, distributed,
-                            layer_offsets, prepare, prune, report)
+from bdfast.pruning import (DEFAULT_ACC_BUDGET, PruneResult, bn_input_pass, check_finite,
+                            check_options, distributed, layer_offsets, outlier_mask, prepare,
+                            prune, report, validation_batches)
 
 __all__ = ["dde_prune"]
 
 
-def dde_prune(model: nn.Module, loader: Iterable, *, u: float = 3.0, step: float = 0.01,
-              reference_compat: bool = False, max_samples: Optional[int] = None,
-              zero_bias: bool = False, inplace: bool = False, device: Any = None,
-              progress: bool = True) -> PruneResult:
+def dde_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0,
+              step: float = 0.01, reference_compat: bool = False,
+              max_samples: Optional[int] = None, val_loader: Optional[Iterable] = None,
+              acc_budget: float = DEFAULT_ACC_BUDGET, zero_bias: bool = False,
+              inplace: bool = False, device: Any = None, progress: bool = True) -> PruneResult:
     """Prune backdoor neurons by their low differential entropy on the training set.
 
     Args:
@@ -37,11 +39,18 @@ def dde_prune(model: nn.Module, loader: Iterable, *, u: float = 3.0, step: float
             ``(x, y)`` (labels ignored), without augmentation.
         u: a channel is pruned when its entropy is below ``mean - u * std`` of its layer's
             entropies (paper Sec. 4.4, ``tau_h = h_bar - u_h s_h``); 3 on CIFAR-10, 4 on
-            Tiny-ImageNet.
+            Tiny-ImageNet. ``"auto"`` tries u from 5 down to 1 (:data:`~bdfast.pruning.
+            AUTO_U_GRID`) and keeps the smallest whose pruning costs at most ``acc_budget`` of
+            clean accuracy on ``val_loader``; the report's ``sweep`` records every u tried.
         step: histogram bin width in standardised units.
         reference_compat: use the released code's histogram estimator (SPEC 5.3) instead of the
             paper's differential entropy ``-sum p ln(p / step)``.
         max_samples: use at most this many images (default: all the loader yields).
+        val_loader: clean images held out from ``loader`` (``x`` or ``(x, y)``), needed by
+            ``u="auto"`` only: the training set holds triggered images, so it cannot tell
+            whether pruning hurts clean accuracy. Without labels, accuracy is agreement with the
+            unpruned model's predictions.
+        acc_budget: the clean accuracy (a fraction) ``u="auto"`` may give up on ``val_loader``.
         zero_bias: also zero the pruned channels' BN bias (beta).
         inplace: prune ``model`` itself instead of a deep copy.
         device: where to run (default: the model's device); with ``inplace`` the model moves.
@@ -54,7 +63,12 @@ def dde_prune(model: nn.Module, loader: Iterable, *, u: float = 3.0, step: float
     Under ``torch.distributed`` every rank passes its shard of the data and the [N_rank, K]
     samples are gathered, so all ranks prune the same channels.
     """
-    check_options(u, zero_bias, inplace)
+    check_options(u, zero_bias, inplace, acc_budget)
+    if u == "auto" and val_loader is None:
+        raise ValueError("u='auto' needs val_loader=, a few hundred clean images held out from "
+                         "the training set: DDE's own loader holds triggered images, so it cannot "
+                         "measure what pruning costs on clean data")
+    val_batches = None if val_loader is None else validation_batches(val_loader, "val_loader")
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < math.inf:
         raise ValueError(f"step must be a positive finite bin width, got {step!r}")
     if not isinstance(reference_compat, bool):
@@ -84,12 +98,15 @@ def dde_prune(model: nn.Module, loader: Iterable, *, u: float = 3.0, step: float
     check_finite(torch.isfinite(phi).all(dim=0), offsets, names)
 
     h = ops.histogram_entropy(phi, offsets, step=step, reference_compat=reference_compat)
-    mask = ops.layer_outliers(h, offsets, u=u, direction="low")
-    layers = prune(work, names, convs, offsets, h, mask, u=u, direction="low",
+    chosen, sweep, mask = outlier_mask(work, names, offsets, h, u=u, direction="low",
+                                       zero_bias=zero_bias, val_batches=val_batches,
+                                       acc_budget=acc_budget, device=device)
+    layers = prune(work, names, convs, offsets, h, mask, u=chosen, direction="low",
                    zero_bias=zero_bias)
     options = {"u": u, "step": step, "reference_compat": reference_compat,
-               "max_samples": max_samples, "zero_bias": zero_bias}
-    return PruneResult(work, report("dde", "entropy", options, phi.shape[0], layers, start))
+               "max_samples": max_samples, "acc_budget": acc_budget, "zero_bias": zero_bias}
+    return PruneResult(work, report("dde", "entropy", options, phi.shape[0], layers, start,
+                                    chosen, sweep))
 
 
 def _gather_rows(x: Tensor) -> Tensor:

@@ -10,21 +10,24 @@ channels more than u standard deviations above their layer's mean KL.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, List
+from typing import Any, Iterable, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from bdfast import ops
-from bdfast.pruning import (PruneResult, bn_input_pass, check_finite, check_options, distributed,
-                            layer_offsets, prepare, prune, report)
+from bdfast.pruning import (DEFAULT_ACC_BUDGET, HeldOutHalves, PruneResult, bn_input_pass,
+                            check_finite, check_options, distributed, layer_offsets,
+                            outlier_mask, prepare, prune, report, validation_batches)
 from bdfast.stats import ChannelMoments
 
 __all__ = ["mbns_prune"]
 
 
-def mbns_prune(model: nn.Module, loader: Iterable, *, u: float = 3.0, zero_bias: bool = False,
+def mbns_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0,
+               val_loader: Optional[Iterable] = None,
+               acc_budget: float = DEFAULT_ACC_BUDGET, zero_bias: bool = False,
                inplace: bool = False, device: Any = None, progress: bool = True) -> PruneResult:
     """Prune backdoor neurons whose BN running statistics do not match clean data.
 
@@ -35,7 +38,15 @@ def mbns_prune(model: nn.Module, loader: Iterable, *, u: float = 3.0, zero_bias:
             ignored). The paper finds 10 to 500 images enough.
         u: a channel is pruned when its KL is above ``mean + u * std`` of its layer's KLs.
             (The paper's text writes ``K < mean - u std``, but backdoor neurons have *large* KL
-            and the released code prunes the upper tail.)
+            and the released code prunes the upper tail.) ``"auto"`` tries u from 5 down to 1
+            (:data:`~bdfast.pruning.AUTO_U_GRID`) and keeps the smallest whose pruning costs at
+            most ``acc_budget`` of clean accuracy on held-out clean images; the report's
+            ``sweep`` records every u tried.
+        val_loader: the held-out clean images for ``u="auto"`` (``x`` or ``(x, y)``). If not
+            given, every batch of ``loader`` is cut in two: the first half gives the
+            statistics, the second half is held out. Without labels, accuracy is agreement
+            with the unpruned model's predictions.
+        acc_budget: the clean accuracy (a fraction) ``u="auto"`` may give up.
         zero_bias: also zero the pruned channels' BN bias (beta).
         inplace: prune ``model`` itself instead of a deep copy.
         device: where to run (default: the model's device); with ``inplace`` the model moves.
@@ -55,7 +66,10 @@ def mbns_prune(model: nn.Module, loader: Iterable, *, u: float = 3.0, zero_bias:
     Under ``torch.distributed`` every rank passes its shard of the data and the moments are
     merged exactly, so all ranks prune the same channels.
     """
-    check_options(u, zero_bias, inplace)
+    check_options(u, zero_bias, inplace, acc_budget)
+    val_batches = None if val_loader is None else validation_batches(val_loader, "val_loader")
+    if u == "auto" and val_batches is None:
+        loader = HeldOutHalves(loader)
     start = time.perf_counter()
     work, names, device = prepare(model, method="mbns_prune", inplace=inplace, device=device,
                                   running_stats=True)
@@ -87,8 +101,13 @@ def mbns_prune(model: nn.Module, loader: Iterable, *, u: float = 3.0, zero_bias:
 
     # Benign (clean sample) distribution first: KL(N_sample || N_BN), as in the released code.
     kl = ops.gaussian_kl(mu_clean, var_clean, mu_run, var_run)
-    mask = ops.layer_outliers(kl, offsets, u=u, direction="high")
-    layers = prune(work, names, convs, offsets, kl, mask, u=u, direction="high",
+    if isinstance(loader, HeldOutHalves):
+        val_batches = loader.held
+    chosen, sweep, mask = outlier_mask(work, names, offsets, kl, u=u, direction="high",
+                                       zero_bias=zero_bias, val_batches=val_batches,
+                                       acc_budget=acc_budget, device=device)
+    layers = prune(work, names, convs, offsets, kl, mask, u=chosen, direction="high",
                    zero_bias=zero_bias)
-    options = {"u": u, "zero_bias": zero_bias}
-    return PruneResult(work, report("mbns", "kl", options, samples, layers, start))
+    options = {"u": u, "acc_budget": acc_budget, "zero_bias": zero_bias}
+    return PruneResult(work, report("mbns", "kl", options, samples, layers, start, chosen,
+                                    sweep))

@@ -12,19 +12,25 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bdfast import reference
+from bdfast import ops, reference
 from bdfast._utils import (check_not_tensor, check_pixel_range, copy_without_hooks,
                            hooks_set_aside, iter_batches, model_input_errors,
                            progress as _progress, resolve_device)
 from bdfast.hooks import BATCHNORM, CONV
 
-__all__ = ["PruneResult"]
+__all__ = ["PruneResult", "AUTO_U_GRID", "DEFAULT_ACC_BUDGET"]
+
+# The thresholds u="auto" tries, from the most conservative down to one standard deviation; the
+# paper's u = 3 is among them.
+AUTO_U_GRID = (5.0, 4.5, 4.0, 3.5, 3.0, 2.75, 2.5, 2.25, 2.0, 1.75, 1.5, 1.25, 1.0)
+# The clean accuracy (a fraction) that u="auto" may give up on its held-out images.
+DEFAULT_ACC_BUDGET = 0.02
 
 
 @dataclass
@@ -41,6 +47,11 @@ class PruneResult:
             method        "dde" or "mbns"
             score         "entropy" (DDE, low is suspicious) or "kl" (MBNS, high is suspicious)
             options       the options of the call (u, step, ...)
+            u             the threshold multiplier used: ``options["u"]``, or the one that
+                          ``u="auto"`` chose (None when it pruned nothing)
+            sweep         with ``u="auto"``: one dict per u tried, most conservative first:
+                          u, pruned (channels), val_acc, drop (from the unpruned model's val_acc);
+                          else None
             samples       how many images the statistics were computed from
             layers        one dict per BN layer in registration order: name, conv (the conv
                           whose output the BN normalises, found from a forward pass; None if the
@@ -55,11 +66,17 @@ class PruneResult:
     report: Dict[str, Any]
 
 
-def check_options(u: float, zero_bias: bool, inplace: bool) -> None:
+def check_options(u: Union[float, str], zero_bias: bool, inplace: bool,
+                  acc_budget: float = DEFAULT_ACC_BUDGET) -> None:
     """The options both defenses share; one sentence naming the bad one."""
-    if isinstance(u, bool) or not isinstance(u, (int, float)) or not (0 < u < math.inf):
-        raise ValueError(f"u must be a positive finite number (the threshold is u standard "
-                         f"deviations from the layer mean), got {u!r}")
+    if u != "auto" and (isinstance(u, bool) or not isinstance(u, (int, float))
+                        or not (0 < u < math.inf)):
+        raise ValueError(f"u must be 'auto' or a positive finite number (the threshold is u "
+                         f"standard deviations from the layer mean), got {u!r}")
+    if isinstance(acc_budget, bool) or not isinstance(acc_budget, (int, float)) \
+            or not 0 <= acc_budget < 1:
+        raise ValueError(f"acc_budget must be a fraction in [0, 1) of clean accuracy, got "
+                         f"{acc_budget!r}")
     for name, value in (("zero_bias", zero_bias), ("inplace", inplace)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -225,15 +242,129 @@ def check_finite(finite: Tensor, offsets: Tensor, names: Sequence[str]) -> None:
                              "loader's images; the model or the data is broken, nothing was pruned")
 
 
+def validation_batches(loader: Iterable, what: str) -> List[Tuple[Tensor, Optional[Tensor]]]:
+    """The batches ``(x, y or None)`` of a clean validation loader, read once and kept."""
+    check_not_tensor(loader, what)
+    batches = []
+    for x, y in iter_batches(loader, what):
+        if x.dim() < 2 or not x.is_floating_point():
+            raise TypeError(f"{what} must yield floating-point image batches [B, C, ...], got a "
+                            f"{x.dtype} tensor of shape {list(x.shape)}")
+        check_pixel_range(x, f"a batch of {what}")
+        batches.append((x, y))
+    return batches
+
+
+class HeldOutHalves:
+    """A loader's batches cut in two: iterating yields the first half of each batch (the
+    statistics) and keeps the second half in ``held`` (the images u="auto" validates on), so
+    the two never share an image. A batch of one image goes to the statistics."""
+
+    def __init__(self, loader: Iterable):
+        check_not_tensor(loader)
+        self.loader = loader
+        self.held: List[Tuple[Tensor, Optional[Tensor]]] = []
+
+    def __iter__(self):
+        self.held = []
+        for x, y in iter_batches(self.loader):
+            cut = len(x) - len(x) // 2
+            if cut < len(x):
+                self.held.append((x[cut:], None if y is None else y[cut:]))
+            yield x[:cut] if y is None else (x[:cut], y[:cut])
+
+
+def choose_u(model: nn.Module, names: Sequence[str], offsets: Tensor, scores: Tensor, *,
+             direction: str, zero_bias: bool, batches: Sequence[Tuple[Tensor, Optional[Tensor]]],
+             acc_budget: float, device: torch.device
+             ) -> Tuple[Optional[float], List[Dict[str, Any]]]:
+    """``u="auto"``: the most aggressive u of :data:`AUTO_U_GRID` whose pruning keeps the clean
+    accuracy on ``batches`` within ``acc_budget`` of the unpruned model's.
+
+    ``batches`` are held-out clean images, never the statistics' own and never triggered ones;
+    where they carry no labels, accuracy is agreement with the unpruned model's predictions.
+    The grid is walked from the most conservative u down, since a smaller u prunes a superset of
+    channels; the walk stops at the first u over budget. Returns the chosen u (None when even
+    the first is over budget: nothing is pruned) and the sweep, one dict per u tried. The
+    model's BN parameters are restored before returning.
+    """
+    if not batches:
+        raise ValueError("u='auto' found no held-out clean images to validate on; give "
+                         "val_loader= or batches of at least 2 images")
+    modules = dict(model.named_modules())
+    bns = [modules[n] for n in names]
+    saved = [(bn.weight.detach().clone(), None if bn.bias is None else bn.bias.detach().clone())
+             for bn in bns]
+    bounds = offsets.tolist()
+    modes = [(m, m.training) for m in model.modules()]
+
+    def predict() -> List[Tensor]:
+        return [model(x.to(device, non_blocking=True)).argmax(dim=1).cpu() for x, _ in batches]
+
+    def accuracy(predictions: List[Tensor], labels: List[Tensor]) -> float:
+        correct = sum(int((p == t).sum()) for p, t in zip(predictions, labels))
+        return correct / sum(len(t) for t in labels)
+
+    sweep: List[Dict[str, Any]] = []
+    chosen: Optional[float] = None
+    model.eval()
+    try:
+        with torch.no_grad(), hooks_set_aside(model):
+            unpruned = predict()
+            labels = [p if y is None else y.cpu() for p, (_, y) in zip(unpruned, batches)]
+            base = accuracy(unpruned, labels)
+            for u in AUTO_U_GRID:
+                mask = ops.layer_outliers(scores, offsets, u=u, direction=direction).cpu()
+                for i, bn in enumerate(bns):
+                    pruned = torch.nonzero(mask[bounds[i]:bounds[i + 1]]).flatten()
+                    bn.weight[pruned.to(bn.weight.device)] = 0
+                    if zero_bias and bn.bias is not None:
+                        bn.bias[pruned.to(bn.bias.device)] = 0
+                acc = accuracy(predict(), labels)
+                for bn, (weight, bias) in zip(bns, saved):
+                    bn.weight.copy_(weight)
+                    if bias is not None:
+                        bn.bias.copy_(bias)
+                sweep.append({"u": u, "pruned": int(mask.sum()), "val_acc": acc,
+                              "drop": base - acc})
+                if base - acc > acc_budget:
+                    break
+                chosen = u
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return chosen, sweep
+
+
+def outlier_mask(model: nn.Module, names: Sequence[str], offsets: Tensor, scores: Tensor, *,
+                 u: Union[float, str], direction: str, zero_bias: bool,
+                 val_batches: Optional[Sequence[Tuple[Tensor, Optional[Tensor]]]],
+                 acc_budget: float, device: torch.device
+                 ) -> Tuple[Optional[float], Optional[List[Dict[str, Any]]], Tensor]:
+    """The channels to prune, bool [K]: ``ops.layer_outliers`` at ``u``, or at the u that
+    :func:`choose_u` picks on ``val_batches`` when ``u="auto"``. Returns ``(u used, sweep or
+    None, mask)``."""
+    sweep = None
+    if u == "auto":
+        u, sweep = choose_u(model, names, offsets, scores, direction=direction,
+                            zero_bias=zero_bias, batches=val_batches or [],
+                            acc_budget=acc_budget, device=device)
+    if u is None:
+        return None, sweep, torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return float(u), sweep, ops.layer_outliers(scores, offsets, u=u, direction=direction)
+
+
 def prune(model: nn.Module, names: Sequence[str], convs: Sequence[Optional[str]],
-          offsets: Tensor, scores: Tensor, mask: Tensor, *, u: float, direction: str,
+          offsets: Tensor, scores: Tensor, mask: Tensor, *, u: Optional[float], direction: str,
           zero_bias: bool) -> List[Dict[str, Any]]:
     """Zero gamma (and beta with ``zero_bias``) of the flagged channels; return the layer reports.
 
-    ``scores`` and ``mask`` are packed [K] over the layers delimited by ``offsets`` [L+1].
+    ``scores`` and ``mask`` are packed [K] over the layers delimited by ``offsets`` [L+1]; with
+    ``u=None`` (u="auto" kept every channel) the thresholds are reported as NaN.
     """
     modules = dict(model.named_modules())
-    thresholds = reference.layer_thresholds(scores, offsets, u=u, direction=direction)
+    thresholds = (reference.layer_thresholds(scores, offsets, u=u, direction=direction)
+                  if u is not None else torch.full((len(names),), math.nan))
     bounds = offsets.tolist()
     scores, mask = scores.double().cpu(), mask.cpu()
     layers = []
@@ -252,10 +383,11 @@ def prune(model: nn.Module, names: Sequence[str], convs: Sequence[Optional[str]]
 
 
 def report(method: str, score: str, options: Dict[str, Any], samples: int,
-           layers: List[Dict[str, Any]], start: float) -> Dict[str, Any]:
+           layers: List[Dict[str, Any]], start: float, u: Optional[float],
+           sweep: Optional[List[Dict[str, Any]]]) -> Dict[str, Any]:
     """The report dict described in :class:`PruneResult`."""
-    return {"method": method, "score": score, "options": options, "samples": samples,
-            "layers": layers, "num_layers": len(layers),
+    return {"method": method, "score": score, "options": options, "u": u, "sweep": sweep,
+            "samples": samples, "layers": layers, "num_layers": len(layers),
             "num_channels": sum(layer["channels"] for layer in layers),
             "num_pruned": sum(len(layer["pruned"]) for layer in layers),
             "seconds": time.perf_counter() - start}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdfast import reference
+from bdfast import pruning, reference
 from bdfast.data import tensor_loader
 from bdfast.dde import dde_prune
 from bdfast.mbns import mbns_prune
@@ -216,7 +216,8 @@ def test_report_structure():
     json.dumps(report)  # JSON-friendly for report.json
     assert report["method"] == "dde" and report["score"] == "entropy"
     assert report["options"] == {"u": 3.0, "step": 0.01, "reference_compat": False,
-                                 "max_samples": 100, "zero_bias": False}
+                                 "max_samples": 100, "acc_budget": 0.02, "zero_bias": False}
+    assert report["u"] == 3.0 and report["sweep"] is None
     assert report["samples"] == 100 and report["seconds"] > 0
     assert [layer["name"] for layer in report["layers"]] == BN_NAMES
     # Pairing by forward order and tensor identity: the shortcut BN gets the shortcut conv, and
@@ -232,7 +233,7 @@ def test_report_structure():
 
     report = mbns_prune(small_model(), [images()], progress=False).report
     assert report["method"] == "mbns" and report["score"] == "kl"
-    assert report["options"] == {"u": 3.0, "zero_bias": False}
+    assert report["options"] == {"u": 3.0, "acc_budget": 0.02, "zero_bias": False}
 
 
 def test_max_samples_uses_the_first_images():
@@ -240,6 +241,97 @@ def test_max_samples_uses_the_first_images():
     capped = dde_prune(model, tensor_loader(x, batch_size=64), max_samples=100, progress=False)
     direct = dde_prune(model, [x[:100]], progress=False)
     assert torch.allclose(scores(capped), scores(direct), rtol=0, atol=0, equal_nan=True)
+
+
+# --- u="auto" -------------------------------------------------------------------------------
+
+def labelled_images(model, n=160, seed=3):
+    x = images(n, seed)
+    with torch.no_grad():
+        return x, model(x).argmax(1)
+
+
+@pytest.mark.parametrize("method", ["dde", "mbns"])
+@pytest.mark.parametrize("labelled", [False, True])
+@pytest.mark.parametrize("acc_budget", [0.0, 0.05, 0.3])
+def test_auto_keeps_the_smallest_u_within_budget(method, labelled, acc_budget):
+    model = small_model()
+    x_val, y_val = labelled_images(model)
+    val_loader = tensor_loader(x_val, y_val if labelled else None, batch_size=50)
+    prune = dde_prune if method == "dde" else mbns_prune
+    result = prune(model, [images(200)], u="auto", val_loader=val_loader, acc_budget=acc_budget,
+                   progress=False)
+    report = result.report
+    sweep = report["sweep"]
+    assert report["options"]["u"] == "auto" and report["options"]["acc_budget"] == acc_budget
+    assert [s["u"] for s in sweep] == list(pruning.AUTO_U_GRID[:len(sweep)])
+    # Smaller u prunes a superset, and the walk stops at the first u over budget.
+    assert [s["pruned"] for s in sweep] == sorted(s["pruned"] for s in sweep)
+    assert all(s["drop"] <= acc_budget for s in sweep[:-1])
+    if sweep[-1]["drop"] > acc_budget:
+        expected = sweep[-2]["u"] if len(sweep) > 1 else None
+    else:
+        assert len(sweep) == len(pruning.AUTO_U_GRID)
+        expected = sweep[-1]["u"]
+    assert report["u"] == expected
+    # The pruning is exactly that of the chosen u, and its validation accuracy is the sweep's.
+    if expected is None:
+        assert report["num_pruned"] == 0
+    else:
+        fixed = prune(model, [images(200)], u=expected, progress=False)
+        assert [l["pruned"] for l in report["layers"]] == \
+            [l["pruned"] for l in fixed.report["layers"]]
+        assert report["num_pruned"] == next(s["pruned"] for s in sweep if s["u"] == expected)
+        with torch.no_grad():
+            labels = y_val
+            agree = (result.model(x_val).argmax(1) == labels).double().mean().item()
+        assert agree == pytest.approx(next(s["val_acc"] for s in sweep if s["u"] == expected))
+
+
+def test_auto_prunes_nothing_when_even_the_first_u_is_over_budget(monkeypatch):
+    model = small_model()
+    monkeypatch.setattr(pruning, "AUTO_U_GRID", (0.05,))  # prunes about half of every layer
+    x_val, y_val = labelled_images(model)
+    result = mbns_prune(model, [images(200)], u="auto", val_loader=[(x_val, y_val)],
+                        acc_budget=0.0, progress=False)
+    assert result.report["sweep"][0]["drop"] > 0
+    assert result.report["u"] is None and result.report["num_pruned"] == 0
+    assert all(math.isnan(layer["threshold"]) for layer in result.report["layers"])
+    assert all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(),
+                                                 model.state_dict().values()))
+
+
+def test_mbns_auto_holds_out_the_second_half_of_each_batch():
+    model, x = small_model(), images(200)
+    batches = [x[:64], x[64:128], x[128:]]
+    auto = mbns_prune(model, batches, u="auto", progress=False)
+    statistics = [b[:len(b) - len(b) // 2] for b in batches]
+    direct = mbns_prune(model, statistics, progress=False)
+    assert auto.report["samples"] == sum(len(b) for b in statistics) == 100
+    assert torch.equal(scores(auto), scores(direct))
+    assert auto.report["sweep"]
+
+
+def test_auto_never_touches_the_users_model():
+    model = small_model()
+    state = copy.deepcopy(model.state_dict())
+    x_val, y_val = labelled_images(model)
+    dde_prune(model, [images()], u="auto", val_loader=[(x_val, y_val)], acc_budget=0.5,
+              progress=False)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"u": "auto"}, "needs val_loader"),
+    ({"u": "AUTO"}, "u must be"),
+    ({"u": "auto", "val_loader": [], "acc_budget": 0.02}, "empty"),
+    ({"u": "auto", "val_loader": [torch.ones(4, 1, 8, 8, dtype=torch.long)]}, "floating-point"),
+    ({"acc_budget": 1.0}, "acc_budget"), ({"acc_budget": -0.1}, "acc_budget"),
+    ({"acc_budget": True}, "acc_budget"),
+])
+def test_bad_auto_options(options, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        dde_prune(small_model(), [images()], progress=False, **options)
 
 
 # --- bad input ------------------------------------------------------------------------------
