@@ -40,8 +40,8 @@ RatioSpec = Union[str, Mapping[str, float]]
 
 def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
                 ratios: RatioSpec = "adaptive", temperature: Optional[float] = None,
-                lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
-                init: str = "reset", schedule_epochs: Optional[int] = None,
+                lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4,
+                init: str = "kaiming", schedule_epochs: Optional[int] = None,
                 amp: AmpSpec = "auto", device: Any = None, seed: Optional[int] = None,
                 progress: bool = True, eval_fn: Optional[EvalFn] = None) -> nn.Module:
     """Remove a backdoor from ``teacher`` by partial re-initialisation and distillation (BCU).
@@ -56,11 +56,13 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
             unmatched layers keep all their weights).
         temperature: a fixed KD temperature; by default T_e = 1 + 3 (e + 1) / E in epoch
             e = 0..E-1 (the released code).
-        lr, momentum, weight_decay: SGD, with cosine annealing per epoch.
-        init: where the replacement values come from: "reset" (each layer's own
-            ``reset_parameters()``, PyTorch's default init) or "kaiming" (Kaiming-normal with
-            fan_out for conv weights, as the constructors of the released code's models do;
-            larger values in deep layers). See docs/bcu.md.
+        lr, momentum, weight_decay: SGD, with cosine annealing per epoch. ``lr`` 0.05 and
+            ``init="kaiming"`` are the efficacy matrix's choice; the paper's are ``lr=0.01,
+            init="reset"`` (docs/bcu.md has both, with numbers).
+        init: where the replacement values come from: "kaiming" (Kaiming-normal with fan_out
+            for conv weights, as the constructors of the released code's models do; larger
+            values in deep layers) or "reset" (each layer's own ``reset_parameters()``,
+            PyTorch's default init). See docs/bcu.md.
         schedule_epochs: the cosine schedule's horizon in epochs (default ``epochs``: the lr
             reaches 0 at the end); the released code fixes it at 100 whatever ``epochs`` is.
         amp: "auto" (bfloat16 autocast on CUDA, off on CPU), True, False or a dtype.

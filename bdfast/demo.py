@@ -44,18 +44,12 @@ class DemoConfig:
     attack_epochs: int = 30
     finetune_epochs: int = 20
     medic_epochs: int = 60
-    # BCU on 270 images needs the paper's ~20 SGD steps per epoch (batch 16) and lr 0.05; it
-    # settles within 50 epochs (docs/bcu.md has the measurements).
-    bcu_epochs: int = 50
-    bcu_batch_size: int = 16
+    bcu_epochs: int = 100
     batch_size: int = 64
     device: Optional[str] = None
-    # Per-defense keyword overrides. MEDIC's lam 1 and tau 10 (paper: 10 and 5) are what it
-    # needs on these 16x16 digits, where the backdoored teacher is so confident that the
-    # gradient importance is nearly flat (docs/medic.md has the measurements); BCU's lr 0.05
-    # (paper: 0.01) lets distillation overwrite the backdoor on so few images.
-    options: Dict[str, dict] = field(default_factory=lambda: {
-        "medic": {"lam": 1.0, "tau": 10.0}, "bcu": {"lr": 0.05}})
+    # Per-defense keyword overrides, empty by default: the demo shows what a user who calls
+    # each defense with the library's defaults gets.
+    options: Dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
@@ -104,7 +98,7 @@ def _medic(model, data, poisoned, cfg, show):
 
 def _bcu(model, data, poisoned, cfg, show):
     # BCU needs no labels: it is given the clean images only.
-    loader = tensor_loader(data.clean[0], batch_size=cfg.bcu_batch_size, shuffle=True,
+    loader = tensor_loader(data.clean[0], batch_size=cfg.batch_size, shuffle=True,
                            seed=cfg.seed)
     options = dict(epochs=cfg.bcu_epochs, seed=cfg.seed, device=cfg.device, progress=show)
     options.update(cfg.options.get("bcu", {}))
