@@ -50,7 +50,7 @@ class MedicConfig:
 
     epochs: int = 60
     tau: float = 10.0
-    lam: float = 1.0
+    lam: float = 3.0
     lr: float = 1e-2
     weight_decay: float = 1e-4
     layers: LayerSpec = "conv+norm+linear"
@@ -194,7 +194,7 @@ class MedicStep:
 
 
 def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: float = 10.0,
-                lam: float = 1.0, lr: float = 1e-2, weight_decay: float = 1e-4,
+                lam: float = 3.0, lr: float = 1e-2, weight_decay: float = 1e-4,
                 layers: LayerSpec = "conv+norm+linear", signed: bool = False,
                 reference_compat: bool = False, amp: AmpSpec = "auto", device: Any = None,
                 seed: Optional[int] = None, progress: bool = True,
@@ -207,7 +207,7 @@ def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: 
         loader: a small clean set, re-iterable, yielding ``x`` or ``(x, y [B] int64)``.
         epochs, lr, weight_decay: Adam with cosine annealing to 0 over the run (per step).
         tau: softmax temperature of the importance (eqs. 2-3); lam: weight of the clone loss.
-            Defaults 10 and 1, from the efficacy matrix: with the paper's ``tau=5, lam=10`` the
+            Defaults 10 and 3, from the efficacy matrix: with the paper's ``tau=5, lam=10`` the
             blended backdoor comes back through the clone term (docs/medic.md).
         layers: which outputs to clone: "conv+norm+linear" (the paper, Appendix D),
             "conv+bn" (the released code), or module types / names / a predicate.
