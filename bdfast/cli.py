@@ -11,7 +11,6 @@ import argparse
 import ast
 import dataclasses
 import importlib
-import inspect
 import json
 import os
 import signal
@@ -25,9 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from bdfast import defenses
 from bdfast._utils import channels_last_hint, check_pixel_range
-
-METHODS = ("medic", "bcu", "dde", "mbns")
 
 
 class UsageError(Exception):
@@ -228,16 +226,13 @@ def _check_device(value: object, flag: str) -> torch.device:
     return device
 
 
-def _method_options(method: str, options: Dict[str, object]):
-    import bdfast
-    fn = {"medic": bdfast.medic_clone, "bcu": bdfast.bcu_cleanse, "dde": bdfast.dde_prune,
-          "mbns": bdfast.mbns_prune}[method]
-    accepted = [p.name for p in inspect.signature(fn).parameters.values()
-                if p.kind == p.KEYWORD_ONLY]
+def _method_options(method: str, options: Dict[str, object]) -> defenses.Defense:
+    defense = defenses.get(method)
+    accepted = list(defense.options())
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise UsageError(f"unknown --option {unknown} for {method}; it accepts {accepted}")
-    return fn
+    return defense
 
 
 def _one_line(error: BaseException) -> str:
@@ -253,7 +248,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     # Everything that can be checked without running the defense is checked first, so that a
     # mistake costs seconds, not a whole training run.
     options = dict(_parse_option(o) for o in args.option)
-    fn = _method_options(args.method, options)
+    defense = _method_options(args.method, options)
     if "seed" in options:
         raise UsageError("give the seed with --seed, not --option seed=...")
     if args.batch_size < 1:
@@ -268,7 +263,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UsageError(f"--out folder does not exist: {out_dir}")
-    if args.method in ("medic", "bcu"):
+    if defense.trains:
         options["seed"] = args.seed
 
     model = _load_factory(args.arch)
@@ -294,25 +289,24 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         model = model.to(args.device)
         options.setdefault("device", args.device)
 
-    # BCU ignores labels; MEDIC uses them when given; the pruning methods read images only.
-    use_labels = args.method == "medic" and y is not None
+    use_labels = defense.uses_labels and y is not None
     loader = tensor_loader(x, y if use_labels else None, batch_size=args.batch_size,
-                           shuffle=args.method in ("medic", "bcu"), seed=args.seed)
+                           shuffle=defense.trains, seed=args.seed)
     try:
         before = evaluate(model, *evaluation) if evaluation else None
         start = time.perf_counter()
-        result = fn(model, loader, **options)
+        result = defense.run(model, loader, **options)
     except (ValueError, TypeError, FloatingPointError) as error:
         # The defenses validate their options and data with one-sentence errors.
         raise UsageError(f"{args.method}: {_one_line(error)}") from error
-    cleaned = result.model if hasattr(result, "model") else result
+    cleaned = defenses.cleaned_model(defense, result)
     seconds = time.perf_counter() - start
     # Plain Python values (not their repr) so that a run can be repeated from its checkpoint,
     # and so that torch.load(..., weights_only=True) reads the whole file.
     payload = {"state_dict": {k: v.detach().cpu() for k, v in cleaned.state_dict().items()},
                "method": args.method, "options": options, "seed": args.seed,
                "arch": args.arch, "bdfast_version": bdfast.__version__}
-    if hasattr(result, "report"):
+    if defense.returns == "prune":
         payload["report"] = json.loads(json.dumps(result.report, default=_jsonable))
     _save_atomically(payload, args.out)
     print(f"{args.method}: cleaned model written to {args.out} ({seconds:.1f}s)")
@@ -414,12 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
         "clean", help="clean a model checkpoint with one defense",
         description="Load MODULE:FACTORY() with the weights of CKPT, run the chosen defense on "
                     "the images of DATA.npz and save the cleaned state_dict with metadata.",
-        epilog="DATA.npz holds x (N,C,H,W; float in [0,1] or uint8) and optionally y. medic "
-               "uses y when present (else the teacher's labels), bcu/mbns want clean images, "
-               "dde wants the model's (possibly poisoned) training images. Example: bdfast "
+        epilog="DATA.npz holds x (N,C,H,W; float in [0,1] or uint8) and optionally y. "
+               + defenses.data_help() + " Example: bdfast "
                "clean --method mbns --arch bdfast.models:digits_cnn --weights model.pt --data "
                "clean.npz --out cleaned.pt --option u=3")
-    clean.add_argument("--method", required=True, choices=METHODS)
+    clean.add_argument("--method", required=True, choices=defenses.names())
     clean.add_argument("--arch", required=True, metavar="MODULE:FACTORY",
                        help="importable factory that builds the architecture")
     clean.add_argument("--weights", required=True, metavar="CKPT",

@@ -16,6 +16,7 @@ from torch import nn
 
 import bdfast
 from bdfast import attacks as attack_lib
+from bdfast import defenses as defense_table
 from bdfast._utils import progress, resolve_device, write
 from bdfast.data import Digits, load_digits, tensor_loader
 from bdfast.metrics import der, evaluate
@@ -23,7 +24,8 @@ from bdfast.models import digits_cnn
 from bdfast.trainer import train
 
 ATTACKS = ("badnets", "blended", "sig", "wanet")
-DEFENSES = ("none", "finetune", "medic", "bcu", "dde", "mbns")
+# The two baselines, then every library defense.
+DEFENSES = ("none", "finetune") + defense_table.names()
 
 # Measured wall times, in seconds, of `bdfast demo` and `bdfast demo --quick` (all attacks and
 # defenses, seed 0, start to finish) on the 2-core CPU machine of the README's table; the quick
@@ -43,8 +45,8 @@ class DemoConfig:
     poison_rate: float = 0.1
     attack_epochs: int = 30
     finetune_epochs: int = 20
-    medic_epochs: int = 60
-    bcu_epochs: int = 100
+    # Epochs of the training defenses (MEDIC, BCU); None keeps each one's library default.
+    defense_epochs: Optional[int] = None
     batch_size: int = 64
     device: Optional[str] = None
     # Per-defense keyword overrides, empty by default: the demo shows what a user who calls
@@ -53,7 +55,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
-        budget = dict(attack_epochs=4, finetune_epochs=2, medic_epochs=2, bcu_epochs=2)
+        budget = dict(attack_epochs=4, finetune_epochs=2, defense_epochs=2)
         budget.update(overrides)
         return cls(**budget)
 
@@ -88,41 +90,33 @@ def _finetune(model: nn.Module, data: Digits, poisoned, cfg: DemoConfig, show: b
                  device=cfg.device, seed=cfg.seed, progress=show, **cfg.options.get("finetune", {}))
 
 
-def _medic(model, data, poisoned, cfg, show):
-    x, y = data.clean
-    loader = tensor_loader(x, y, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed)
-    options = dict(epochs=cfg.medic_epochs, seed=cfg.seed, device=cfg.device, progress=show)
-    options.update(cfg.options.get("medic", {}))
-    return bdfast.medic_clone(model, loader, **options)
+def _library_runner(name: str) -> Callable:
+    """Runs library defense ``name`` with the data it wants (:mod:`bdfast.defenses`): the clean
+    split, or the poisoned training images the model was trained on."""
+    defense = defense_table.get(name)
 
+    def run(model: nn.Module, data: Digits, poisoned, cfg: DemoConfig, show: bool) -> nn.Module:
+        x, y = poisoned if defense.data == "training" else data.clean
+        labels = y if defense.uses_labels else None
+        options: Dict[str, object] = {"progress": show}
+        if defense.trains:
+            loader = tensor_loader(x, labels, batch_size=cfg.batch_size, shuffle=True,
+                                   seed=cfg.seed)
+            options.update(seed=cfg.seed, device=cfg.device)
+            if cfg.defense_epochs is not None:
+                options["epochs"] = cfg.defense_epochs
+        else:
+            loader = tensor_loader(x, labels, batch_size=256)
+        options.update(cfg.options.get(name, {}))
+        return defense_table.cleaned_model(defense, defense.run(model, loader, **options))
 
-def _bcu(model, data, poisoned, cfg, show):
-    # BCU needs no labels: it is given the clean images only.
-    loader = tensor_loader(data.clean[0], batch_size=cfg.batch_size, shuffle=True,
-                           seed=cfg.seed)
-    options = dict(epochs=cfg.bcu_epochs, seed=cfg.seed, device=cfg.device, progress=show)
-    options.update(cfg.options.get("bcu", {}))
-    return bdfast.bcu_cleanse(model, loader, **options)
-
-
-def _dde(model, data, poisoned, cfg, show):
-    # DDE reads the (poisoned) training set the model was trained on.
-    loader = tensor_loader(poisoned[0], batch_size=256)
-    return bdfast.dde_prune(model, loader, progress=show, **cfg.options.get("dde", {})).model
-
-
-def _mbns(model, data, poisoned, cfg, show):
-    loader = tensor_loader(data.clean[0], batch_size=256)
-    return bdfast.mbns_prune(model, loader, progress=show, **cfg.options.get("mbns", {})).model
+    return run
 
 
 DEFENSE_RUNNERS: Dict[str, Callable] = {
     "none": lambda model, data, poisoned, cfg, show: model,
     "finetune": _finetune,
-    "medic": _medic,
-    "bcu": _bcu,
-    "dde": _dde,
-    "mbns": _mbns,
+    **{name: _library_runner(name) for name in defense_table.names()},
 }
 
 
