@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -106,6 +107,49 @@ def test_partial_reinit_replaces_a_share_p_and_leaves_norm_layers_alone():
     assert w_new[changed].abs().max() <= bound + 1e-6
 
 
+@pytest.mark.parametrize("init", ["reset", "kaiming"])
+def test_partial_reinit_draws_from_the_chosen_init(init):
+    """The replaced values of a conv follow the init's distribution: Kaiming-normal with fan_out
+    (std sqrt(2 / fan_out)) or reset_parameters' Kaiming-uniform(a=sqrt(5)), bound
+    1/sqrt(fan_in), std bound/sqrt(3). A linear layer is reset either way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, bias=False), nn.Flatten(), nn.Linear(64, 10))
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.fill_(10.0)  # far from any init, so that every replaced value shows
+    student = copy.deepcopy(teacher)
+    torch.manual_seed(1)
+    partial_reinit(student, {"0": 1.0, "2": 1.0}, init=init)
+    conv = student[0].weight.double()
+    fan_in = fan_out = 64 * 9
+    expected = (2 / fan_out) ** 0.5 if init == "kaiming" else (1 / fan_in ** 0.5) / 3 ** 0.5
+    assert conv.std().item() == pytest.approx(expected, rel=0.03)
+    assert conv.mean().item() == pytest.approx(0, abs=4 * expected / conv.numel() ** 0.5)
+    assert student[2].weight.abs().max().item() <= 1 / 64 ** 0.5 + 1e-6
+
+
+def test_schedule_epochs_sets_the_cosine_horizon(digits, monkeypatch):
+    """The lr of epoch e is lr (1 + cos(pi e / E)) / 2 with E = schedule_epochs, or epochs."""
+    x = digits.clean[0][:32]
+    teacher = digits_cnn().eval()
+    used = []
+    sgd_step = torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return sgd_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    for horizon in (None, 100):
+        used.clear()
+        bcu_cleanse(teacher, [x], epochs=4, lr=0.05, schedule_epochs=horizon, seed=0,
+                    progress=False)
+        span = 4 if horizon is None else horizon
+        assert used == pytest.approx([0.05 * (1 + math.cos(math.pi * e / span)) / 2
+                                      for e in range(4)])
+
+
 def test_bcu_runs_ignores_labels_is_reproducible_and_leaves_the_teacher_alone(digits):
     torch.manual_seed(0)
     teacher = digits_cnn().train()
@@ -132,7 +176,9 @@ def test_bcu_bad_input(digits):
         bcu_cleanse(teacher, iter([x]), **FAST)
     with pytest.raises(ValueError, match="batch 0 of the loader must hold a non-empty float"):
         bcu_cleanse(teacher, [x[:0]], **FAST)
-    for option, value in (("epochs", 0), ("temperature", 0.0), ("lr", -1.0), ("amp", "fp8")):
+    for option, value in (("epochs", 0), ("temperature", 0.0), ("lr", -1.0), ("amp", "fp8"),
+                          ("init", "xavier"), ("init", ["reset"]), ("schedule_epochs", 0),
+                          ("schedule_epochs", 2.5)):
         with pytest.raises(ValueError, match=option):
             bcu_cleanse(teacher, [x], **{**FAST, option: value})
     with pytest.raises(FloatingPointError, match="non-finite at epoch 1, step 2"):
