@@ -255,23 +255,37 @@ def _cell(row: Dict[str, Any]) -> Tuple[str, str, str]:
 def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Per defense setting: how many (cell, seed) runs meet the bound, on implanted backdoors.
 
-    A run counts only where the backdoor took (ASR before >= 0.5); SIG on these small images
-    often does not implant, and then no defense can be said to remove it."""
-    by_setting: Dict[Tuple[str, str], Dict[str, Any]] = {}
+    Settings with the same options are one entry, named by all their labels ("default =
+    lam3-tau10" once the library's default is that candidate). A run counts only where the
+    backdoor took (ASR before >= 0.5); SIG on these small images often does not implant, and
+    then no defense can be said to remove it."""
+    by_options: Dict[Tuple[str, str], Dict[str, Any]] = {}
     for row in rows:
         if row["defense"] == "none" or row["asr_before"] < 0.5:
             continue
-        entry = by_setting.setdefault((row["defense"], row["setting"]),
-                                      {"defense": row["defense"], "setting": row["setting"],
-                                       "options": row["options"], "runs": 0, "meets": 0,
-                                       "worst_drop": 0.0, "worst_asr": 0.0})
-        entry["runs"] += 1
-        entry["meets"] += int(row["meets"])
+        key = (row["defense"], json.dumps(row["options"], sort_keys=True))
+        entry = by_options.setdefault(key, {"defense": row["defense"], "labels": set(),
+                                            "options": row["options"], "runs": set(),
+                                            "meets": set(), "worst_drop": 0.0,
+                                            "worst_asr": 0.0})
+        run = (row["data"], row["arch"], row["attack"], row["seed"], row["threads"])
+        entry["labels"].add(row["setting"])
+        entry["runs"].add(run)
+        if row["meets"]:
+            entry["meets"].add(run)
         entry["worst_drop"] = max(entry["worst_drop"], row["acc_before"] - row["acc"])
         entry["worst_asr"] = max(entry["worst_asr"], row["asr"])
-    return {"bound": {"asr_max": ASR_MAX, "max_acc_drop": MAX_ACC_DROP},
-            "settings": sorted(by_setting.values(),
-                               key=lambda e: (e["defense"], -e["meets"] / max(e["runs"], 1)))}
+    settings = []
+    for entry in by_options.values():
+        labels = sorted(entry["labels"], key=lambda label: (label != "default", label))
+        named = next((label for label in labels if label != "default"), "default")
+        settings.append({"defense": entry["defense"], "setting": " = ".join(labels),
+                         "options": SETTINGS[entry["defense"]][named] or "library defaults",
+                         "runs": len(entry["runs"]),
+                         "meets": len(entry["meets"]), "worst_drop": entry["worst_drop"],
+                         "worst_asr": entry["worst_asr"]})
+    settings.sort(key=lambda e: (e["defense"], -e["meets"] / max(e["runs"], 1)))
+    return {"bound": {"asr_max": ASR_MAX, "max_acc_drop": MAX_ACC_DROP}, "settings": settings}
 
 
 def markdown(rows: List[Dict[str, Any]]) -> str:
@@ -283,9 +297,8 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
              "| defense | setting | options | meets / runs | worst ACC drop | worst ASR |",
              "|---|---|---|---:|---:|---:|"]
     for e in summary(rows)["settings"]:
-        shown = {k: v for k, v in e["options"].items()
-                 if k in SETTINGS[e["defense"]].get(e["setting"], {}) or e["setting"] == "default"}
-        lines.append(f"| {e['defense']} | {e['setting']} | `{json.dumps(shown)}` | "
+        shown = e["options"] if isinstance(e["options"], str) else f"`{json.dumps(e['options'])}`"
+        lines.append(f"| {e['defense']} | {e['setting']} | {shown} | "
                      f"{e['meets']} / {e['runs']} | {e['worst_drop']:.3f} | {e['worst_asr']:.3f} |")
     columns = sorted({(r["defense"], r["setting"]) for r in rows},
                      key=lambda c: (DEFENSES.index(c[0]) if c[0] in DEFENSES else 99, c[1]))
