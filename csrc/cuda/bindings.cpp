@@ -20,9 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "cuda/launchers.h"
-#include "medic_checks.h"
-#include "offsets_checks.h"
 #include "ops.h"
 
 namespace bdfast::cuda {
@@ -178,8 +177,7 @@ std::vector<at::Tensor> medic_clone_loss_backward(const at::Tensor& grad_loss, a
                                                   at::TensorList mu, at::TensorList sigma,
                                                   const at::Tensor& row_stats, double tau,
                                                   double eps, bool signed_scores) {
-  TORCH_CHECK(!s.empty(), "medic_clone_loss: t, s, g, mu and sigma must be non-empty lists of "
-              "equal length");
+  check_medic_lists(t, s, g, mu, sigma);  // before the gradients are allocated like s
   std::vector<at::Tensor> grads;
   grads.reserve(s.size());
   for (const auto& s_l : s) grads.push_back(at::empty_like(s_l));  // keeps s's memory format
@@ -208,14 +206,7 @@ std::vector<at::Tensor> medic_clone_loss_backward(const at::Tensor& grad_loss, a
 
 at::Tensor histogram_entropy(const at::Tensor& x_in, const at::Tensor& offsets, double step,
                              bool reference_compat) {
-  TORCH_CHECK(x_in.dim() == 2, "histogram_entropy: x must be a 2-D tensor [N, K], got shape ",
-              x_in.sizes());
-  const int8_t dtype = dtype_code(x_in.scalar_type());
-  TORCH_CHECK(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16,
-              "histogram_entropy: x must be float32, float16 or bfloat16, got ",
-              x_in.scalar_type());
-  TORCH_CHECK(step > 0 && std::isfinite(step), "histogram_entropy: step must be positive, got ",
-              step);
+  check_histogram_input(x_in, step);
   check_on(offsets, x_in.device(), "histogram_entropy", "offsets");
   const c10::cuda::CUDAGuard guard(x_in.device());
   check_offsets_unless_capturing(offsets, x_in.size(1), "histogram_entropy", "columns of x");
@@ -232,7 +223,7 @@ at::Tensor histogram_entropy(const at::Tensor& x_in, const at::Tensor& offsets, 
   }
   HistogramArgs args{};
   args.x = x.data_ptr();
-  args.dtype = dtype;
+  args.dtype = dtype_code(x.scalar_type());
   args.n = n;
   args.k = k;
   args.offsets = bounds.data_ptr<int64_t>();
@@ -264,9 +255,7 @@ at::Tensor histogram_entropy(const at::Tensor& x_in, const at::Tensor& offsets, 
 
 at::Tensor gaussian_kl(const at::Tensor& mu_p, const at::Tensor& var_p, const at::Tensor& mu_q,
                        const at::Tensor& var_q, double eps) {
-  TORCH_CHECK(mu_p.dim() == 1 && var_p.sizes() == mu_p.sizes() && mu_q.sizes() == mu_p.sizes() &&
-                  var_q.sizes() == mu_p.sizes(),
-              "gaussian_kl: mu_p, var_p, mu_q and var_q must be 1-D tensors of the same length");
+  check_gaussian_kl_shapes(mu_p, var_p, mu_q, var_q);
   const char* names[4] = {"mu_p", "var_p", "mu_q", "var_q"};
   const at::Tensor* inputs[4] = {&mu_p, &var_p, &mu_q, &var_q};
   const c10::cuda::CUDAGuard guard(mu_p.device());
@@ -295,11 +284,7 @@ at::Tensor gaussian_kl(const at::Tensor& mu_p, const at::Tensor& var_p, const at
 
 at::Tensor layer_outliers(const at::Tensor& scores, const at::Tensor& offsets, double u,
                           bool high) {
-  TORCH_CHECK(scores.dim() == 1, "layer_outliers: scores must be a 1-D tensor [K], got shape ",
-              scores.sizes());
-  const int8_t dtype = dtype_code(scores.scalar_type());
-  TORCH_CHECK(dtype >= 0, "layer_outliers: scores must be float32, float16, bfloat16 or "
-              "float64, got ", scores.scalar_type());
+  check_layer_outliers_scores(scores);
   check_on(offsets, scores.device(), "layer_outliers", "offsets");
   TORCH_CHECK(offsets.numel() - 1 <= kInt32Max, "layer_outliers: too many layers");
   const c10::cuda::CUDAGuard guard(scores.device());
@@ -310,7 +295,7 @@ at::Tensor layer_outliers(const at::Tensor& scores, const at::Tensor& offsets, d
   auto out = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
   LayerOutliersArgs args{};
   args.scores = values.data_ptr();
-  args.dtype = dtype;
+  args.dtype = dtype_code(scores.scalar_type());
   args.k = scores.numel();
   args.offsets = bounds.data_ptr<int64_t>();
   args.num_layers = bounds.numel() - 1;
