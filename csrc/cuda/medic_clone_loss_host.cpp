@@ -1,68 +1,31 @@
-// Host side of the CUDA ops: checks the tensors, allocates outputs and workspace, and calls the
-// launchers of csrc/cuda/<op>.cu on the current stream. Nothing here waits for the device.
-//
-// One g++-compiled file for all four ops: the .cu files stay free of torch headers (nvcc is slow
-// on them), and a file per op would both cost a torch-header compile each and collide with the
-// .cu object of the same name in torch's extension build.
+// Host half of the CUDA medic_clone_loss and its backward: checks every layer, describes the
+// layers for the kernels (MedicLayer), allocates the outputs and the forward's workspace, and
+// launches the kernels of medic_clone_loss.cu on the current stream, one launch per group of up
+// to kMedicMaxLayers layers. Nothing here waits for the device.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <limits>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
-#include "checks.h"
-#include "cuda/launchers.h"
+#include "cuda/host_common.h"
 #include "ops.h"
 
 namespace bdfast::cuda {
 namespace {
 
-constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-
-// The kernels' code for a dtype they read, or -1.
-int8_t dtype_code(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return kFloat32;
-    case at::kHalf: return kFloat16;
-    case at::kBFloat16: return kBFloat16;
-    case at::kDouble: return kFloat64;
-    default: return -1;
-  }
-}
-
-void check_on(const at::Tensor& x, const at::Device& device, const char* op,
-              const std::string& name) {
-  TORCH_CHECK(x.device() == device, op, ": ", name, " is on ", x.device(),
-              " but the other inputs are on ", device,
-              "; all inputs must be on the same CUDA device");
-}
-
-// The kernels index with the layer boundaries, so the op checks them itself (the Python
-// wrapper's check is skipped under torch.compile): on a host copy of the L+1 values, which
-// costs one synchronisation. A stream being captured into a CUDA graph cannot synchronise, so
-// there the caller's boundaries are trusted, as the graph replays them unchanged.
-void check_offsets_unless_capturing(const at::Tensor& offsets, int64_t k, const char* op,
-                                    const char* what) {
-  check_offsets_kind(offsets, op);
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
-    checked_offsets(offsets, k, op, what);
-}
-
+// Whether p lies on a 16-byte boundary, as the kernels' 16-byte vector loads need.
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// ---------------------------------------------------------------------------------------------
-// medic_clone_loss
-
+// Every layer of one call, described for the kernels, and the call's totals of rows and tiles.
 struct MedicCall {
   std::vector<MedicLayer> layers;
   int64_t rows = 0, tiles = 0;
@@ -199,111 +162,6 @@ std::vector<at::Tensor> medic_clone_loss_backward(const at::Tensor& grad_loss, a
     return launch_medic_backward(*launch, tiles, stream);
   });
   return grads;
-}
-
-// ---------------------------------------------------------------------------------------------
-// histogram_entropy
-
-at::Tensor histogram_entropy(const at::Tensor& x_in, const at::Tensor& offsets, double step,
-                             bool reference_compat) {
-  check_histogram_input(x_in, step);
-  check_on(offsets, x_in.device(), "histogram_entropy", "offsets");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  check_offsets_unless_capturing(offsets, x_in.size(1), "histogram_entropy", "columns of x");
-  const auto x = x_in.contiguous();
-  const auto bounds = offsets.contiguous();
-  const int64_t n = x.size(0), k = x.size(1);
-  TORCH_CHECK(k <= kInt32Max, "histogram_entropy: x has ", k, " columns; the CUDA kernel supports "
-              "up to 2^31 - 1");
-  auto out = at::empty({k}, x.options().dtype(at::kFloat));
-  if (k == 0) return out;
-  if (n < 2) {  // a standard deviation needs two samples: every column is undefined
-    out.fill_(std::numeric_limits<float>::quiet_NaN());
-    return out;
-  }
-  HistogramArgs args{};
-  args.x = x.data_ptr();
-  args.dtype = dtype_code(x.scalar_type());
-  args.n = n;
-  args.k = k;
-  args.offsets = bounds.data_ptr<int64_t>();
-  args.num_layers = bounds.numel() - 1;
-  args.step = step;
-  // Standardised values of one column span at most sqrt(2 (N - 1)) (the sum of squared
-  // deviations is (N - 1) sd^2), so this many bins hold a column in one pass; more passes only
-  // follow for a step too small for shared memory.
-  const double bins = std::ceil(std::sqrt(2.0 * static_cast<double>(n - 1)) / step) + 3;
-  TORCH_CHECK(bins < 1e15, "histogram_entropy: step is too small for the spread of the "
-              "standardised values (up to ", bins, " bins)");
-  args.window = static_cast<int32_t>(std::min<double>(bins, kHistogramMaxWindow));
-  args.out = out.data_ptr<float>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (!reference_compat) {
-    C10_CUDA_CHECK(launch_histogram_own_grid(args, stream));
-    return out;
-  }
-  auto column_stats = at::empty({k, 4}, x.options().dtype(at::kFloat));
-  auto layer_keys = at::empty({2 * args.num_layers}, x.options().dtype(at::kInt));
-  args.column_stats = reinterpret_cast<float4*>(column_stats.data_ptr<float>());
-  args.layer_keys = reinterpret_cast<uint32_t*>(layer_keys.data_ptr<int32_t>());
-  C10_CUDA_CHECK(launch_histogram_layer_grid(args, stream));
-  return out;
-}
-
-// ---------------------------------------------------------------------------------------------
-// gaussian_kl
-
-at::Tensor gaussian_kl(const at::Tensor& mu_p, const at::Tensor& var_p, const at::Tensor& mu_q,
-                       const at::Tensor& var_q, double eps) {
-  check_gaussian_kl_shapes(mu_p, var_p, mu_q, var_q);
-  const char* names[4] = {"mu_p", "var_p", "mu_q", "var_q"};
-  const at::Tensor* inputs[4] = {&mu_p, &var_p, &mu_q, &var_q};
-  const c10::cuda::CUDAGuard guard(mu_p.device());
-  GaussianKlArgs args{};
-  at::Tensor contiguous[4];
-  for (int i = 0; i < 4; ++i) {
-    check_on(*inputs[i], mu_p.device(), "gaussian_kl", names[i]);
-    args.dtype[i] = dtype_code(inputs[i]->scalar_type());
-    TORCH_CHECK(args.dtype[i] >= 0, "gaussian_kl: ", names[i], " must be float32, float16, "
-                "bfloat16 or float64, got ", inputs[i]->scalar_type());
-    contiguous[i] = inputs[i]->contiguous();
-    args.v[i] = contiguous[i].data_ptr();
-    args.in_double = args.in_double || args.dtype[i] == kFloat64;
-  }
-  auto out = at::empty(mu_p.sizes(), mu_p.options().dtype(at::kFloat));
-  args.k = mu_p.numel();
-  if (args.k == 0) return out;
-  args.eps = eps;
-  args.out = out.data_ptr<float>();
-  C10_CUDA_CHECK(launch_gaussian_kl(args, c10::cuda::getCurrentCUDAStream()));
-  return out;
-}
-
-// ---------------------------------------------------------------------------------------------
-// layer_outliers
-
-at::Tensor layer_outliers(const at::Tensor& scores, const at::Tensor& offsets, double u,
-                          bool high) {
-  check_layer_outliers_scores(scores);
-  check_on(offsets, scores.device(), "layer_outliers", "offsets");
-  TORCH_CHECK(offsets.numel() - 1 <= kInt32Max, "layer_outliers: too many layers");
-  const c10::cuda::CUDAGuard guard(scores.device());
-  // With bad boundaries the kernel would leave mask entries unwritten.
-  check_offsets_unless_capturing(offsets, scores.numel(), "layer_outliers", "scores");
-  const auto values = scores.contiguous();
-  const auto bounds = offsets.contiguous();
-  auto out = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
-  LayerOutliersArgs args{};
-  args.scores = values.data_ptr();
-  args.dtype = dtype_code(scores.scalar_type());
-  args.k = scores.numel();
-  args.offsets = bounds.data_ptr<int64_t>();
-  args.num_layers = bounds.numel() - 1;
-  args.u = u;
-  args.high = high;
-  args.out = out.data_ptr<bool>();
-  C10_CUDA_CHECK(launch_layer_outliers(args, c10::cuda::getCurrentCUDAStream()));
-  return out;
 }
 
 }  // namespace bdfast::cuda
