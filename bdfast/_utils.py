@@ -26,6 +26,20 @@ def seed_everything(seed: Optional[int]) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every module of ``model`` is in eval mode, so that a forward pass does
+    not move BatchNorm running statistics or drop units; afterwards each module gets its own
+    train/eval flag back (``model.train(was_training)`` would flatten them into one)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
 def resolve_device(device: Any, model: Optional[nn.Module] = None) -> torch.device:
     """``device`` if given, else the device of the model's first parameter, else the CPU."""
     if device is not None:

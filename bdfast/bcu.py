@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bdfast._utils import (check_logits, copy_without_hooks, iter_batches, model_input_errors,
-                           resolve_device, seed_everything)
+from bdfast._utils import (check_logits, copy_without_hooks, eval_mode, iter_batches,
+                           model_input_errors, resolve_device, seed_everything)
 from bdfast.hooks import CONV, LINEAR
 from bdfast.training import AmpSpec, EvalFn, check_images, check_loader, fit, resolve_amp
 
@@ -199,16 +199,12 @@ def _forward_order(model: nn.Module, layers: Mapping[str, nn.Module],
         return record
 
     handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # a train-mode forward would move the BatchNorm running statistics
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             model(x)
     finally:
         for handle in handles:
             handle.remove()
-        for m, mode in modes:
-            m.training = mode
     if not order:
         raise ValueError("no Conv or Linear layer ran in the model's forward pass")
     return list(order.items())

@@ -17,7 +17,7 @@ from typing import Dict, Mapping
 import torch
 from torch import Tensor, nn
 
-from bdfast._utils import check_labelled_images, resolve_device
+from bdfast._utils import check_labelled_images, eval_mode, resolve_device
 
 __all__ = ["evaluate", "der", "predict"]
 
@@ -50,9 +50,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, attack=None,
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         y = y.to(x.device)
         pred = predict(model, x, batch_size)
         result = {"acc": (pred == y).float().mean().item()}
@@ -72,9 +70,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, attack=None,
                 hit = pred_t == attack.target_labels(ye, num_classes)
                 result["asr"] = hit.float().mean().item()
                 result["ra"] = (pred_t == ye).float().mean().item()
-    finally:
-        for module, mode in modes:
-            module.training = mode
     return result
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bdfast import reference
-from bdfast._utils import (check_not_tensor, check_pixel_range, copy_without_hooks,
+from bdfast._utils import (check_not_tensor, check_pixel_range, copy_without_hooks, eval_mode,
                            hooks_set_aside, iter_batches, model_input_errors,
                            progress as _progress, resolve_device)
 from bdfast.hooks import BATCHNORM, CONV
@@ -132,13 +132,11 @@ def bn_input_pass(model: nn.Module, names: Sequence[str], loader: Iterable,
         return hook
 
     total = len(loader) if hasattr(loader, "__len__") else None
-    modes = [(m, m.training) for m in model.modules()]
     handles: list = []
     seen, convs = 0, None
-    model.eval()
     try:
         # With inplace=True this is the user's model: its own hooks must not fire here.
-        with torch.no_grad(), hooks_set_aside(model):
+        with torch.no_grad(), eval_mode(model), hooks_set_aside(model):
             for x, _ in _progress(iter_batches(loader), enabled=progress, desc=desc,
                                   unit="batch", total=total):
                 if x.dim() < 2 or not x.is_floating_point():
@@ -165,8 +163,6 @@ def bn_input_pass(model: nn.Module, names: Sequence[str], loader: Iterable,
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in modes:
-            module.training = mode
     return seen, convs
 
 
