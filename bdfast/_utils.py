@@ -9,6 +9,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 try:
@@ -24,6 +25,11 @@ def seed_everything(seed: Optional[int]) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def distributed() -> bool:
+    """Whether a torch.distributed process group is running (launched with torchrun)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 @contextlib.contextmanager

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bdfast import ops
-from bdfast.pruning import (PruneResult, bn_input_pass, check_finite, check_options, distributed,
+from bdfast._utils import distributed
+from bdfast.pruning import (PruneResult, bn_input_pass, check_finite, check_options,
                             layer_offsets, prepare, prune, report)
 from bdfast.stats import ChannelMoments
 

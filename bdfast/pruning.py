@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from bdfast import reference
@@ -194,11 +193,6 @@ def conv_feeding(model: nn.Module, names: Sequence[str], x: Tensor) -> List[Opti
         for handle in handles:
             handle.remove()
     return [feeding.get(n) for n in names]
-
-
-def distributed() -> bool:
-    """Whether a torch.distributed process group is running (SPEC section 8)."""
-    return dist.is_available() and dist.is_initialized()
 
 
 def layer_offsets(model: nn.Module, names: Sequence[str], device: torch.device) -> Tensor:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bdfast._utils import (check_finite_parameters, check_not_tensor, check_pixel_range,
-                           iter_batches, progress as _progress)
+                           distributed, iter_batches, progress as _progress)
 
 StepFn = Callable[[nn.Module, Tensor, Optional[Tensor], int], Tensor]
 EvalFn = Callable[[nn.Module, int], Any]
@@ -75,11 +75,6 @@ def check_images(index: int, x: Tensor) -> None:
         raise ValueError(f"batch {index} of the loader must hold a non-empty float image tensor "
                          f"[B, C, H, W], got shape {list(x.shape)} and dtype {x.dtype}")
     check_pixel_range(x, f"batch {index} of the loader")
-
-
-def distributed() -> bool:
-    """Whether a torch.distributed process group is running (launched with torchrun)."""
-    return dist.is_available() and dist.is_initialized()
 
 
 def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.optim.Optimizer,
