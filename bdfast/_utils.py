@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import numbers
 import random
 from collections import OrderedDict
 from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
@@ -25,6 +27,31 @@ def seed_everything(seed: Optional[int]) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def check_number(value: Any, name: str, *, integer: bool = False, minimum: Optional[float] = None,
+                 allow_none: bool = False, note: str = "") -> Any:
+    """``value`` unchanged, or a ValueError naming ``name`` and ``value`` in one sentence.
+
+    ``value`` must be an int (``integer``) or a finite real number, never a bool, that is > 0,
+    or >= ``minimum`` when given; ``None`` passes with ``allow_none``. ``note`` is added to the
+    sentence to say what the option means, e.g. " (the histogram bin width)".
+    """
+    if allow_none and value is None:
+        return value
+    kind = int if integer else numbers.Real
+    if isinstance(value, kind) and not isinstance(value, bool):
+        low_ok = value > 0 if minimum is None else value >= minimum
+        if low_ok and value < math.inf:  # NaN fails both comparisons
+            return value
+    noun = "int" if integer else "finite number"
+    if minimum is None:
+        wanted = f"a positive {noun}"
+    else:
+        wanted = f"{'an' if integer else 'a'} {noun} >= {minimum:g}"
+    if allow_none:
+        wanted = f"None or {wanted}"
+    raise ValueError(f"{name} must be {wanted}{note}, got {value!r}")
 
 
 def distributed() -> bool:

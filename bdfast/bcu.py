@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bdfast._utils import (check_logits, copy_without_hooks, eval_mode, iter_batches,
-                           model_input_errors, resolve_device, seed_everything)
+from bdfast._utils import (check_logits, check_number, copy_without_hooks, eval_mode,
+                           iter_batches, model_input_errors, resolve_device, seed_everything)
 from bdfast.hooks import CONV, LINEAR
 from bdfast.training import AmpSpec, EvalFn, check_images, check_loader, fit, resolve_amp
 
@@ -240,16 +240,11 @@ def _ratio(value: Any, what: str) -> float:
 
 
 def _check_options(epochs, temperature, lr, momentum, weight_decay, eval_fn) -> None:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    if temperature is not None and not (isinstance(temperature, (int, float))
-                                        and 0 < temperature < float("inf")):
-        raise ValueError(f"temperature must be a positive number or None, got {temperature!r}")
-    if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    check_number(epochs, "epochs", integer=True)
+    check_number(temperature, "temperature", allow_none=True)
+    check_number(lr, "lr")
     for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
-        if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        check_number(value, name, minimum=0)
     if eval_fn is not None and not callable(eval_fn):
         raise TypeError(f"eval_fn must be callable (model, epoch) -> result, got "
                         f"{type(eval_fn).__name__}")

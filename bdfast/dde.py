@@ -9,7 +9,6 @@ u standard deviations below their layer's mean entropy.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Iterable, List, Optional
 
@@ -18,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bdfast import ops
-from bdfast._utils import distributed
+from bdfast._utils import check_number, distributed
 from bdfast.pruning import (PruneResult, bn_input_pass, check_finite, check_options,
                             layer_offsets, prepare, prune, report)
 
@@ -56,13 +55,10 @@ def dde_prune(model: nn.Module, loader: Iterable, *, u: float = 3.0, step: float
     samples are gathered, so all ranks prune the same channels.
     """
     check_options(u, zero_bias, inplace)
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < math.inf:
-        raise ValueError(f"step must be a positive finite bin width, got {step!r}")
+    check_number(step, "step", note=" (the histogram bin width)")
     if not isinstance(reference_compat, bool):
         raise TypeError(f"reference_compat must be True or False, got {reference_compat!r}")
-    if max_samples is not None and (isinstance(max_samples, bool)
-                                    or not isinstance(max_samples, int) or max_samples < 2):
-        raise ValueError(f"max_samples must be None or an int >= 2, got {max_samples!r}")
+    check_number(max_samples, "max_samples", integer=True, minimum=2, allow_none=True)
     start = time.perf_counter()
     work, names, device = prepare(model, method="dde_prune", inplace=inplace, device=device)
 

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from bdfast import ops
 from bdfast.ops._dispatch import BACKENDS
-from bdfast._utils import (check_logits, copy_without_hooks, iter_batches, model_input_errors,
-                           resolve_device, seed_everything)
+from bdfast._utils import (check_logits, check_number, copy_without_hooks, iter_batches,
+                           model_input_errors, resolve_device, seed_everything)
 from bdfast.hooks import (LayerSpec, Tap, disable_inplace, find_inplace_overwrites, select_layers,
                           warn_inplace)
 from bdfast.stats import ChannelMoments
@@ -67,15 +67,10 @@ class MedicConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "eval_every"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("tau", "lam", "lr", "weight_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    value >= 0 and value < float("inf")):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+            check_number(value, name, integer=True)
+        for name in ("tau", "lam", "weight_decay"):
+            check_number(getattr(self, name), name, minimum=0)
+        check_number(self.lr, "lr")
         if self.labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {self.labels!r}")
         if self.backend not in BACKENDS:

@@ -9,7 +9,6 @@ beta. The statistics pass runs a working model in eval mode under ``no_grad``; u
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -18,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from bdfast import reference
-from bdfast._utils import (check_not_tensor, check_pixel_range, copy_without_hooks, eval_mode,
-                           hooks_set_aside, iter_batches, model_input_errors,
-                           progress as _progress, resolve_device)
+from bdfast._utils import (check_not_tensor, check_number, check_pixel_range,
+                           copy_without_hooks, eval_mode, hooks_set_aside, iter_batches,
+                           model_input_errors, progress as _progress, resolve_device)
 from bdfast.hooks import BATCHNORM, CONV
 
 __all__ = ["PruneResult"]
@@ -56,9 +55,7 @@ class PruneResult:
 
 def check_options(u: float, zero_bias: bool, inplace: bool) -> None:
     """The options both defenses share; one sentence naming the bad one."""
-    if isinstance(u, bool) or not isinstance(u, (int, float)) or not (0 < u < math.inf):
-        raise ValueError(f"u must be a positive finite number (the threshold is u standard "
-                         f"deviations from the layer mean), got {u!r}")
+    check_number(u, "u", note=" (the threshold is u standard deviations from the layer mean)")
     for name, value in (("zero_bias", zero_bias), ("inplace", inplace)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
