@@ -110,15 +110,41 @@ def channels_last_hint(shape: Sequence[int]) -> str:
     return ""
 
 
+class ImageDtypeError(TypeError, ValueError):
+    """Images whose dtype is not floating point.
+
+    A TypeError by kind; also a ValueError because the defenses' training loop and the lab's
+    evaluate and train have always reported such images as one, and callers catch it as such.
+    """
+
+
+def check_images(x: Any, what: str = "x", *, any_rank: bool = False,
+                 nonempty: bool = False) -> None:
+    """One-sentence error naming ``what`` unless ``x`` is a floating-point image tensor
+    [B, C, H, W].
+
+    ``any_rank`` accepts any [B, C, *rest] of two or more dimensions (a defense takes whatever
+    its model takes) and ``nonempty`` refuses B = 0. Raises TypeError for a non-tensor,
+    :class:`ImageDtypeError` for a dtype that is not floating point and ValueError for a wrong
+    shape. The values are checked apart, by :func:`check_pixel_range`.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    rank_ok = x.dim() >= 2 if any_rank else x.dim() == 4
+    if x.is_floating_point() and rank_ok and not (nonempty and len(x) == 0):
+        return
+    error = ValueError if x.is_floating_point() else ImageDtypeError
+    raise error(f"{what} must hold a {'non-empty ' if nonempty else ''}floating-point image "
+                f"tensor {'[B, C, ...]' if any_rank else '[B, C, H, W]'}, got shape "
+                f"{list(x.shape)} and dtype {x.dtype}")
+
+
 def check_labelled_images(model: Any, x: Any, y: Any) -> None:
     """One-sentence errors unless ``model`` is a module, ``x`` a floating-point [N, C, H, W]
     tensor of images in [0, 1] (see :func:`check_pixel_range`) and ``y`` an int64 tensor [N]."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError("x must be a floating-point image tensor [N, C, H, W], got "
-                         + (f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor)
-                            else type(x).__name__))
+    check_images(x)
     if not isinstance(y, Tensor) or y.shape != (len(x),) or y.dtype != torch.long:
         raise ValueError(f"y must be an int64 tensor of shape [{len(x)}] matching x, got "
                          + (f"shape {tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor)

@@ -28,20 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bdfast._utils import check_number
+from bdfast._utils import check_images, check_number
 
 __all__ = ["Attack", "BadNets", "Blended", "SIG", "WaNet", "get", "names"]
 
 BADNETS_PATTERN = ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 1.0))
-
-
-def _check_images(x: Tensor, what: str = "x") -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{what} must be an image batch [B, C, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{what} must be a floating-point tensor in [0, 1], got {x.dtype}")
 
 
 class Attack:
@@ -68,7 +59,7 @@ class Attack:
 
     def apply(self, x: Tensor) -> Tensor:
         """The triggered copy of ``x [B, C, H, W]`` in [0, 1]; same shape, dtype and device."""
-        _check_images(x)
+        check_images(x)
         return self._apply(x)
 
     def _apply(self, x: Tensor) -> Tensor:
@@ -97,7 +88,7 @@ class Attack:
         keep the label). Returns ``(x_poisoned [N, C, H, W], y_poisoned [N], poisoned_mask [N]
         bool)``; the inputs are not modified.
         """
-        _check_images(x)
+        check_images(x)
         if not isinstance(y, Tensor) or y.dim() != 1 or len(y) != len(x):
             raise ValueError(f"y must be a label tensor of shape [{len(x)}] matching x, got "
                              f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")

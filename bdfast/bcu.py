@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from bdfast._utils import (check_logits, check_number, copy_without_hooks, eval_mode,
                            iter_batches, model_input_errors, resolve_device, seed_everything)
 from bdfast.hooks import CONV, LINEAR
-from bdfast.training import AmpSpec, EvalFn, check_images, check_loader, fit, resolve_amp
+from bdfast.training import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
 
 __all__ = ["bcu_cleanse", "bcu_ratios", "partial_reinit", "ADAPTIVE_RATIOS"]
 
@@ -79,7 +79,7 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
     # The user's forward/backward hooks stay on their model: they must not fire here.
     t_model = copy_without_hooks(teacher).to(device).eval().requires_grad_(False)
     x, _ = next(iter_batches(loader))
-    check_images(0, x)
+    check_batch(0, x)
     x = x.to(device)
     with torch.no_grad(), model_input_errors(t_model, x):
         check_logits(t_model(x), len(x), "the teacher")

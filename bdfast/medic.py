@@ -36,7 +36,7 @@ from bdfast._utils import (check_logits, check_number, copy_without_hooks, iter_
 from bdfast.hooks import (LayerSpec, Tap, disable_inplace, find_inplace_overwrites, select_layers,
                           warn_inplace)
 from bdfast.stats import ChannelMoments
-from bdfast.training import AmpSpec, EvalFn, check_images, check_loader, fit, resolve_amp
+from bdfast.training import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
 
 __all__ = ["MedicConfig", "MedicResult", "Medic", "MedicStep", "medic_clone", "teacher_statistics"]
 
@@ -243,7 +243,7 @@ def teacher_statistics(model: nn.Module, names: Sequence[str], loader: Iterable,
     moments = [ChannelMoments() for _ in names]
     tap = Tap(model, names, clone=clone, detach=True)
     for index, (x, y) in enumerate(iter_batches(loader)):
-        check_images(index, x)
+        check_batch(index, x)
         x = x.to(device)
         with tap:
             logits = model(x)
@@ -312,7 +312,7 @@ def _overwritten_layers(t_model: nn.Module, s_model: nn.Module, names: Sequence[
     that its BatchNorm statistics do not move); warns once if there are any.
     """
     x, _ = next(iter_batches(loader))
-    check_images(0, x)
+    check_batch(0, x)
     x = x.to(device)
     s_model.eval()
     # The first forward of each model: images it cannot take fail here, in one sentence.

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bdfast import reference
-from bdfast._utils import (check_not_tensor, check_number, check_pixel_range,
+from bdfast._utils import (check_images, check_not_tensor, check_number, check_pixel_range,
                            copy_without_hooks, eval_mode, hooks_set_aside, iter_batches,
                            model_input_errors, progress as _progress, resolve_device)
 from bdfast.hooks import BATCHNORM, CONV
@@ -135,9 +135,7 @@ def bn_input_pass(model: nn.Module, names: Sequence[str], loader: Iterable,
         with torch.no_grad(), eval_mode(model), hooks_set_aside(model):
             for x, _ in _progress(iter_batches(loader), enabled=progress, desc=desc,
                                   unit="batch", total=total):
-                if x.dim() < 2 or not x.is_floating_point():
-                    raise TypeError("loader must yield floating-point image batches [B, C, ...], "
-                                    f"got a {x.dtype} tensor of shape {list(x.shape)}")
+                check_images(x, "a batch of the loader", any_rank=True)
                 check_pixel_range(x, "a batch of the loader")
                 if max_samples is not None:
                     x = x[:max_samples - seen]

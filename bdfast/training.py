@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bdfast._utils import (check_finite_parameters, check_not_tensor, check_pixel_range,
-                           distributed, iter_batches, progress as _progress)
+from bdfast._utils import (check_finite_parameters, check_images, check_not_tensor,
+                           check_pixel_range, distributed, iter_batches, progress as _progress)
 
 StepFn = Callable[[nn.Module, Tensor, Optional[Tensor], int], Tensor]
 EvalFn = Callable[[nn.Module, int], Any]
@@ -68,13 +68,12 @@ def check_loader(loader: Iterable, what: str = "loader") -> None:
                         "one-shot iterator or generator, because training walks it every epoch")
 
 
-def check_images(index: int, x: Tensor) -> None:
-    """One-sentence error for a batch whose images a model cannot take, or that hold 0..255
-    pixel values instead of images in [0, 1]."""
-    if not x.is_floating_point() or x.dim() < 2 or len(x) == 0:
-        raise ValueError(f"batch {index} of the loader must hold a non-empty float image tensor "
-                         f"[B, C, H, W], got shape {list(x.shape)} and dtype {x.dtype}")
-    check_pixel_range(x, f"batch {index} of the loader")
+def check_batch(index: int, x: Tensor) -> None:
+    """One-sentence error for batch ``index`` of a loader whose images a model cannot take, or
+    that hold 0..255 pixel values instead of images in [0, 1]."""
+    what = f"batch {index} of the loader"
+    check_images(x, what, any_rank=True, nonempty=True)
+    check_pixel_range(x, what)
 
 
 def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.optim.Optimizer,
