@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdfast import ops
-from bdfast.ops._dispatch import BACKENDS
+from bdfast.ops import BACKENDS
 from bdfast._utils import (check_logits, check_number, copy_without_hooks, iter_batches,
                            model_input_errors, resolve_device, seed_everything)
 from bdfast.hooks import (LayerSpec, Tap, disable_inplace, find_inplace_overwrites, select_layers,
