@@ -10,7 +10,7 @@ The story of :func:`bcu_cleanse`:
    (:func:`bcu_ratios`);
 2. student: a deep copy of the teacher, each weight/bias element replaced with probability p
    by a freshly initialised copy's value (:func:`partial_reinit`); norm layers untouched;
-3. train (:mod:`bdfast.training`): KL(softmax(t/T) || softmax(s/T)) with T rising per epoch,
+3. train (:mod:`bdfast.distill`): KL(softmax(t/T) || softmax(s/T)) with T rising per epoch,
    SGD with momentum and a per-epoch cosine schedule; labels ignored.
 
 See docs/bcu.md.
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from bdfast._utils import (check_logits, check_number, copy_without_hooks, eval_mode,
                            iter_batches, model_input_errors, resolve_device, seed_everything)
 from bdfast.hooks import CONV, LINEAR
-from bdfast.training import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
+from bdfast.distill import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
 
 __all__ = ["bcu_cleanse", "bcu_ratios", "partial_reinit", "ADAPTIVE_RATIOS"]
 

@@ -13,7 +13,7 @@ The story of :meth:`Medic.fit`:
 2. teacher statistics: exact per-channel mean and std of every hooked output over the whole
    loader, merged in float64 (all-reduced under DDP);
 3. student: the same architecture with every parameter re-initialised (or ``student=``);
-4. train (:mod:`bdfast.training`): per step, one teacher forward with the hooked outputs in the
+4. train (:mod:`bdfast.distill`): per step, one teacher forward with the hooked outputs in the
    autograd graph, g = d CE / d outputs by ``torch.autograd.grad`` (no parameter gradients),
    one student forward, loss = CE + lam * ``ops.medic_clone_loss``; Adam with cosine annealing.
 
@@ -36,7 +36,7 @@ from bdfast._utils import (check_logits, check_number, copy_without_hooks, iter_
 from bdfast.hooks import (LayerSpec, Tap, disable_inplace, find_inplace_overwrites, select_layers,
                           warn_inplace)
 from bdfast.stats import ChannelMoments
-from bdfast.training import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
+from bdfast.distill import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
 
 __all__ = ["MedicConfig", "MedicResult", "Medic", "MedicStep", "medic_clone", "teacher_statistics"]
 
@@ -84,7 +84,7 @@ class MedicConfig:
 @dataclass
 class MedicResult:
     """The cleaned ``model`` (eval mode, on the teacher's device), the per-epoch ``history``
-    (see :class:`bdfast.training.TrainResult`), ``timings`` in seconds (prepare, statistics,
+    (see :class:`bdfast.distill.TrainResult`), ``timings`` in seconds (prepare, statistics,
     train, eval, total) and the hooked ``layers``."""
 
     model: nn.Module

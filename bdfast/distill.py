@@ -3,6 +3,7 @@
 A defense supplies the student, the optimizer and a ``step_fn(net, x, y, epoch) -> loss``; this
 module runs epochs x batches around it: mixed precision, the cosine schedule, the progress bar,
 ``eval_fn`` callbacks, the non-finite-loss stop, DDP, and the history and timings it returns.
+(The lab's supervised trainer, :func:`bdfast.train`, is :mod:`bdfast.trainer`.)
 """
 from __future__ import annotations
 
