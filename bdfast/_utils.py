@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import numbers
 import random
 from collections import OrderedDict
 from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 try:
@@ -24,6 +27,50 @@ def seed_everything(seed: Optional[int]) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def check_number(value: Any, name: str, *, integer: bool = False, minimum: Optional[float] = None,
+                 allow_none: bool = False, note: str = "") -> Any:
+    """``value`` unchanged, or a ValueError naming ``name`` and ``value`` in one sentence.
+
+    ``value`` must be an int (``integer``) or a finite real number, never a bool, that is > 0,
+    or >= ``minimum`` when given; ``None`` passes with ``allow_none``. ``note`` is added to the
+    sentence to say what the option means, e.g. " (the histogram bin width)".
+    """
+    if allow_none and value is None:
+        return value
+    kind = int if integer else numbers.Real
+    if isinstance(value, kind) and not isinstance(value, bool):
+        low_ok = value > 0 if minimum is None else value >= minimum
+        if low_ok and value < math.inf:  # NaN fails both comparisons
+            return value
+    noun = "int" if integer else "finite number"
+    if minimum is None:
+        wanted = f"a positive {noun}"
+    else:
+        wanted = f"{'an' if integer else 'a'} {noun} >= {minimum:g}"
+    if allow_none:
+        wanted = f"None or {wanted}"
+    raise ValueError(f"{name} must be {wanted}{note}, got {value!r}")
+
+
+def distributed() -> bool:
+    """Whether a torch.distributed process group is running (launched with torchrun)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every module of ``model`` is in eval mode, so that a forward pass does
+    not move BatchNorm running statistics or drop units; afterwards each module gets its own
+    train/eval flag back (``model.train(was_training)`` would flatten them into one)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def resolve_device(device: Any, model: Optional[nn.Module] = None) -> torch.device:
@@ -63,15 +110,41 @@ def channels_last_hint(shape: Sequence[int]) -> str:
     return ""
 
 
+class ImageDtypeError(TypeError, ValueError):
+    """Images whose dtype is not floating point.
+
+    A TypeError by kind; also a ValueError because the defenses' training loop and the lab's
+    evaluate and train have always reported such images as one, and callers catch it as such.
+    """
+
+
+def check_images(x: Any, what: str = "x", *, any_rank: bool = False,
+                 nonempty: bool = False) -> None:
+    """One-sentence error naming ``what`` unless ``x`` is a floating-point image tensor
+    [B, C, H, W].
+
+    ``any_rank`` accepts any [B, C, *rest] of two or more dimensions (a defense takes whatever
+    its model takes) and ``nonempty`` refuses B = 0. Raises TypeError for a non-tensor,
+    :class:`ImageDtypeError` for a dtype that is not floating point and ValueError for a wrong
+    shape. The values are checked apart, by :func:`check_pixel_range`.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    rank_ok = x.dim() >= 2 if any_rank else x.dim() == 4
+    if x.is_floating_point() and rank_ok and not (nonempty and len(x) == 0):
+        return
+    error = ValueError if x.is_floating_point() else ImageDtypeError
+    raise error(f"{what} must hold a {'non-empty ' if nonempty else ''}floating-point image "
+                f"tensor {'[B, C, ...]' if any_rank else '[B, C, H, W]'}, got shape "
+                f"{list(x.shape)} and dtype {x.dtype}")
+
+
 def check_labelled_images(model: Any, x: Any, y: Any) -> None:
     """One-sentence errors unless ``model`` is a module, ``x`` a floating-point [N, C, H, W]
     tensor of images in [0, 1] (see :func:`check_pixel_range`) and ``y`` an int64 tensor [N]."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError("x must be a floating-point image tensor [N, C, H, W], got "
-                         + (f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor)
-                            else type(x).__name__))
+    check_images(x)
     if not isinstance(y, Tensor) or y.shape != (len(x),) or y.dtype != torch.long:
         raise ValueError(f"y must be an int64 tensor of shape [{len(x)}] matching x, got "
                          + (f"shape {tuple(y.shape)} {y.dtype}" if isinstance(y, Tensor)

@@ -28,24 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bdfast._utils import check_images, check_number
+
 __all__ = ["Attack", "BadNets", "Blended", "SIG", "WaNet", "get", "names"]
 
 BADNETS_PATTERN = ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 1.0))
-
-
-def _check_images(x: Tensor, what: str = "x") -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{what} must be an image batch [B, C, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{what} must be a floating-point tensor in [0, 1], got {x.dtype}")
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 class Attack:
@@ -61,8 +48,8 @@ class Attack:
     clean_label = False
 
     def __init__(self, target: int = 0, num_classes: int = 10):
-        self.num_classes = _check_int("num_classes", num_classes, 2)
-        self.target = _check_int("target", target, 0)
+        self.num_classes = check_number(num_classes, "num_classes", integer=True, minimum=2)
+        self.target = check_number(target, "target", integer=True, minimum=0)
         if target >= num_classes:
             raise ValueError(f"target must be a class index below num_classes={num_classes}, "
                              f"got {target}")
@@ -72,7 +59,7 @@ class Attack:
 
     def apply(self, x: Tensor) -> Tensor:
         """The triggered copy of ``x [B, C, H, W]`` in [0, 1]; same shape, dtype and device."""
-        _check_images(x)
+        check_images(x)
         return self._apply(x)
 
     def _apply(self, x: Tensor) -> Tensor:
@@ -101,7 +88,7 @@ class Attack:
         keep the label). Returns ``(x_poisoned [N, C, H, W], y_poisoned [N], poisoned_mask [N]
         bool)``; the inputs are not modified.
         """
-        _check_images(x)
+        check_images(x)
         if not isinstance(y, Tensor) or y.dim() != 1 or len(y) != len(x):
             raise ValueError(f"y must be a label tensor of shape [{len(x)}] matching x, got "
                              f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")
@@ -112,7 +99,8 @@ class Attack:
                              f"in [{int(y.min())}, {int(y.max())}] (set num_classes in get())")
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
             raise ValueError(f"rate must be a number in [0, 1], got {rate!r}")
-        generator = torch.Generator().manual_seed(_check_int("seed", seed, 0))
+        seed = check_number(seed, "seed", integer=True, minimum=0)
+        generator = torch.Generator().manual_seed(seed)
         candidates = torch.nonzero(self.eligible(y).cpu()).flatten()
         if rate > 0 and len(candidates) == 0:
             raise ValueError(f"{self.name} has no image it may poison in y (it poisons "
@@ -151,7 +139,7 @@ class BadNets(Attack):
         # One free cell to the image border keeps the patch whole under one-pixel shifts, and
         # under the trainer's default two-pixel shifts on 16x16 images it loses at most one edge
         # row or column (a patch flush with the corner would lose up to two).
-        self.margin = _check_int("margin", margin, 0)
+        self.margin = check_number(margin, "margin", integer=True, minimum=0)
 
     def _mask_and_pattern(self, h: int, w: int) -> Tuple[Tensor, Tensor]:
         """``mask [H, W]`` (1 on the patch) and ``pattern [H, W]``, float32 on the CPU."""
@@ -184,7 +172,7 @@ class Blended(Attack):
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.alpha = float(alpha)
-        self.pattern_seed = _check_int("pattern_seed", pattern_seed, 0)
+        self.pattern_seed = check_number(pattern_seed, "pattern_seed", integer=True, minimum=0)
 
     def pattern(self, c: int, h: int, w: int) -> Tensor:
         """The pattern ``[C, H, W]`` in [0, 1) for one image shape (float32, CPU); the same seed
@@ -206,8 +194,7 @@ class SIG(Attack):
     def __init__(self, target: int = 0, num_classes: int = 10, delta: float = 20 / 255,
                  frequency: float = 6):
         super().__init__(target, num_classes)
-        if not delta > 0:
-            raise ValueError(f"delta must be positive, got {delta}")
+        check_number(delta, "delta")
         self.delta, self.frequency = float(delta), float(frequency)
 
     def _apply(self, x: Tensor) -> Tensor:
@@ -239,16 +226,14 @@ class WaNet(Attack):
     def __init__(self, target: int = 0, num_classes: int = 10, k: int = 4, s: float = 0.5,
                  grid_rescale: float = 1.0, cross_ratio: float = 2.0, field_seed: int = 8):
         super().__init__(target, num_classes)
-        self.k = _check_int("k", k, 2)
-        if not s > 0:
-            raise ValueError(f"s must be positive, got {s}")
-        if not grid_rescale > 0:
-            raise ValueError(f"grid_rescale must be positive, got {grid_rescale}")
-        if not cross_ratio >= 0:
-            raise ValueError(f"cross_ratio must be >= 0, got {cross_ratio}")
+        self.k = check_number(k, "k", integer=True, minimum=2)
+        check_number(s, "s")
+        check_number(grid_rescale, "grid_rescale")
+        check_number(cross_ratio, "cross_ratio", minimum=0)
         self.s, self.grid_rescale = float(s), float(grid_rescale)
         self.cross_ratio = float(cross_ratio)
-        generator = torch.Generator().manual_seed(_check_int("field_seed", field_seed, 0))
+        field_seed = check_number(field_seed, "field_seed", integer=True, minimum=0)
+        generator = torch.Generator().manual_seed(field_seed)
         control = torch.rand(1, 2, self.k, self.k, generator=generator) * 2 - 1
         self.control = control / control.abs().mean()
 

@@ -10,7 +10,7 @@ The story of :func:`bcu_cleanse`:
    (:func:`bcu_ratios`);
 2. student: a deep copy of the teacher, each weight/bias element replaced with probability p
    by a freshly initialised copy's value (:func:`partial_reinit`); norm layers untouched;
-3. train (:mod:`bdfast.training`): KL(softmax(t/T) || softmax(s/T)) with T rising per epoch,
+3. train (:mod:`bdfast.distill`): KL(softmax(t/T) || softmax(s/T)) with T rising per epoch,
    SGD with momentum and a per-epoch cosine schedule; labels ignored.
 
 See docs/bcu.md.
@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bdfast._utils import (check_logits, copy_without_hooks, iter_batches, model_input_errors,
-                           resolve_device, seed_everything)
+from bdfast._utils import (check_logits, check_number, copy_without_hooks, eval_mode,
+                           iter_batches, model_input_errors, resolve_device, seed_everything)
 from bdfast.hooks import CONV, LINEAR
-from bdfast.training import AmpSpec, EvalFn, check_images, check_loader, fit, resolve_amp
+from bdfast.distill import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
 
 __all__ = ["bcu_cleanse", "bcu_ratios", "partial_reinit", "ADAPTIVE_RATIOS"]
 
@@ -80,11 +80,7 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
     _check_options(epochs, temperature, lr, momentum, weight_decay, eval_fn)
     if not isinstance(init, str) or init not in INITS:
         raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
-    if schedule_epochs is not None and (isinstance(schedule_epochs, bool)
-                                        or not isinstance(schedule_epochs, int)
-                                        or schedule_epochs < 1):
-        raise ValueError(f"schedule_epochs must be None or a positive int, got "
-                         f"{schedule_epochs!r}")
+    check_number(schedule_epochs, "schedule_epochs", integer=True, allow_none=True)
     resolve_amp(amp, torch.device("cpu"))  # validates the value
     check_loader(loader)
     home = resolve_device(None, teacher)
@@ -95,7 +91,7 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
     # The user's forward/backward hooks stay on their model: they must not fire here.
     t_model = copy_without_hooks(teacher).to(device).eval().requires_grad_(False)
     x, _ = next(iter_batches(loader))
-    check_images(0, x)
+    check_batch(0, x)
     x = x.to(device)
     with torch.no_grad(), model_input_errors(t_model, x):
         check_logits(t_model(x), len(x), "the teacher")
@@ -230,16 +226,12 @@ def _forward_order(model: nn.Module, layers: Mapping[str, nn.Module],
         return record
 
     handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # a train-mode forward would move the BatchNorm running statistics
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             model(x)
     finally:
         for handle in handles:
             handle.remove()
-        for m, mode in modes:
-            m.training = mode
     if not order:
         raise ValueError("no Conv or Linear layer ran in the model's forward pass")
     return list(order.items())
@@ -275,16 +267,11 @@ def _ratio(value: Any, what: str) -> float:
 
 
 def _check_options(epochs, temperature, lr, momentum, weight_decay, eval_fn) -> None:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    if temperature is not None and not (isinstance(temperature, (int, float))
-                                        and 0 < temperature < float("inf")):
-        raise ValueError(f"temperature must be a positive number or None, got {temperature!r}")
-    if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    check_number(epochs, "epochs", integer=True)
+    check_number(temperature, "temperature", allow_none=True)
+    check_number(lr, "lr")
     for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
-        if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        check_number(value, name, minimum=0)
     if eval_fn is not None and not callable(eval_fn):
         raise TypeError(f"eval_fn must be callable (model, epoch) -> result, got "
                         f"{type(eval_fn).__name__}")

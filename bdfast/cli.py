@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from bdfast import defenses
-from bdfast._utils import channels_last_hint, check_pixel_range
+from bdfast._utils import channels_last_hint, check_pixel_range, eval_mode
 
 
 class UsageError(Exception):
@@ -185,16 +185,12 @@ def _labels(y: np.ndarray, count: int, where: str) -> torch.Tensor:
 def _num_outputs(model: nn.Module, x: torch.Tensor, flag: str) -> int:
     """The number of classes the model predicts, from a forward pass on two images of ``x``;
     a UsageError if the images do not fit the model."""
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             logits = model(x[:2])
     except Exception as error:
         raise UsageError(f"{flag} images of shape {tuple(x.shape[1:])} do not fit the model: "
                          f"{str(error).splitlines()[0]}{channels_last_hint(x.shape)}") from error
-    finally:
-        model.train(was_training)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise UsageError("the model must return logits (N, classes), got "
                          + (f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
+from bdfast._utils import check_number
+
 __all__ = ["LabData", "Digits", "load_digits", "load_fashion_mnist", "FASHION_MNIST_ROOT",
            "tensor_loader", "cifar10", "gtsrb", "image_folder"]
 
@@ -56,8 +58,7 @@ def load_digits(size: int = 16, seed: int = 0) -> Digits:
     the rest ``train``. Returns a :class:`LabData` whose splits are
     ``(x [N, 1, size, size] float32, y [N] int64)``.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-        raise ValueError(f"size must be an int >= 8 (the digits are 8x8 images), got {size!r}")
+    check_number(size, "size", integer=True, minimum=8, note=" (the digits are 8x8 images)")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     from sklearn.datasets import load_digits as _sk_load_digits
@@ -211,8 +212,7 @@ def tensor_loader(x: Tensor, y: Optional[Tensor] = None, batch_size: int = 64,
             raise TypeError(f"y must be a torch.Tensor or None, got {type(y).__name__}")
         if y.dim() != 1 or len(y) != len(x):
             raise ValueError(f"y must have shape [{len(x)}] to match x, got {tuple(y.shape)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_number(batch_size, "batch_size", integer=True)
     dataset = _TensorBatches(x, y)
     if shuffle:
         generator = torch.Generator()

@@ -9,7 +9,6 @@ u standard deviations below their layer's mean entropy.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Iterable, List, Optional, Union
 
@@ -18,9 +17,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bdfast import ops
+from bdfast._utils import check_number, distributed
 from bdfast.pruning import (DEFAULT_ACC_BUDGET, PruneResult, bn_input_pass, check_finite,
-                            check_options, distributed, layer_offsets, outlier_mask, prepare,
-                            prune, report, validation_batches)
+                            check_options, layer_offsets, outlier_mask, prepare, prune, report,
+                            validation_batches)
 
 __all__ = ["dde_prune"]
 
@@ -64,18 +64,15 @@ def dde_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0,
     samples are gathered, so all ranks prune the same channels.
     """
     check_options(u, zero_bias, inplace, acc_budget)
+    check_number(step, "step", note=" (the histogram bin width)")
     if u == "auto" and val_loader is None:
         raise ValueError("u='auto' needs val_loader=, a few hundred clean images held out from "
                          "the training set: DDE's own loader holds triggered images, so it cannot "
                          "measure what pruning costs on clean data")
     val_batches = None if val_loader is None else validation_batches(val_loader, "val_loader")
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < math.inf:
-        raise ValueError(f"step must be a positive finite bin width, got {step!r}")
     if not isinstance(reference_compat, bool):
         raise TypeError(f"reference_compat must be True or False, got {reference_compat!r}")
-    if max_samples is not None and (isinstance(max_samples, bool)
-                                    or not isinstance(max_samples, int) or max_samples < 2):
-        raise ValueError(f"max_samples must be None or an int >= 2, got {max_samples!r}")
+    check_number(max_samples, "max_samples", integer=True, minimum=2, allow_none=True)
     start = time.perf_counter()
     work, names, device = prepare(model, method="dde_prune", inplace=inplace, device=device)
 

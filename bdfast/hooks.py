@@ -70,7 +70,7 @@ def disable_inplace(model: nn.Module) -> int:
 
 
 class Tap:
-    """Captures the outputs (or first inputs) of named modules during forward passes.
+    """Captures the outputs of named modules during forward passes.
 
     Use as a context manager (entering it forgets earlier captures); after a forward,
     :meth:`values` returns the captured tensors in the order of ``names``, also after the
@@ -80,27 +80,22 @@ class Tap:
     Args:
         model: the model to hook.
         names: module names, e.g. from :func:`select_layers`.
-        capture: "output" or "input".
         clone: names of layers whose output a functional in-place operation
-            (``F.relu(x, inplace=True)``) overwrites afterwards. With ``capture="output"`` the
-            hook keeps the layer's own output and hands a clone on to the rest of the model, so
-            the in-place op overwrites the clone: the captured tensor keeps the layer's values
-            *and* stays the tensor the loss depends on, so gradients w.r.t. it are the layer's
-            (a captured clone would be outside the graph). With ``capture="input"`` the
-            captured tensor is a clone.
+            (``F.relu(x, inplace=True)``) overwrites afterwards. The hook keeps the layer's own
+            output and hands a clone on to the rest of the model, so the in-place op overwrites
+            the clone: the captured tensor keeps the layer's values *and* stays the tensor the
+            loss depends on, so gradients w.r.t. it are the layer's (a captured clone would be
+            outside the graph).
         require_grad: make captured outputs part of the autograd graph even when the model's
             parameters are frozen, so that gradients w.r.t. them can be taken.
         detach: store detached tensors (statistics collection).
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], *, capture: str = "output",
-                 clone: Iterable[str] = (), require_grad: bool = False, detach: bool = False):
-        if capture not in ("output", "input"):
-            raise ValueError(f"capture must be 'output' or 'input', got {capture!r}")
+    def __init__(self, model: nn.Module, names: Sequence[str], *, clone: Iterable[str] = (),
+                 require_grad: bool = False, detach: bool = False):
         modules = dict(model.named_modules())
         self.names = list(names)
         self._modules = [modules[n] for n in self.names]
-        self.capture = capture
         self.clone = set(clone)
         self.require_grad = require_grad
         self.detach = detach
@@ -121,25 +116,20 @@ class Tap:
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
-            value = inputs[0] if self.capture == "input" else output
-            if not isinstance(value, Tensor):
-                raise TypeError(f"module {name!r} produced a {type(value).__name__}, not a tensor; "
-                                "exclude it with layers=")
+            if not isinstance(output, Tensor):
+                raise TypeError(f"module {name!r} produced a {type(output).__name__}, not a "
+                                "tensor; exclude it with layers=")
             if name in self._values:
                 raise RuntimeError(f"module {name!r} ran twice in one forward pass; hooked layers "
                                    "must run once per forward, so exclude it with layers=")
-            if self.require_grad and self.capture == "output" and not value.requires_grad:
-                value.requires_grad_(True)  # a leaf when the layer's parameters are frozen
-            handed_on = None
-            if name in self.clone:
-                if self.capture == "output":
-                    handed_on = value.clone()  # the model continues with (and overwrites) this
-                else:
-                    value = value.clone()
+            if self.require_grad and not output.requires_grad:
+                output.requires_grad_(True)  # a leaf when the layer's parameters are frozen
+            # The model continues with (and overwrites) the clone.
+            handed_on = output.clone() if name in self.clone else None
             if self.detach:
-                value = value.detach()
-            self._values[name] = value
-            self._versions[name] = value._version
+                output = output.detach()
+            self._values[name] = output
+            self._versions[name] = output._version
             return handed_on  # None keeps the module's output
         return hook
 
@@ -160,14 +150,13 @@ class Tap:
         return [n for n, v in self._values.items() if v._version != self._versions[n]]
 
 
-def find_inplace_overwrites(model: nn.Module, names: Sequence[str], x: Tensor,
-                            capture: str = "output") -> List[str]:
+def find_inplace_overwrites(model: nn.Module, names: Sequence[str], x: Tensor) -> List[str]:
     """Run one forward of ``model`` on ``x`` and return the hooked names it overwrites in place.
 
     Catches functional in-place ops (``F.relu(x, inplace=True)``) that :func:`disable_inplace`
     cannot switch off; their layers must be captured with ``clone=`` (and a warning is due).
     """
-    with torch.no_grad(), Tap(model, names, capture=capture) as tap:
+    with torch.no_grad(), Tap(model, names) as tap:
         model(x)
         return tap.modified_in_place()
 

@@ -17,9 +17,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bdfast import ops
+from bdfast._utils import distributed
 from bdfast.pruning import (DEFAULT_ACC_BUDGET, HeldOutHalves, PruneResult, bn_input_pass,
-                            check_finite, check_options, distributed, layer_offsets,
-                            outlier_mask, prepare, prune, report, validation_batches)
+                            check_finite, check_options, layer_offsets, outlier_mask, prepare,
+                            prune, report, validation_batches)
 from bdfast.stats import ChannelMoments
 
 __all__ = ["mbns_prune"]

@@ -13,7 +13,7 @@ The story of :meth:`Medic.fit`:
 2. teacher statistics: exact per-channel mean and std of every hooked output over the whole
    loader, merged in float64 (all-reduced under DDP);
 3. student: the same architecture with every parameter re-initialised (or ``student=``);
-4. train (:mod:`bdfast.training`): per step, one teacher forward with the hooked outputs in the
+4. train (:mod:`bdfast.distill`): per step, one teacher forward with the hooked outputs in the
    autograd graph, g = d CE / d outputs by ``torch.autograd.grad`` (no parameter gradients),
    one student forward, loss = CE + lam * ``ops.medic_clone_loss``; Adam with cosine annealing.
 
@@ -30,13 +30,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdfast import ops
-from bdfast.ops._dispatch import BACKENDS
-from bdfast._utils import (check_logits, copy_without_hooks, iter_batches, model_input_errors,
-                           resolve_device, seed_everything)
+from bdfast.ops import BACKENDS
+from bdfast._utils import (check_logits, check_number, copy_without_hooks, iter_batches,
+                           model_input_errors, resolve_device, seed_everything)
 from bdfast.hooks import (LayerSpec, Tap, disable_inplace, find_inplace_overwrites, select_layers,
                           warn_inplace)
 from bdfast.stats import ChannelMoments
-from bdfast.training import AmpSpec, EvalFn, check_images, check_loader, fit, resolve_amp
+from bdfast.distill import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
 
 __all__ = ["MedicConfig", "MedicResult", "Medic", "MedicStep", "medic_clone", "teacher_statistics"]
 
@@ -68,15 +68,10 @@ class MedicConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "eval_every"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("tau", "lam", "lr", "weight_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    value >= 0 and value < float("inf")):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+            check_number(value, name, integer=True)
+        for name in ("tau", "lam", "weight_decay"):
+            check_number(getattr(self, name), name, minimum=0)
+        check_number(self.lr, "lr")
         if self.labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {self.labels!r}")
         if self.backend not in BACKENDS:
@@ -90,7 +85,7 @@ class MedicConfig:
 @dataclass
 class MedicResult:
     """The cleaned ``model`` (eval mode, on the teacher's device), the per-epoch ``history``
-    (see :class:`bdfast.training.TrainResult`), ``timings`` in seconds (prepare, statistics,
+    (see :class:`bdfast.distill.TrainResult`), ``timings`` in seconds (prepare, statistics,
     train, eval, total) and the hooked ``layers``."""
 
     model: nn.Module
@@ -251,7 +246,7 @@ def teacher_statistics(model: nn.Module, names: Sequence[str], loader: Iterable,
     moments = [ChannelMoments() for _ in names]
     tap = Tap(model, names, clone=clone, detach=True)
     for index, (x, y) in enumerate(iter_batches(loader)):
-        check_images(index, x)
+        check_batch(index, x)
         x = x.to(device)
         with tap:
             logits = model(x)
@@ -320,7 +315,7 @@ def _overwritten_layers(t_model: nn.Module, s_model: nn.Module, names: Sequence[
     that its BatchNorm statistics do not move); warns once if there are any.
     """
     x, _ = next(iter_batches(loader))
-    check_images(0, x)
+    check_batch(0, x)
     x = x.to(device)
     s_model.eval()
     # The first forward of each model: images it cannot take fail here, in one sentence.

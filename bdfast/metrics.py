@@ -17,7 +17,7 @@ from typing import Dict, Mapping
 import torch
 from torch import Tensor, nn
 
-from bdfast._utils import check_labelled_images, resolve_device
+from bdfast._utils import check_labelled_images, check_number, eval_mode, resolve_device
 
 __all__ = ["evaluate", "der", "predict"]
 
@@ -47,12 +47,9 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, attack=None,
     if attack is not None and not (hasattr(attack, "apply") and hasattr(attack, "target_labels")):
         raise TypeError("attack must be a bdfast.attacks attack (with apply and target_labels) "
                         f"or None, got {type(attack).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_number(batch_size, "batch_size", integer=True)
 
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         y = y.to(x.device)
         pred = predict(model, x, batch_size)
         result = {"acc": (pred == y).float().mean().item()}
@@ -72,9 +69,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, attack=None,
                 hit = pred_t == attack.target_labels(ye, num_classes)
                 result["asr"] = hit.float().mean().item()
                 result["ra"] = (pred_t == ye).float().mean().item()
-    finally:
-        for module, mode in modes:
-            module.training = mode
     return result
 
 

@@ -17,14 +17,15 @@ from typing import List, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bdfast._utils import check_number
+
 __all__ = ["DigitsCNN", "VGGSmall", "ResNet18CIFAR", "PreActResNet18", "WideResNet",
            "digits_cnn", "vgg_small", "resnet18_cifar", "preact_resnet18", "wrn16_1"]
 
 
 def _check(num_classes: int, in_channels: int) -> None:
     for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_number(value, name, integer=True)
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> List[nn.Module]:
@@ -177,8 +178,7 @@ class PreActResNet18(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64):
         super().__init__()
         _check(num_classes, in_channels)
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive int, got {width!r}")
+        check_number(width, "width", integer=True)
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         stages, c_in = [], width
         for c_out, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):

@@ -9,19 +9,17 @@ beta. The statistics pass runs a working model in eval mode under ``no_grad``; u
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from bdfast import ops, reference
-from bdfast._utils import (check_not_tensor, check_pixel_range, copy_without_hooks,
-                           hooks_set_aside, iter_batches, model_input_errors,
-                           progress as _progress, resolve_device)
+from bdfast._utils import (check_images, check_not_tensor, check_number, check_pixel_range,
+                           copy_without_hooks, eval_mode, hooks_set_aside, iter_batches,
+                           model_input_errors, progress as _progress, resolve_device)
 from bdfast.hooks import BATCHNORM, CONV
 
 __all__ = ["PruneResult", "AUTO_U_GRID", "DEFAULT_ACC_BUDGET"]
@@ -69,13 +67,12 @@ class PruneResult:
 def check_options(u: Union[float, str], zero_bias: bool, inplace: bool,
                   acc_budget: float = DEFAULT_ACC_BUDGET) -> None:
     """The options both defenses share; one sentence naming the bad one."""
-    if u != "auto" and (isinstance(u, bool) or not isinstance(u, (int, float))
-                        or not (0 < u < math.inf)):
-        raise ValueError(f"u must be 'auto' or a positive finite number (the threshold is u "
-                         f"standard deviations from the layer mean), got {u!r}")
-    if isinstance(acc_budget, bool) or not isinstance(acc_budget, (int, float)) \
-            or not 0 <= acc_budget < 1:
-        raise ValueError(f"acc_budget must be a fraction in [0, 1) of clean accuracy, got "
+    if u != "auto":
+        check_number(u, "u", note=" (the threshold is u standard deviations from the layer "
+                                  "mean; or 'auto')")
+    check_number(acc_budget, "acc_budget", minimum=0, note=" (a fraction of clean accuracy)")
+    if not acc_budget < 1:
+        raise ValueError(f"acc_budget must be a fraction of clean accuracy below 1, got "
                          f"{acc_budget!r}")
     for name, value in (("zero_bias", zero_bias), ("inplace", inplace)):
         if not isinstance(value, bool):
@@ -149,18 +146,14 @@ def bn_input_pass(model: nn.Module, names: Sequence[str], loader: Iterable,
         return hook
 
     total = len(loader) if hasattr(loader, "__len__") else None
-    modes = [(m, m.training) for m in model.modules()]
     handles: list = []
     seen, convs = 0, None
-    model.eval()
     try:
         # With inplace=True this is the user's model: its own hooks must not fire here.
-        with torch.no_grad(), hooks_set_aside(model):
+        with torch.no_grad(), eval_mode(model), hooks_set_aside(model):
             for x, _ in _progress(iter_batches(loader), enabled=progress, desc=desc,
                                   unit="batch", total=total):
-                if x.dim() < 2 or not x.is_floating_point():
-                    raise TypeError("loader must yield floating-point image batches [B, C, ...], "
-                                    f"got a {x.dtype} tensor of shape {list(x.shape)}")
+                check_images(x, "a batch of the loader", any_rank=True)
                 check_pixel_range(x, "a batch of the loader")
                 if max_samples is not None:
                     x = x[:max_samples - seen]
@@ -182,8 +175,6 @@ def bn_input_pass(model: nn.Module, names: Sequence[str], loader: Iterable,
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in modes:
-            module.training = mode
     return seen, convs
 
 
@@ -217,11 +208,6 @@ def conv_feeding(model: nn.Module, names: Sequence[str], x: Tensor) -> List[Opti
     return [feeding.get(n) for n in names]
 
 
-def distributed() -> bool:
-    """Whether a torch.distributed process group is running (SPEC section 8)."""
-    return dist.is_available() and dist.is_initialized()
-
-
 def layer_offsets(model: nn.Module, names: Sequence[str], device: torch.device) -> Tensor:
     """[L+1] int64 boundaries of each BN layer's channels in the packed [K] score vector."""
     modules = dict(model.named_modules())
@@ -247,9 +233,7 @@ def validation_batches(loader: Iterable, what: str) -> List[Tuple[Tensor, Option
     check_not_tensor(loader, what)
     batches = []
     for x, y in iter_batches(loader, what):
-        if x.dim() < 2 or not x.is_floating_point():
-            raise TypeError(f"{what} must yield floating-point image batches [B, C, ...], got a "
-                            f"{x.dtype} tensor of shape {list(x.shape)}")
+        check_images(x, f"a batch of {what}", any_rank=True)
         check_pixel_range(x, f"a batch of {what}")
         batches.append((x, y))
     return batches
@@ -296,7 +280,6 @@ def choose_u(model: nn.Module, names: Sequence[str], offsets: Tensor, scores: Te
     saved = [(bn.weight.detach().clone(), None if bn.bias is None else bn.bias.detach().clone())
              for bn in bns]
     bounds = offsets.tolist()
-    modes = [(m, m.training) for m in model.modules()]
 
     def predict() -> List[Tensor]:
         return [model(x.to(device, non_blocking=True)).argmax(dim=1).cpu() for x, _ in batches]
@@ -305,34 +288,33 @@ def choose_u(model: nn.Module, names: Sequence[str], offsets: Tensor, scores: Te
         correct = sum(int((p == t).sum()) for p, t in zip(predictions, labels))
         return correct / sum(len(t) for t in labels)
 
+    def restore() -> None:
+        for bn, (weight, bias) in zip(bns, saved):
+            bn.weight.copy_(weight)
+            if bias is not None:
+                bn.bias.copy_(bias)
+
     sweep: List[Dict[str, Any]] = []
     chosen: Optional[float] = None
-    model.eval()
-    try:
-        with torch.no_grad(), hooks_set_aside(model):
-            unpruned = predict()
-            labels = [p if y is None else y.cpu() for p, (_, y) in zip(unpruned, batches)]
-            base = accuracy(unpruned, labels)
+    with torch.no_grad(), eval_mode(model), hooks_set_aside(model):
+        unpruned = predict()
+        labels = [p if y is None else y.cpu() for p, (_, y) in zip(unpruned, batches)]
+        base = accuracy(unpruned, labels)
+        try:
             for u in AUTO_U_GRID:
                 mask = ops.layer_outliers(scores, offsets, u=u, direction=direction).cpu()
                 for i, bn in enumerate(bns):
-                    pruned = torch.nonzero(mask[bounds[i]:bounds[i + 1]]).flatten()
-                    bn.weight[pruned.to(bn.weight.device)] = 0
-                    if zero_bias and bn.bias is not None:
-                        bn.bias[pruned.to(bn.bias.device)] = 0
+                    zero_channels(bn, torch.nonzero(mask[bounds[i]:bounds[i + 1]]).flatten(),
+                                  zero_bias)
                 acc = accuracy(predict(), labels)
-                for bn, (weight, bias) in zip(bns, saved):
-                    bn.weight.copy_(weight)
-                    if bias is not None:
-                        bn.bias.copy_(bias)
+                restore()
                 sweep.append({"u": u, "pruned": int(mask.sum()), "val_acc": acc,
                               "drop": base - acc})
                 if base - acc > acc_budget:
                     break
                 chosen = u
-    finally:
-        for module, mode in modes:
-            module.training = mode
+        finally:
+            restore()  # also after an error: with inplace=True this is the user's model
     return chosen, sweep
 
 
@@ -354,6 +336,14 @@ def outlier_mask(model: nn.Module, names: Sequence[str], offsets: Tensor, scores
     return float(u), sweep, ops.layer_outliers(scores, offsets, u=u, direction=direction)
 
 
+def zero_channels(bn: nn.Module, channels: Tensor, zero_bias: bool) -> None:
+    """Prune ``channels`` (int64 indices) of one BN layer: gamma := 0, and beta with
+    ``zero_bias``. In place, under the caller's ``no_grad``."""
+    bn.weight[channels.to(bn.weight.device)] = 0
+    if zero_bias and bn.bias is not None:
+        bn.bias[channels.to(bn.bias.device)] = 0
+
+
 def prune(model: nn.Module, names: Sequence[str], convs: Sequence[Optional[str]],
           offsets: Tensor, scores: Tensor, mask: Tensor, *, u: Optional[float], direction: str,
           zero_bias: bool) -> List[Dict[str, Any]]:
@@ -372,10 +362,7 @@ def prune(model: nn.Module, names: Sequence[str], convs: Sequence[Optional[str]]
         for i, (name, conv) in enumerate(zip(names, convs)):
             lo, hi = bounds[i], bounds[i + 1]
             pruned = torch.nonzero(mask[lo:hi]).flatten()
-            bn = modules[name]
-            bn.weight[pruned.to(bn.weight.device)] = 0
-            if zero_bias and bn.bias is not None:
-                bn.bias[pruned.to(bn.bias.device)] = 0
+            zero_channels(modules[name], pruned, zero_bias)
             layers.append({"name": name, "conv": conv, "channels": hi - lo,
                            "scores": scores[lo:hi].tolist(), "threshold": float(thresholds[i]),
                            "pruned": pruned.tolist()})

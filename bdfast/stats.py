@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from bdfast._utils import distributed
+
 
 class ChannelMoments:
     """Running count, mean and sum of squared deviations of each channel of [B, C, *spatial].
@@ -47,7 +49,7 @@ class ChannelMoments:
 
     def all_reduce(self) -> None:
         """Merge the moments of every rank of the default process group (no-op without one)."""
-        if not (dist.is_available() and dist.is_initialized()) or self.count is None:
+        if not distributed() or self.count is None:
             return
         local = torch.stack([self.count, self.mean, self.m2])
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]

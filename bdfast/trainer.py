@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdfast._utils import progress as _progress
-from bdfast._utils import (check_finite_parameters, check_labelled_images, resolve_device,
-                           seed_everything)
+from bdfast._utils import (check_finite_parameters, check_labelled_images, check_number,
+                           resolve_device, seed_everything)
 
 __all__ = ["train", "random_shift"]
 
@@ -60,16 +60,14 @@ def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 30, lr: float
     if int(y.min()) < 0:
         raise ValueError(f"y must hold class indices >= 0, got {int(y.min())}")
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_number(value, name, integer=True)
     if optimizer not in ("sgd", "adamw"):
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-    if not lr > 0:
+    if not lr > 0:  # inf passes; its first update then fails with a FloatingPointError
         raise ValueError(f"lr must be positive, got {lr!r}")
     if max_shift is None:
         max_shift = max(1, min(x.shape[-2:]) // 8)
-    if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
-        raise ValueError(f"max_shift must be an int >= 0, got {max_shift!r}")
+    check_number(max_shift, "max_shift", integer=True, minimum=0)
 
     seed_everything(seed)
     generator = torch.Generator()

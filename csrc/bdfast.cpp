@@ -1,7 +1,7 @@
 // Registration of the bdfast operators: schemas, and the CPU and CUDA kernels behind them.
 //
-// Fake (meta) kernels and autograd formulas are registered from Python
-// (bdfast/ops/_registry.py) with torch.library, so the ops work under torch.compile.
+// Fake (meta) kernels and autograd formulas are registered from Python, next to each op's
+// wrapper in bdfast/ops/<op>.py, with torch.library, so the ops work under torch.compile.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,7 +1,8 @@
 // Declarations of every kernel behind the torch.ops.bdfast.* operators.
 //
-// Each op has one implementation per backend: csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu.
-// csrc/bdfast.cpp defines the schemas and binds these functions to the dispatcher.
+// Each op has one implementation per backend: csrc/cpu/<op>.cpp, and csrc/cuda/<op>_host.cpp
+// (checks, allocation, launch) with its kernels in csrc/cuda/<op>.cu. csrc/bdfast.cpp defines
+// the schemas and binds these functions to the dispatcher; csrc/README.md maps the rest.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -98,7 +98,7 @@ def test_train_with_an_infinite_lr_fails_instead_of_returning_nan_weights(small)
 
 
 def test_fit_checks_the_parameters_after_the_last_update(small):
-    from bdfast.training import fit
+    from bdfast.distill import fit
     model, x, y = small
     student = copy.deepcopy(model)
     optimizer = torch.optim.SGD(student.parameters(), lr=float("inf"))

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import bdfast
+import medic_cases
 from bdfast import _extension, ops
+from devices import CUDA, cuda_kernels
 
 NATIVE_CPU = bdfast.backend_info()["native_cpu"]
 needs_kernels = pytest.mark.skipif(not NATIVE_CPU, reason="the compiled CPU kernels are missing")
@@ -89,6 +91,13 @@ def test_medic_devices():
         ops.medic_clone_loss(t, [s[0], s[1].detach().to("meta")], g, mu, sigma)
     with raises_naming(ValueError, "mu[0]", "meta"):
         ops.medic_clone_loss(t, s, g, [mu[0].to("meta"), mu[1]], sigma)
+
+
+@cuda_kernels
+def test_cuda_medic_rejects_inputs_on_two_devices():
+    t, s, g, mu, sigma = medic_cases.make_layer((2, 3, 4, 4), device=CUDA)
+    with pytest.raises(RuntimeError, match="same CUDA device"):
+        torch.ops.bdfast.medic_clone_loss([t], [s], [g], [mu.cpu()], [sigma], 5.0, 1e-5, False)
 
 
 def test_medic_options():
@@ -185,6 +194,17 @@ def test_layer_outliers_input():
 def test_layer_outliers_kernel_checks_offsets():
     with pytest.raises(RuntimeError, match="layer_outliers: offsets must start at 0"):
         torch.ops.bdfast.layer_outliers(torch.randn(10), torch.tensor([0, 6, 4, 10]), 3.0, False)
+
+
+@cuda_kernels
+@pytest.mark.parametrize("offsets", [[0, 50, 10, 64], [0, 70], [1, 64]])
+def test_cuda_kernels_check_offsets_themselves(offsets):
+    # The Python wrapper's check is skipped under torch.compile; the ops check on their own.
+    bad = torch.tensor(offsets, device=CUDA)
+    with pytest.raises(RuntimeError, match="layer_outliers: offsets must start at 0"):
+        torch.ops.bdfast.layer_outliers(torch.randn(64, device=CUDA), bad, 3.0, False)
+    with pytest.raises(RuntimeError, match="histogram_entropy: offsets must start at 0"):
+        torch.ops.bdfast.histogram_entropy(torch.randn(20, 64, device=CUDA), bad, 0.01, True)
 
 
 # --- backends ---------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""``histogram_entropy``: both estimators of SPEC §5.3 against independent transcriptions.
+"""``histogram_entropy``: both estimators of SPEC §5.3 against independent transcriptions, on
+the CPU and CUDA kernels, and the CUDA kernel against the CPU kernel and against itself.
 
-- The default estimator against a float64 NumPy computation written here from the SPEC.
+- The default estimator against a float64 NumPy computation written here from the SPEC, and
+  against a float64 evaluation of :func:`bdfast.reference.histogram_entropy`.
 - ``reference_compat=True`` against a plain transcription of the authors' per-bin loop, and
   against :func:`bdfast.reference.histogram_entropy`.
-16-bit inputs are compared on the same rounded values, upcast.
+16-bit inputs are compared on the same rounded values, upcast. On CUDA the cases include
+columns whose bins need several shared-memory passes.
 """
 from __future__ import annotations
 
@@ -15,14 +18,13 @@ import torch
 
 import bdfast
 from bdfast import ops, reference
+from devices import CUDA, DEVICES, cuda_kernels
 from histogram_cases import activations, compare, released_loop
 
 pytestmark = pytest.mark.skipif(not bdfast.backend_info()["native_cpu"],
                                 reason="the compiled CPU kernels are not available")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def numpy_default(x: torch.Tensor, step: float) -> np.ndarray:
@@ -51,16 +53,28 @@ SHAPES = [  # (N, K, offsets)
     (300, 40, [0, 40]),
     (257, 37, [0, 5, 5, 18, 37]),  # uneven layers and an empty one
     (64, 70, [0, 1, 33, 70]),
+    (1100, 70, [0, 1, 33, 70]),    # more samples than a CUDA block has threads
 ]
 
 
 @pytest.mark.parametrize("n,k,offsets", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_default_matches_numpy(n, k, offsets, dtype):
     x = activations(n, k, seed=n + k, dtype=dtype)
     out = ops.histogram_entropy(x, torch.tensor(offsets), backend="native")
     assert out.dtype == torch.float32 and out.shape == (k,)
     assert compare(out, numpy_default(x, 0.01)) < 1e-5
+
+
+@cuda_kernels
+@pytest.mark.parametrize("n,k,offsets", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_default_matches_float64_reference(n, k, offsets, dtype):
+    x = activations(n, k, seed=n + k, dtype=dtype)
+    out = ops.histogram_entropy(x.to(CUDA), torch.tensor(offsets), backend="native")
+    assert out.device.type == "cuda" and out.dtype == torch.float32 and out.shape == (k,)
+    ref = reference.histogram_entropy(x.double(), torch.tensor(offsets))
+    assert compare(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("step", [0.01, 0.1, 1.5])
@@ -69,6 +83,15 @@ def test_default_matches_float64_reference(step):
     out = ops.histogram_entropy(x, step=step, backend="native")
     ref = reference.histogram_entropy(x.double(), step=step)
     assert compare(out, ref) < 1e-5
+
+
+@cuda_kernels
+@pytest.mark.parametrize("step", [1.5, 0.1, 1e-4], ids=str)
+def test_cuda_default_with_several_passes(step):
+    # 1e-4 over 3,000 samples needs up to ~10^5 bins: several shared-memory passes.
+    x = activations(3000, 6, seed=4)
+    out = ops.histogram_entropy(x.to(CUDA), step=step, backend="native")
+    assert compare(out, reference.histogram_entropy(x.double(), step=step)) < 1e-5
 
 
 def test_default_with_more_bins_than_the_dense_buffer():
@@ -80,13 +103,24 @@ def test_default_with_more_bins_than_the_dense_buffer():
     assert compare(out, np.full(3, math.log(60) + math.log(1e-6))) < 1e-5
 
 
+@cuda_kernels
+def test_cuda_default_sparse_bins():
+    # step 1e-6: ten million bins, every sample alone in its own, far apart; the passes skip
+    # the empty stretches. h = ln N + ln step exactly.
+    x = activations(60, 3, seed=4)
+    out = ops.histogram_entropy(x.to(CUDA), step=1e-6, backend="native")
+    assert compare(out, [math.log(60) + math.log(1e-6)] * 3) < 1e-5
+    assert compare(out, ops.histogram_entropy(x, step=1e-6, backend="native")) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,k,offsets", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_compat_matches_released_loop(n, k, offsets, dtype):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_compat_matches_released_loop(device, n, k, offsets, dtype):
     x = activations(n, k, seed=7 * n + k, dtype=dtype)
     step = 0.05  # fewer bins keep the per-bin loop quick; 0.01 is tested below
-    out = ops.histogram_entropy(x, torch.tensor(offsets), step=step, reference_compat=True,
-                                backend="native")
+    out = ops.histogram_entropy(x.to(device), torch.tensor(offsets), step=step,
+                                reference_compat=True, backend="native")
     assert compare(out, released_loop(x, offsets, step)) < 1e-5
 
 
@@ -96,6 +130,20 @@ def test_compat_at_the_default_step():
     out = ops.histogram_entropy(x, torch.tensor(offsets), reference_compat=True,
                                 backend="native")
     assert compare(out, released_loop(x, offsets, 0.01)) < 1e-5
+
+
+@cuda_kernels
+def test_cuda_compat_at_the_default_step_with_several_passes():
+    x = activations(2000, 12, seed=11)
+    offsets = [0, 4, 12]
+    out = ops.histogram_entropy(x.to(CUDA), torch.tensor(offsets), reference_compat=True,
+                                backend="native")
+    assert compare(out, released_loop(x, offsets, 0.01)) < 1e-5
+    fine = ops.histogram_entropy(x.to(CUDA), torch.tensor(offsets), step=2e-4,
+                                 reference_compat=True, backend="native")
+    cpu = ops.histogram_entropy(x, torch.tensor(offsets), step=2e-4, reference_compat=True,
+                                backend="native")
+    assert compare(fine, cpu) < 1e-6
 
 
 def test_compat_against_the_reference():
@@ -125,6 +173,18 @@ def test_compat_drops_edges_and_the_last_partial_bin():
     assert compare(compat, released_loop(x, [0, 2], 0.3)) < 1e-6
 
 
+@cuda_kernels
+def test_cuda_values_on_edges():
+    # Three samples -1, 0, 1 per column (sd 1): compat drops edge values and the partial bin.
+    x = torch.tensor([[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]], device=CUDA)
+    compat = ops.histogram_entropy(x, step=0.25, reference_compat=True, backend="native")
+    assert compat.tolist() == [0.0, 0.0]
+    compat = ops.histogram_entropy(x, step=0.3, reference_compat=True, backend="native")
+    assert compare(compat, [math.log(3) / 3] * 2) < 1e-6
+    default = ops.histogram_entropy(x, step=0.25, backend="native")
+    assert compare(default, [-math.log(4 / 3)] * 2) < 1e-6
+
+
 @pytest.mark.parametrize("compat", [False, True], ids=["default", "compat"])
 def test_constant_and_non_finite_columns_are_nan(compat):
     x = activations(100, 8, seed=5)
@@ -141,11 +201,29 @@ def test_constant_and_non_finite_columns_are_nan(compat):
     assert compare(out, ref) < 1e-5
 
 
+@cuda_kernels
 @pytest.mark.parametrize("compat", [False, True], ids=["default", "compat"])
-def test_layer_without_valid_columns(compat):
+def test_cuda_constant_and_non_finite_columns_are_nan(compat):
+    x = activations(100, 8, seed=5)
+    x[:, 1] = 3.25
+    x[17, 2] = float("nan")
+    x[3, 4] = float("inf")
+    x[:, 6] = 0.0
+    offsets = [0, 5, 8]
+    out = ops.histogram_entropy(x.to(CUDA), torch.tensor(offsets), reference_compat=compat,
+                                backend="native")
+    assert torch.isnan(out[[1, 2, 4, 6]]).all() and torch.isfinite(out[[0, 3, 5, 7]]).all()
+    ref = (released_loop(x, offsets, 0.01) if compat
+           else reference.histogram_entropy(x.double(), torch.tensor(offsets)))
+    assert compare(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compat", [False, True], ids=["default", "compat"])
+def test_layer_without_valid_columns(device, compat):
     x = activations(30, 6, seed=6)
     x[:, :3] = 1.0
-    out = ops.histogram_entropy(x, torch.tensor([0, 3, 6]), reference_compat=compat,
+    out = ops.histogram_entropy(x.to(device), torch.tensor([0, 3, 6]), reference_compat=compat,
                                 backend="native")
     assert torch.isnan(out[:3]).all() and torch.isfinite(out[3:]).all()
 
@@ -179,3 +257,48 @@ def test_auto_backend_and_reference_agree(device):
     ref = ops.histogram_entropy(x, step=0.01, reference_compat=True, backend="reference")
     assert auto.device == x.device
     assert compare(auto, ref) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernel against the CPU kernel and itself, and under CUDA graph capture
+
+@cuda_kernels
+@pytest.mark.parametrize("compat", [False, True], ids=["default", "compat"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_matches_cpu_kernel(compat, dtype):
+    x = activations(500, 300, seed=13, dtype=dtype)
+    x[:, 7] = 2.0
+    offsets = torch.tensor([0, 64, 64, 192, 300])
+    out = ops.histogram_entropy(x.to(CUDA), offsets, reference_compat=compat, backend="native")
+    cpu = ops.histogram_entropy(x, offsets, reference_compat=compat, backend="native")
+    assert compare(out, cpu) < 1e-6
+
+
+@cuda_kernels
+def test_cuda_is_deterministic():
+    x = activations(500, 256, seed=14).to(CUDA)
+    offsets = torch.tensor([0, 100, 256])
+    for compat in (False, True):
+        first = ops.histogram_entropy(x, offsets, reference_compat=compat, backend="native")
+        again = ops.histogram_entropy(x, offsets, reference_compat=compat, backend="native")
+        assert torch.equal(first.isnan(), again.isnan())
+        assert torch.equal(first.nan_to_num(), again.nan_to_num())
+
+
+@cuda_kernels
+def test_cuda_compat_under_graph_capture():
+    # The layer grid is reduced on the device: capture works and replays on new data.
+    x = activations(200, 48, seed=15).to(CUDA)
+    offsets = torch.tensor([0, 16, 48], device=CUDA)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.bdfast.histogram_entropy(x, offsets, 0.01, True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.bdfast.histogram_entropy(x, offsets, 0.01, True)
+    x.copy_(activations(200, 48, seed=16).to(CUDA))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, torch.ops.bdfast.histogram_entropy(x, offsets, 0.01, True))

@@ -1,4 +1,5 @@
-"""``gaussian_kl`` and ``layer_outliers``: native kernels against float64 references."""
+"""``gaussian_kl`` and ``layer_outliers``: the native CPU and CUDA kernels against float64
+references, and the CUDA kernels against the CPU kernels and against themselves."""
 from __future__ import annotations
 
 import math
@@ -8,13 +9,11 @@ import torch
 
 import bdfast
 from bdfast import ops, reference
+from devices import CUDA, DEVICES, cuda_kernels
 
 pytestmark = pytest.mark.skipif(not bdfast.backend_info()["native_cpu"],
                                 reason="the compiled CPU kernels are not available")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -56,6 +55,17 @@ def test_gaussian_kl_matches_formula(device, dtype, k):
     assert rel_err(out, ref64) < TOL[dtype]
 
 
+@cuda_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [1, 7, 4800, 1_100_003])  # the last one exceeds the grid
+def test_cuda_gaussian_kl_matches_float64_reference(dtype, k):
+    stats = bn_statistics(k, seed=k % 1000, dtype=dtype)
+    out = ops.gaussian_kl(*(v.to(CUDA) for v in stats), backend="native")
+    assert out.device.type == "cuda" and out.dtype == torch.float32 and out.shape == (k,)
+    ref = reference.gaussian_kl(*(v.double() for v in stats))
+    assert rel_err(out, ref) < (1e-5 if dtype in (torch.float32, torch.float64) else 1e-2)
+
+
 def test_gaussian_kl_floors_variances_and_mixes_dtypes():
     mu_p, var_p, mu_q, var_q = bn_statistics(64, seed=1)
     var_p[:4] = torch.tensor([0.0, -1.0, 1e-9, 1e-5])  # dead channels: floored at eps
@@ -78,6 +88,23 @@ def test_gaussian_kl_propagates_nan():
     out = ops.gaussian_kl(mu_p, var_p, mu_q, var_q, backend="native")
     ref = reference.gaussian_kl(mu_p, var_p, mu_q, var_q)
     assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(out[2])
+
+
+@cuda_kernels
+def test_cuda_gaussian_kl_floors_mixes_dtypes_and_propagates_nan():
+    mu_p, var_p, mu_q, var_q = bn_statistics(64, seed=1)
+    var_p[:4] = torch.tensor([0.0, -1.0, 1e-9, 1e-5])
+    var_q[4:6] = 0.0
+    mu_p[10] = float("nan")
+    var_q[11] = float("nan")
+    inputs = (mu_p.half(), var_p, mu_q.bfloat16(), var_q.double())
+    out = ops.gaussian_kl(*(v.to(CUDA) for v in inputs), backend="native")
+    cpu = ops.gaussian_kl(*inputs, backend="native")
+    ref = reference.gaussian_kl(*(v.double() for v in inputs))
+    assert torch.equal(out.isnan().cpu(), ref.isnan()) and out[10].isnan() and out[11].isnan()
+    finite = ~ref.isnan()
+    assert rel_err(out.cpu()[finite], ref[finite]) < 1e-5
+    assert rel_err(out.cpu()[finite], cpu[finite]) < 1e-6
 
 
 def outlier_rule(scores, offsets, u, direction):
@@ -126,19 +153,37 @@ def test_layer_outliers_match_rule(device, dtype, direction, u):
         assert bool(out[3]) == (direction == "low") and bool(out[-10]) == (direction == "high")
 
 
-def test_layer_outliers_nan_inf_and_small_layers():
+@cuda_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction", ["low", "high"])
+@pytest.mark.parametrize("u", [0.5, 3.0])
+def test_cuda_layer_outliers_match_reference_and_cpu(dtype, direction, u):
+    scores, offsets = packed_scores([40, 3, 64, 5000, 7, 1], seed=int(u * 10), dtype=dtype)
+    offsets = torch.tensor(offsets)
+    out = ops.layer_outliers(scores.to(CUDA), offsets, u=u, direction=direction,
+                             backend="native")
+    assert out.device.type == "cuda" and out.dtype == torch.bool
+    ref = reference.layer_outliers(scores, offsets, u=u, direction=direction)
+    assert torch.equal(out.cpu(), ref)
+    assert torch.equal(out.cpu(), ops.layer_outliers(scores, offsets, u=u, direction=direction,
+                                                     backend="native"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_outliers_nan_inf_and_small_layers(device):
     scores, offsets = packed_scores([30, 1, 2, 5, 0, 20], seed=3)
     scores[0] = float("nan")          # never flagged, excluded from the statistics
     scores[1] = -float("inf")         # excluded from the statistics, flagged as low
     scores[31:33] = torch.tensor([float("nan"), 5.0])  # one finite score: nothing flagged
     scores[33:38] = float("nan")      # no finite score
     for direction in ("low", "high"):
-        out = ops.layer_outliers(scores, torch.tensor(offsets), u=1.0, direction=direction,
-                                 backend="native")
+        out = ops.layer_outliers(scores.to(device), torch.tensor(offsets), u=1.0,
+                                 direction=direction, backend="native").cpu()
         assert torch.equal(out, outlier_rule(scores, offsets, 1.0, direction))
         assert torch.equal(out, reference.layer_outliers(scores, torch.tensor(offsets), u=1.0,
                                                          direction=direction))
         assert not out[0] and not out[30:38].any()
+        assert bool(out[1]) == (direction == "low")
     low = ops.layer_outliers(scores, torch.tensor(offsets), u=1.0, direction="low")
     assert low[1]
 
@@ -148,3 +193,14 @@ def test_layer_outliers_default_single_layer():
     out = ops.layer_outliers(scores, backend="native")
     assert torch.equal(out, outlier_rule(scores, [0, 200], 3.0, "low"))
     assert out[3] and out.sum() >= 1
+
+
+@cuda_kernels
+def test_cuda_kernels_are_deterministic():
+    scores, offsets = packed_scores([4000, 300, 77], seed=5)
+    scores, offsets = scores.to(CUDA), torch.tensor(offsets, device=CUDA)
+    first = torch.ops.bdfast.layer_outliers(scores, offsets, 2.0, False)
+    assert torch.equal(first, torch.ops.bdfast.layer_outliers(scores, offsets, 2.0, False))
+    stats = [v.to(CUDA) for v in bn_statistics(5000, seed=6)]
+    assert torch.equal(torch.ops.bdfast.gaussian_kl(*stats, 1e-5),
+                       torch.ops.bdfast.gaussian_kl(*stats, 1e-5))

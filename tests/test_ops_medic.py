@@ -1,7 +1,14 @@
-"""``medic_clone_loss``: the native CPU kernel against a float64 evaluation of the reference
-(inputs, tolerances and checks in ``medic_cases.py``, shared with the CUDA tests)."""
+"""``medic_clone_loss``: the native CPU and CUDA kernels against a float64 evaluation of the
+reference (inputs, tolerances and checks in ``medic_cases.py``), and the CUDA kernel against the
+CPU kernel and against itself (the same inputs give the same bits twice).
+
+The shapes aim at the kernels' edges: rows of one element, odd widths and unaligned storage
+(the CUDA scalar path), rows of several tiles (the cross-block merge), channels_last, and more
+layers than fit one CUDA launch.
+"""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -10,18 +17,18 @@ import pytest
 import torch
 
 import bdfast
+import medic_cases
 from bdfast import ops, reference
-from medic_cases import DTYPES, TOL, assert_matches_reference, make_layer, rel_err, unzip
+from devices import CUDA, DEVICES, cuda_kernels
+from medic_cases import DTYPES, TOL, assert_matches_reference, make_layer, native, rel_err, unzip
 
 pytestmark = pytest.mark.skipif(not bdfast.backend_info()["native_cpu"],
                                 reason="the compiled CPU kernels are not available")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
+make_cuda_layer = functools.partial(medic_cases.make_layer, device=CUDA)
 
-
-MIXED = [(4, 16, 8, 8), (4, 10), (4, 3, 5, 7), (4, 33)]  # 4-D conv and 2-D linear, odd widths
+# 4-D conv and 2-D linear layers with odd widths, and a layer of one sample of one element.
+MIXED = [(4, 16, 8, 8), (4, 10), (4, 3, 5, 7), (4, 33), (1, 1)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -59,22 +66,30 @@ def test_single_element(device, signed):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_long_rows(device, dtype):
-    # 64 * 32 * 33 = 67,584 elements per row: more than 65,536 and not a multiple of a chunk.
-    layers = [make_layer((2, 64, 32, 33), dtype, device=device), make_layer((2, 7), dtype,
-                                                                            device=device, seed=1)]
+@pytest.mark.parametrize("shape", [
+    (2, 64, 32, 33),  # 67,584 elements per row: more than 65,536 and not a multiple of a chunk;
+                      # on CUDA five tiles, the last one partial
+    (1, 16, 32, 32),  # exactly one full CUDA tile
+    (3, 16385),       # one element into a second CUDA tile
+], ids=str)
+def test_long_rows(device, dtype, shape):
+    layers = [make_layer(shape, dtype, device=device),
+              make_layer((shape[0], 7), dtype, device=device, seed=1)]
     assert_matches_reference(layers, TOL[dtype], tau=5.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_channels_last(device, dtype):
+@pytest.mark.parametrize("signed", [False, True], ids=["abs", "signed"])
+def test_channels_last(device, dtype, signed):
     layers = [make_layer((3, 20, 6, 5), dtype, device=device, channels_last=True),
               make_layer((3, 530, 2, 2), dtype, device=device, seed=1, channels_last=True),
-              make_layer((3, 12), dtype, device=device, seed=2)]
+              make_layer((2, 64, 33, 33), dtype, device=device, seed=2,
+                         channels_last=True),  # several CUDA tiles
+              make_layer((3, 12), dtype, device=device, seed=3)]
     assert layers[0][0].is_contiguous(memory_format=torch.channels_last)
     assert not layers[0][0].is_contiguous()
-    _, grads = assert_matches_reference(layers, TOL[dtype], tau=5.0)
+    _, grads = assert_matches_reference(layers, TOL[dtype], tau=5.0, signed=signed)
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
 
 
@@ -174,6 +189,115 @@ def test_gradient_scales_with_upstream_gradient(device):
     for a, b in zip(once, scaled):
         assert torch.allclose(b, -2.5 * a, rtol=1e-5, atol=0)
 
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernel alone: the cross-block merge of a row's tiles, the scalar path, launch groups,
+# agreement with the CPU kernel, determinism and CUDA graph capture.
+
+# Not float16: weights of ~2e-6 give gradients below float16's normal range, whose rounding
+# alone exceeds the 1e-2 tolerance (bfloat16 keeps float32's exponent range).
+@cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_row_of_many_tiles(dtype):
+    # 524,288 elements: 32 tiles merged by the row's last block.
+    layers = [make_cuda_layer((1, 8, 256, 256), dtype), make_cuda_layer((1, 7), dtype, seed=1)]
+    assert_matches_reference(layers, TOL[dtype], tau=5.0)
+
+
+@cuda_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_misaligned_storage(dtype, channels_last):
+    layers = [make_cuda_layer((3, 8, 6, 6), dtype, misaligned=True, channels_last=channels_last),
+              make_cuda_layer((2, 64, 16, 17), dtype, seed=1, misaligned=True),
+              make_cuda_layer((3, 8, 4, 4), dtype, seed=2)]
+    assert layers[0][0].data_ptr() % 16 != 0
+    assert_matches_reference(layers, TOL[dtype], tau=5.0)
+
+
+@cuda_kernels
+def test_cuda_more_layers_than_one_launch_holds():
+    # 400 layers exceed the 384 descriptors of one launch: the second launch must share the
+    # arrival counters and the loss.
+    layers = [make_cuda_layer((2, 3 + i % 5, 2, 2) if i % 3 else (2, 1 + i % 7), seed=i)
+              for i in range(400)]
+    layers[7] = make_cuda_layer((2, 64, 32, 32), seed=7)  # a multi-tile row in the first launch
+    layers[390] = make_cuda_layer((1, 64, 32, 33), seed=390)  # and in the second
+    assert_matches_reference(layers, 1e-4, tau=5.0)
+
+
+@cuda_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_matches_cpu_kernel(dtype, channels_last):
+    shapes = [(3, 16, 9, 9), (3, 64, 32, 33), (3, 5, 1, 1), (3, 17, 2, 3)]
+    layers = [make_cuda_layer(shape, dtype, seed=i, channels_last=channels_last)
+              for i, shape in enumerate(shapes)] + [make_cuda_layer((3, 10), dtype, seed=9)]
+    t, s, g, mu, sigma = unzip(layers)
+    loss, grads = native(t, s, g, mu, sigma, tau=5.0)
+    cpu = [[x.detach().cpu() for x in part] for part in (t, s, g, mu, sigma)]
+    loss_cpu, grads_cpu = native(*cpu, tau=5.0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(loss, loss_cpu) < tol
+    for gr, ref in zip(grads, grads_cpu):
+        assert rel_err(gr, ref) < tol
+    # The row statistics the backward consumes agree too.
+    _, stats = torch.ops.bdfast.medic_clone_loss(t, s, g, mu, sigma, 5.0, 1e-5, False)
+    _, stats_cpu = torch.ops.bdfast.medic_clone_loss(*cpu, 5.0, 1e-5, False)
+    assert rel_err(stats, stats_cpu) < 1e-5
+
+
+@cuda_kernels
+def test_cuda_is_deterministic():
+    layers = [make_cuda_layer((4, 64, 32, 32), torch.bfloat16),
+              make_cuda_layer((4, 32, 16, 16), torch.bfloat16, seed=1, channels_last=True),
+              make_cuda_layer((4, 10), torch.bfloat16, seed=2)]
+    t, s, g, mu, sigma = unzip(layers)
+    first = native(t, s, g, mu, sigma, tau=5.0)
+    for _ in range(3):
+        again = native(t, s, g, mu, sigma, tau=5.0)
+        assert torch.equal(first[0], again[0])
+        assert all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
+
+
+@cuda_kernels
+def test_cuda_under_graph_capture():
+    # No host synchronisation and no host-side state: a captured forward + backward replays
+    # on new student values and gives exactly what an eager call gives.
+    layers = [make_cuda_layer((4, 16, 32, 32)),
+              make_cuda_layer((4, 8, 5, 5), torch.bfloat16, seed=1),
+              make_cuda_layer((4, 10), seed=2)]
+    t, s, g, mu, sigma = unzip(layers)
+    s_static = [x.detach().clone() for x in s]
+    upstream = torch.ones((), device=CUDA)
+    args = (5.0, 1e-5, False)
+
+    def step():
+        loss, stats = torch.ops.bdfast.medic_clone_loss(t, s_static, g, mu, sigma, *args)
+        grads = torch.ops.bdfast.medic_clone_loss_backward(upstream, t, s_static, g, mu, sigma,
+                                                           stats, *args)
+        return loss, grads
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture, as torch.cuda.graph requires
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_loss, captured_grads = step()
+    for x, seed in zip(s_static, range(3)):
+        x.copy_(x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+                .to(x.device, x.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager_loss, eager_grads = step()
+    assert torch.equal(captured_loss, eager_loss)
+    assert all(torch.equal(a, b) for a, b in zip(captured_grads, eager_grads))
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU kernel's instruction sets
 
 ISAS = ["generic", "avx2", "avx512"]
 

@@ -6,15 +6,14 @@
 #include <algorithm>
 #include <cmath>
 
+#include "checks.h"
 #include "ops.h"
 
 namespace bdfast::cpu {
 
 at::Tensor gaussian_kl(const at::Tensor& mu_p, const at::Tensor& var_p, const at::Tensor& mu_q,
                        const at::Tensor& var_q, double eps) {
-  TORCH_CHECK(mu_p.dim() == 1 && var_p.sizes() == mu_p.sizes() && mu_q.sizes() == mu_p.sizes() &&
-                  var_q.sizes() == mu_p.sizes(),
-              "gaussian_kl: mu_p, var_p, mu_q and var_q must be 1-D tensors of the same length");
+  check_gaussian_kl_shapes(mu_p, var_p, mu_q, var_q);
   for (const auto* v : {&mu_p, &var_p, &mu_q, &var_q}) {
     TORCH_CHECK(at::isFloatingType(v->scalar_type()),
                 "gaussian_kl: mu_p, var_p, mu_q and var_q must be floating point, got ",

@@ -18,7 +18,7 @@
 #include <limits>
 #include <vector>
 
-#include "offsets_checks.h"
+#include "checks.h"
 #include "ops.h"
 
 namespace bdfast::cpu {
@@ -241,13 +241,7 @@ void for_each_column(const at::Tensor& x, Fn&& fn) {
 
 at::Tensor histogram_entropy(const at::Tensor& x_in, const at::Tensor& offsets, double step,
                              bool reference_compat) {
-  TORCH_CHECK(x_in.dim() == 2, "histogram_entropy: x must be a 2-D tensor [N, K], got shape ",
-              x_in.sizes());
-  const auto dtype = x_in.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "histogram_entropy: x must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(step > 0 && std::isfinite(step), "histogram_entropy: step must be positive, got ",
-              step);
+  check_histogram_input(x_in, step);
   const auto x = x_in.contiguous();
   const int64_t n = x.size(0), k = x.size(1);
   const auto bounds = checked_offsets(offsets, k, "histogram_entropy", "columns of x");

@@ -11,19 +11,14 @@
 #include <cmath>
 #include <vector>
 
-#include "offsets_checks.h"
+#include "checks.h"
 #include "ops.h"
 
 namespace bdfast::cpu {
 
 at::Tensor layer_outliers(const at::Tensor& scores, const at::Tensor& offsets, double u,
                           bool high) {
-  TORCH_CHECK(scores.dim() == 1, "layer_outliers: scores must be a 1-D tensor [K], got shape ",
-              scores.sizes());
-  const auto dtype = scores.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              "layer_outliers: scores must be float32, float64, float16 or bfloat16, got ", dtype);
+  check_layer_outliers_scores(scores);
   const int64_t k = scores.numel();
   const std::vector<int64_t> host = checked_offsets(offsets, k, "layer_outliers", "scores");
   const int64_t* bounds = host.data();

@@ -14,8 +14,8 @@
 #include <limits>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/vector_math.h"
-#include "medic_checks.h"
 #include "ops.h"
 
 namespace bdfast::cpu {

@@ -1,4 +1,4 @@
-// The boundary between the g++-compiled host code (bindings.cpp: tensor checks, allocation,
+// The boundary between the g++-compiled host code (<op>_host.cpp: tensor checks, allocation,
 // streams) and the nvcc-compiled kernels (<op>.cu). Only plain types cross it, so the .cu files
 // never include torch headers and stay quick to compile.
 #pragma once

@@ -3,6 +3,7 @@
 A defense supplies the student, the optimizer and a ``step_fn(net, x, y, epoch) -> loss``; this
 module runs epochs x batches around it: mixed precision, the cosine schedule, the progress bar,
 ``eval_fn`` callbacks, the non-finite-loss stop, DDP, and the history and timings it returns.
+(The lab's supervised trainer, :func:`bdfast.train`, is :mod:`bdfast.trainer`.)
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bdfast._utils import (check_finite_parameters, check_not_tensor, check_pixel_range,
-                           iter_batches, progress as _progress)
+from bdfast._utils import (check_finite_parameters, check_images, check_not_tensor,
+                           check_pixel_range, distributed, iter_batches, progress as _progress)
 
 StepFn = Callable[[nn.Module, Tensor, Optional[Tensor], int], Tensor]
 EvalFn = Callable[[nn.Module, int], Any]
@@ -68,23 +69,18 @@ def check_loader(loader: Iterable, what: str = "loader") -> None:
                         "one-shot iterator or generator, because training walks it every epoch")
 
 
-def check_images(index: int, x: Tensor) -> None:
-    """One-sentence error for a batch whose images a model cannot take, or that hold 0..255
-    pixel values instead of images in [0, 1]."""
-    if not x.is_floating_point() or x.dim() < 2 or len(x) == 0:
-        raise ValueError(f"batch {index} of the loader must hold a non-empty float image tensor "
-                         f"[B, C, H, W], got shape {list(x.shape)} and dtype {x.dtype}")
-    check_pixel_range(x, f"batch {index} of the loader")
-
-
-def distributed() -> bool:
-    """Whether a torch.distributed process group is running (launched with torchrun)."""
-    return dist.is_available() and dist.is_initialized()
+def check_batch(index: int, x: Tensor) -> None:
+    """One-sentence error for batch ``index`` of a loader whose images a model cannot take, or
+    that hold 0..255 pixel values instead of images in [0, 1]."""
+    what = f"batch {index} of the loader"
+    check_images(x, what, any_rank=True, nonempty=True)
+    check_pixel_range(x, what)
 
 
 def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.optim.Optimizer,
         *, epochs: int, device: torch.device, schedule: str = "epoch",
-        schedule_epochs: Optional[int] = None, amp: AmpSpec = "auto", progress: bool = True, eval_fn: Optional[EvalFn] = None, eval_every: int = 1,
+        schedule_epochs: Optional[int] = None, amp: AmpSpec = "auto", progress: bool = True,
+        eval_fn: Optional[EvalFn] = None, eval_every: int = 1,
         desc: str = "train") -> TrainResult:
     """Train ``student`` (in place, already on ``device``) for ``epochs`` passes over ``loader``.
 
