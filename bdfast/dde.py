@@ -85,7 +85,7 @@ def dde_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0,
     seen, convs = bn_input_pass(work, names, loader, spatial_max, device=device,
                                 progress=progress, desc="dde statistics", max_samples=max_samples)
     phi = torch.cat([torch.cat(b) for b in blocks], dim=1)  # [N, K]: layers side by side
-    del blocks
+    blocks.clear()  # the per-batch pieces are in phi now
     if distributed():
         phi = _gather_rows(phi)[:max_samples]
     if phi.shape[0] < 2:

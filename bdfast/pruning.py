@@ -9,6 +9,7 @@ beta. The statistics pass runs a working model in eval mode under ``no_grad``; u
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
