@@ -18,8 +18,9 @@ architecture with a quarter of its channels: 976 BN channels).
 
 Each defense gets its data as a user would give it: MEDIC the clean set with labels, BCU the
 clean images without labels, fine-tuning the clean set, DDE the poisoned training images (and,
-for ``u="auto"``, the clean set to validate on), MBNS the clean images; batches of 64 for
-training, 256 for statistics. A *setting* is a named set of options (``SETTINGS``);
+for ``u="auto"``, the labelled clean set to validate on), MBNS the labelled clean set (its
+statistics ignore the labels; ``u="auto"`` validates on the held-out half of each batch
+against them); batches of 64 for training, 256 for statistics. A *setting* is a named set of options (``SETTINGS``);
 ``default`` is whatever the library's signature says, resolved to explicit values when the row
 is written, so a later change of a default shows as a different row.
 
@@ -176,7 +177,8 @@ def run_defense(defense: str, options: Dict[str, Any], teacher: nn.Module, data:
         return bdfast.dde_prune(teacher, tensor_loader(x_poisoned, batch_size=256),
                                 progress=False, **options, **extra).model
     if defense == "mbns":
-        return bdfast.mbns_prune(teacher, tensor_loader(x_clean, batch_size=256),
+        # Labels are ignored by the statistics; u="auto" validates against them.
+        return bdfast.mbns_prune(teacher, tensor_loader(x_clean, y_clean, batch_size=256),
                                  progress=False, **options).model
     raise ValueError(f"unknown defense {defense!r}")
 

@@ -288,6 +288,29 @@ def test_auto_keeps_the_smallest_u_within_budget(method, labelled, acc_budget):
         assert agree == pytest.approx(next(s["val_acc"] for s in sweep if s["u"] == expected))
 
 
+def test_auto_accepts_a_drop_of_exactly_the_budget():
+    """A budget as a user writes it (0.02) must admit a drop of exactly that many images,
+    although the difference of two count ratios can round just above it (1 - 0.98 =
+    0.020000000000000018)."""
+    model = small_model()
+    x_val, y_val = labelled_images(model)
+    for n in range(40, len(x_val) + 1):  # a validation size where the first cost rounds over
+        val = [(x_val[:n], y_val[:n])]
+        sweep = mbns_prune(model, [images(200)], u="auto", val_loader=val, acc_budget=0.99,
+                           progress=False).report["sweep"]
+        first_cost = next((s for s in sweep if s["drop"] > 0), None)
+        if first_cost is not None:
+            rounding = first_cost["drop"] - round(first_cost["drop"], 6)
+            if 0 < rounding < 1e-12:
+                break
+    else:
+        pytest.fail("no validation size gives a drop that rounds over its decimal value")
+    budget = round(first_cost["drop"], 6)
+    report = mbns_prune(model, [images(200)], u="auto", val_loader=val, acc_budget=budget,
+                        progress=False).report
+    assert report["u"] <= first_cost["u"]
+
+
 def test_auto_prunes_nothing_when_even_the_first_u_is_over_budget(monkeypatch):
     model = small_model()
     monkeypatch.setattr(pruning, "AUTO_U_GRID", (0.05,))  # prunes about half of every layer
