@@ -254,6 +254,10 @@ def _cell(row: Dict[str, Any]) -> Tuple[str, str, str]:
     return row["data"], row["arch"], row["attack"]
 
 
+def _options_key(row: Dict[str, Any]) -> str:
+    return json.dumps(row["options"], sort_keys=True)
+
+
 def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Per defense setting: how many (cell, seed) runs meet the bound, on implanted backdoors.
 
@@ -265,7 +269,7 @@ def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     for row in rows:
         if row["defense"] == "none" or row["asr_before"] < 0.5:
             continue
-        key = (row["defense"], json.dumps(row["options"], sort_keys=True))
+        key = (row["defense"], _options_key(row))
         entry = by_options.setdefault(key, {"defense": row["defense"], "labels": set(),
                                             "options": row["options"], "runs": set(),
                                             "meets": set(), "worst_drop": 0.0,
@@ -302,17 +306,23 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
         shown = e["options"] if isinstance(e["options"], str) else f"`{json.dumps(e['options'])}`"
         lines.append(f"| {e['defense']} | {e['setting']} | {shown} | "
                      f"{e['meets']} / {e['runs']} | {e['worst_drop']:.3f} | {e['worst_asr']:.3f} |")
-    columns = sorted({(r["defense"], r["setting"]) for r in rows},
-                     key=lambda c: (DEFENSES.index(c[0]) if c[0] in DEFENSES else 99, c[1]))
+    # One column per (defense, options): a candidate that became the default is one column.
+    labels: Dict[Tuple[str, str], set] = {}
+    for r in rows:
+        labels.setdefault((r["defense"], _options_key(r)), set()).add(r["setting"])
+    columns = sorted(labels, key=lambda c: (DEFENSES.index(c[0]) if c[0] in DEFENSES else 99,
+                                            sorted(labels[c])))
     cells = sorted({_cell(r) for r in rows})
+    names = [f"{d} {' = '.join(sorted(labels[(d, k)], key=lambda x: (x != 'default', x)))}"
+             for d, k in columns]
     lines += ["", "## Every cell", "",
-              "| data | model | attack | " + " | ".join(f"{d} {s}" for d, s in columns) + " |",
+              "| data | model | attack | " + " | ".join(names) + " |",
               "|---|---|---|" + "---|" * len(columns)]
     for cell in cells:
         entries = []
-        for defense, setting in columns:
+        for defense, key in columns:
             found = sorted((r for r in rows if _cell(r) == cell and r["defense"] == defense
-                            and r["setting"] == setting), key=lambda r: r["seed"])
+                            and _options_key(r) == key), key=lambda r: r["seed"])
             text = []
             for r in found:
                 value = f"{r['acc']:.2f}/{r['asr']:.2f}"
