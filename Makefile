@@ -10,7 +10,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: venv data build cuda-build test test-gpu bench demo margin ctest clean
+.PHONY: venv data build cuda-build test test-gpu bench demo margin efficacy ctest clean
 
 venv: $(VENV)/.installed
 
@@ -59,6 +59,11 @@ demo: venv
 # 4 min each on 2 cores; resumes after an interruption). See scripts/efficacy_margin.py.
 margin: venv
 	$(BIN)/python scripts/efficacy_margin.py -j 2 --markdown benchmarks/results/efficacy_margin.md
+
+# Every defense on data sets x models x attacks x seeds; resumes after an interruption and writes
+# benchmarks/results/efficacy.{jsonl,md,json,png}. See benchmarks/efficacy.py.
+efficacy: venv data
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/efficacy.py --settings dde:paper,auto mbns:paper,auto
 
 # The same csrc/ built with CMake, for the C++ tests and sanitizers.
 ctest: venv
