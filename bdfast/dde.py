@@ -9,8 +9,7 @@ u standard deviations below their layer's mean entropy.
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Iterable, List, Optional, Union
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -18,9 +17,8 @@ from torch import Tensor, nn
 
 from bdfast import ops
 from bdfast._utils import check_number, distributed
-from bdfast.pruning import (DEFAULT_ACC_BUDGET, PruneResult, bn_input_pass, check_finite,
-                            check_options, layer_offsets, outlier_mask, prepare, prune, report,
-                            validation_batches)
+from bdfast.pruning import (DEFAULT_ACC_BUDGET, ChannelStatistic, PruneResult, check_options,
+                            prune_outliers, validation_batches)
 
 __all__ = ["dde_prune"]
 
@@ -73,37 +71,47 @@ def dde_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0,
     if not isinstance(reference_compat, bool):
         raise TypeError(f"reference_compat must be True or False, got {reference_compat!r}")
     check_number(max_samples, "max_samples", integer=True, minimum=2, allow_none=True)
-    start = time.perf_counter()
-    work, names, device = prepare(model, method="dde_prune", inplace=inplace, device=device)
-
-    # phi_k = max over spatial positions of the BN input (paper Sec. 3.4), one row per sample.
-    blocks: List[List[Tensor]] = [[] for _ in names]
-
-    def spatial_max(i: int, x: Tensor) -> None:
-        blocks[i].append(x.flatten(2).amax(dim=2).float() if x.dim() > 2 else x.float())
-
-    seen, convs = bn_input_pass(work, names, loader, spatial_max, device=device,
-                                progress=progress, desc="dde statistics", max_samples=max_samples)
-    phi = torch.cat([torch.cat(b) for b in blocks], dim=1)  # [N, K]: layers side by side
-    blocks.clear()  # the per-batch pieces are in phi now
-    if distributed():
-        phi = _gather_rows(phi)[:max_samples]
-    if phi.shape[0] < 2:
-        raise ValueError(f"loader must yield at least 2 images to estimate entropies, got "
-                         f"{phi.shape[0]}")
-    offsets = layer_offsets(work, names, device)
-    check_finite(torch.isfinite(phi).all(dim=0), offsets, names)
-
-    h = ops.histogram_entropy(phi, offsets, step=step, reference_compat=reference_compat)
-    chosen, sweep, mask = outlier_mask(work, names, offsets, h, u=u, direction="low",
-                                       zero_bias=zero_bias, val_batches=val_batches,
-                                       acc_budget=acc_budget, device=device)
-    layers = prune(work, names, convs, offsets, h, mask, u=chosen, direction="low",
-                   zero_bias=zero_bias)
     options = {"u": u, "step": step, "reference_compat": reference_compat,
                "max_samples": max_samples, "acc_budget": acc_budget, "zero_bias": zero_bias}
-    return PruneResult(work, report("dde", "entropy", options, phi.shape[0], layers, start,
-                                    chosen, sweep))
+    return prune_outliers(model, loader, SpatialMaxEntropy(step, reference_compat, max_samples),
+                          u=u, val_batches=val_batches, acc_budget=acc_budget,
+                          zero_bias=zero_bias, inplace=inplace, device=device,
+                          progress=progress, options=options, max_samples=max_samples)
+
+
+class SpatialMaxEntropy(ChannelStatistic):
+    """DDE's statistic: per image and channel, the maximum over spatial positions of the BN
+    input, phi [N, K] (paper Sec. 3.4); its score is the histogram entropy of each column
+    (``ops.histogram_entropy``), suspicious when low."""
+
+    method, score_name, direction = "dde", "entropy", "low"
+
+    def __init__(self, step: float, reference_compat: bool, max_samples: Optional[int]):
+        self.step, self.reference_compat, self.max_samples = step, reference_compat, max_samples
+        self.blocks: List[List[Tensor]] = []
+        self.phi: Optional[Tensor] = None
+
+    def start(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.blocks = [[] for _ in names]
+
+    def update(self, layer: int, x: Tensor) -> None:
+        self.blocks[layer].append(x.flatten(2).amax(dim=2).float() if x.dim() > 2
+                                  else x.float())
+
+    def finish(self, seen: int, device: torch.device) -> Tuple[Tensor, int]:
+        phi = torch.cat([torch.cat(b) for b in self.blocks], dim=1)  # [N, K]: layers side by side
+        self.blocks = []
+        if distributed():
+            phi = _gather_rows(phi)[:self.max_samples]
+        if phi.shape[0] < 2:
+            raise ValueError(f"loader must yield at least 2 images to estimate entropies, got "
+                             f"{phi.shape[0]}")
+        self.phi = phi
+        return torch.isfinite(phi).all(dim=0), phi.shape[0]
+
+    def score(self, offsets: Tensor) -> Tensor:
+        return ops.histogram_entropy(self.phi, offsets, step=self.step,
+                                     reference_compat=self.reference_compat)
 
 
 def _gather_rows(x: Tensor) -> Tensor:

@@ -9,8 +9,7 @@ channels more than u standard deviations above their layer's mean KL.
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Iterable, List, Optional, Union
+from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -18,9 +17,8 @@ from torch import Tensor, nn
 
 from bdfast import ops
 from bdfast._utils import distributed
-from bdfast.pruning import (DEFAULT_ACC_BUDGET, HeldOutHalves, PruneResult, bn_input_pass,
-                            check_finite, check_options, layer_offsets, outlier_mask, prepare,
-                            prune, report, validation_batches)
+from bdfast.pruning import (DEFAULT_ACC_BUDGET, ChannelStatistic, HeldOutHalves, PruneResult,
+                            check_options, prune_outliers, validation_batches)
 from bdfast.stats import ChannelMoments
 
 __all__ = ["mbns_prune"]
@@ -71,44 +69,44 @@ def mbns_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0
     val_batches = None if val_loader is None else validation_batches(val_loader, "val_loader")
     if u == "auto" and val_batches is None:
         loader = HeldOutHalves(loader)
-    start = time.perf_counter()
-    work, names, device = prepare(model, method="mbns_prune", inplace=inplace, device=device,
-                                  running_stats=True)
-
-    moments: List[ChannelMoments] = [ChannelMoments() for _ in names]
-
-    def accumulate(i: int, x: Tensor) -> None:
-        moments[i].update(x)
-
-    seen, convs = bn_input_pass(work, names, loader, accumulate, device=device,
-                                progress=progress, desc="mbns statistics")
-    samples = seen
-    if distributed():
-        for m in moments:
-            m.all_reduce()
-        total = torch.tensor([seen], dtype=torch.int64, device=device)
-        dist.all_reduce(total)
-        samples = int(total)
-    if samples < 2:
-        raise ValueError(f"loader must yield at least 2 clean images to estimate statistics, "
-                         f"got {samples}")
-    mu_clean = torch.cat([m.mean for m in moments])
-    var_clean = torch.cat([m.variance(unbiased=True) for m in moments])
-    bns = dict(work.named_modules())
-    mu_run = torch.cat([bns[n].running_mean for n in names])
-    var_run = torch.cat([bns[n].running_var for n in names])
-    offsets = layer_offsets(work, names, device)
-    check_finite(torch.isfinite(mu_clean) & torch.isfinite(var_clean), offsets, names)
-
-    # Benign (clean sample) distribution first: KL(N_sample || N_BN), as in the released code.
-    kl = ops.gaussian_kl(mu_clean, var_clean, mu_run, var_run)
-    if isinstance(loader, HeldOutHalves):
-        val_batches = loader.held
-    chosen, sweep, mask = outlier_mask(work, names, offsets, kl, u=u, direction="high",
-                                       zero_bias=zero_bias, val_batches=val_batches,
-                                       acc_budget=acc_budget, device=device)
-    layers = prune(work, names, convs, offsets, kl, mask, u=chosen, direction="high",
-                   zero_bias=zero_bias)
     options = {"u": u, "acc_budget": acc_budget, "zero_bias": zero_bias}
-    return PruneResult(work, report("mbns", "kl", options, samples, layers, start, chosen,
-                                    sweep))
+    return prune_outliers(model, loader, BatchNormKL(), u=u, val_batches=val_batches,
+                          acc_budget=acc_budget, zero_bias=zero_bias, inplace=inplace,
+                          device=device, progress=progress, options=options)
+
+
+class BatchNormKL(ChannelStatistic):
+    """MBNS's statistic: each BN input channel's mean and unbiased variance over all clean
+    images and positions (float64 moments, merged exactly); its score is KL(N(clean) || N(BN
+    running statistics)) (``ops.gaussian_kl``, paper eq. 5), suspicious when high."""
+
+    method, score_name, direction, running_stats = "mbns", "kl", "high", True
+
+    def start(self, model: nn.Module, names: Sequence[str]) -> None:
+        bns = dict(model.named_modules())
+        self.running = [bns[n] for n in names]
+        self.moments = [ChannelMoments() for _ in names]
+
+    def update(self, layer: int, x: Tensor) -> None:
+        self.moments[layer].update(x)
+
+    def finish(self, seen: int, device: torch.device) -> Tuple[Tensor, int]:
+        samples = seen
+        if distributed():
+            for m in self.moments:
+                m.all_reduce()
+            total = torch.tensor([seen], dtype=torch.int64, device=device)
+            dist.all_reduce(total)
+            samples = int(total)
+        if samples < 2:
+            raise ValueError(f"loader must yield at least 2 clean images to estimate "
+                             f"statistics, got {samples}")
+        self.mu = torch.cat([m.mean for m in self.moments])
+        self.var = torch.cat([m.variance(unbiased=True) for m in self.moments])
+        return torch.isfinite(self.mu) & torch.isfinite(self.var), samples
+
+    def score(self, offsets: Tensor) -> Tensor:
+        mu_run = torch.cat([bn.running_mean for bn in self.running])
+        var_run = torch.cat([bn.running_var for bn in self.running])
+        # Benign (clean sample) distribution first: KL(N_sample || N_BN), as in the released code.
+        return ops.gaussian_kl(self.mu, self.var, mu_run, var_run)

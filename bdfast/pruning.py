@@ -9,6 +9,7 @@ beta. The statistics pass runs a working model in eval mode under ``no_grad``; u
 """
 from __future__ import annotations
 
+import abc
 import math
 import time
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from bdfast._utils import (check_images, check_not_tensor, check_number, check_p
                            model_input_errors, progress as _progress, resolve_device)
 from bdfast.hooks import BATCHNORM, CONV
 
-__all__ = ["PruneResult", "AUTO_U_GRID", "DEFAULT_ACC_BUDGET"]
+__all__ = ["PruneResult", "ChannelStatistic", "prune_outliers", "AUTO_U_GRID",
+           "DEFAULT_ACC_BUDGET"]
 
 # The thresholds u="auto" tries, from the most conservative down to one standard deviation; the
 # paper's u = 3 is among them.
@@ -381,3 +383,66 @@ def report(method: str, score: str, options: Dict[str, Any], samples: int,
             "num_channels": sum(layer["channels"] for layer in layers),
             "num_pruned": sum(len(layer["pruned"]) for layer in layers),
             "seconds": time.perf_counter() - start}
+
+
+class ChannelStatistic(abc.ABC):
+    """The plug-in of one pruning method (SPEC section 5): what it reduces from each BN layer's
+    input, and how it turns that into one score per channel. :func:`prune_outliers` calls
+    :meth:`start`, :meth:`update` for every batch and BN layer, :meth:`finish`, then
+    :meth:`score`."""
+
+    method: str      # "dde" or "mbns": the report's method and the progress bar's name
+    score_name: str  # what the scores are: "entropy", "kl"
+    direction: str   # which tail is suspicious: "low" or "high"
+    running_stats: bool = False  # whether the BN layers must track running statistics
+
+    @abc.abstractmethod
+    def start(self, model: nn.Module, names: Sequence[str]) -> None:
+        """Once, before the pass: the working model and its BN layers' names."""
+
+    @abc.abstractmethod
+    def update(self, layer: int, x: Tensor) -> None:
+        """Reduce one batch's input x [B, C, *spatial] of BN layer ``names[layer]``."""
+
+    @abc.abstractmethod
+    def finish(self, seen: int, device: torch.device) -> Tuple[Tensor, int]:
+        """After the pass over ``seen`` images: merge across ranks; return whether each
+        channel's reduced values are finite, bool [K], and how many images they cover."""
+
+    @abc.abstractmethod
+    def score(self, offsets: Tensor) -> Tensor:
+        """The scores [K] of the channels of the layers delimited by ``offsets`` [L+1]."""
+
+
+def prune_outliers(model: nn.Module, loader: Iterable, statistic: ChannelStatistic, *,
+                   u: Union[float, str], val_batches: Optional[Sequence[Tuple[Tensor, Any]]],
+                   acc_budget: float, zero_bias: bool, inplace: bool, device: Any,
+                   progress: bool, options: Dict[str, Any],
+                   max_samples: Optional[int] = None) -> PruneResult:
+    """The story DDE and MBNS share: BN inputs -> per-channel statistic -> score -> per-layer
+    outliers (``u``, or ``u="auto"`` on ``val_batches``) -> prune -> report.
+
+    ``loader`` may be a :class:`HeldOutHalves`, whose held-out halves then validate
+    ``u="auto"``. ``options`` are the call's options, for the report.
+    """
+    start = time.perf_counter()
+    work, names, device = prepare(model, method=f"{statistic.method}_prune", inplace=inplace,
+                                  device=device, running_stats=statistic.running_stats)
+    statistic.start(work, names)
+    seen, convs = bn_input_pass(work, names, loader, statistic.update, device=device,
+                                progress=progress, desc=f"{statistic.method} statistics",
+                                max_samples=max_samples)
+    finite, samples = statistic.finish(seen, device)
+    offsets = layer_offsets(work, names, device)
+    check_finite(finite, offsets, names)
+    scores = statistic.score(offsets)
+    if isinstance(loader, HeldOutHalves):
+        val_batches = loader.held
+    chosen, sweep, mask = outlier_mask(work, names, offsets, scores, u=u,
+                                       direction=statistic.direction, zero_bias=zero_bias,
+                                       val_batches=val_batches, acc_budget=acc_budget,
+                                       device=device)
+    layers = prune(work, names, convs, offsets, scores, mask, u=chosen,
+                   direction=statistic.direction, zero_bias=zero_bias)
+    return PruneResult(work, report(statistic.method, statistic.score_name, options, samples,
+                                    layers, start, chosen, sweep))
