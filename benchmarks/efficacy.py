@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import inspect
 import json
 import os
 import platform
@@ -52,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bdfast
-from bdfast import attacks, models
+from bdfast import attacks, defenses, models
 from bdfast.data import LabData, load_digits, load_fashion_mnist, tensor_loader
 from bdfast.metrics import evaluate
 from bdfast.trainer import train
@@ -143,14 +142,12 @@ def backdoored_model(data: LabData, data_name: str, arch: str, attack_name: str,
 def resolved_options(defense: str, setting: str) -> Dict[str, Any]:
     """The setting's options with every library default of the defense written out."""
     options = dict(SETTINGS[defense][setting])
-    function = {"medic": bdfast.medic_clone, "bcu": bdfast.bcu_cleanse,
-                "dde": bdfast.dde_prune, "mbns": bdfast.mbns_prune}.get(defense)
-    if function is None:
+    if defense not in defenses.DEFENSES:  # the baselines: their options are all written out
         return options
     skip = {"progress", "seed", "device", "eval_fn", "student", "inplace", "eval_every",
             "backend", "amp", "val_loader"}
-    for name, parameter in inspect.signature(function).parameters.items():
-        if parameter.kind is parameter.KEYWORD_ONLY and name not in skip:
+    for name, parameter in defenses.get(defense).options().items():
+        if name not in skip:
             options.setdefault(name, parameter.default)
     return options
 
