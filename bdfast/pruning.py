@@ -264,7 +264,7 @@ class HeldOutHalves:
 def choose_u(model: nn.Module, names: Sequence[str], offsets: Tensor, scores: Tensor, *,
              direction: str, zero_bias: bool, batches: Sequence[Tuple[Tensor, Optional[Tensor]]],
              acc_budget: float, device: torch.device
-             ) -> Tuple[Optional[float], List[Dict[str, Any]]]:
+             ) -> Tuple[Optional[float], List[Dict[str, Any]], Tensor]:
     """``u="auto"``: the most aggressive u of :data:`AUTO_U_GRID` whose pruning keeps the clean
     accuracy on ``batches`` within ``acc_budget`` of the unpruned model's.
 
@@ -272,8 +272,9 @@ def choose_u(model: nn.Module, names: Sequence[str], offsets: Tensor, scores: Te
     where they carry no labels, accuracy is agreement with the unpruned model's predictions.
     The grid is walked from the most conservative u down, since a smaller u prunes a superset of
     channels; the walk stops at the first u over budget. Returns the chosen u (None when even
-    the first is over budget: nothing is pruned) and the sweep, one dict per u tried. The
-    model's BN parameters are restored before returning.
+    the first is over budget: nothing is pruned), the sweep, one dict per u tried, and the
+    chosen u's mask, bool [K] on the scores' device. The model's BN parameters are restored
+    before returning.
     """
     if not batches:
         raise ValueError("u='auto' found no held-out clean images to validate on; give "
@@ -299,15 +300,17 @@ def choose_u(model: nn.Module, names: Sequence[str], offsets: Tensor, scores: Te
 
     sweep: List[Dict[str, Any]] = []
     chosen: Optional[float] = None
+    chosen_mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     with torch.no_grad(), eval_mode(model), hooks_set_aside(model):
         unpruned = predict()
         labels = [p if y is None else y.cpu() for p, (_, y) in zip(unpruned, batches)]
         base = accuracy(unpruned, labels)
         try:
             for u in AUTO_U_GRID:
-                mask = ops.layer_outliers(scores, offsets, u=u, direction=direction).cpu()
+                mask = ops.layer_outliers(scores, offsets, u=u, direction=direction)
+                on_host = mask.cpu()
                 for i, bn in enumerate(bns):
-                    zero_channels(bn, torch.nonzero(mask[bounds[i]:bounds[i + 1]]).flatten(),
+                    zero_channels(bn, torch.nonzero(on_host[bounds[i]:bounds[i + 1]]).flatten(),
                                   zero_bias)
                 acc = accuracy(predict(), labels)
                 restore()
@@ -317,10 +320,10 @@ def choose_u(model: nn.Module, names: Sequence[str], offsets: Tensor, scores: Te
                 # budget (5 of 250 images for 0.02) would count as over it.
                 if base - acc > acc_budget + 1e-9:
                     break
-                chosen = u
+                chosen, chosen_mask = u, mask
         finally:
             restore()  # also after an error: with inplace=True this is the user's model
-    return chosen, sweep
+    return chosen, sweep, chosen_mask
 
 
 def outlier_mask(model: nn.Module, names: Sequence[str], offsets: Tensor, scores: Tensor, *,
@@ -331,14 +334,10 @@ def outlier_mask(model: nn.Module, names: Sequence[str], offsets: Tensor, scores
     """The channels to prune, bool [K]: ``ops.layer_outliers`` at ``u``, or at the u that
     :func:`choose_u` picks on ``val_batches`` when ``u="auto"``. Returns ``(u used, sweep or
     None, mask)``."""
-    sweep = None
     if u == "auto":
-        u, sweep = choose_u(model, names, offsets, scores, direction=direction,
-                            zero_bias=zero_bias, batches=val_batches or [],
-                            acc_budget=acc_budget, device=device)
-    if u is None:
-        return None, sweep, torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    return float(u), sweep, ops.layer_outliers(scores, offsets, u=u, direction=direction)
+        return choose_u(model, names, offsets, scores, direction=direction, zero_bias=zero_bias,
+                        batches=val_batches or [], acc_budget=acc_budget, device=device)
+    return float(u), None, ops.layer_outliers(scores, offsets, u=u, direction=direction)
 
 
 def zero_channels(bn: nn.Module, channels: Tensor, zero_bias: bool) -> None:
