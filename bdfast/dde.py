@@ -67,10 +67,10 @@ def dde_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0,
         raise ValueError("u='auto' needs val_loader=, a few hundred clean images held out from "
                          "the training set: DDE's own loader holds triggered images, so it cannot "
                          "measure what pruning costs on clean data")
-    val_batches = None if val_loader is None else validation_batches(val_loader, "val_loader")
     if not isinstance(reference_compat, bool):
         raise TypeError(f"reference_compat must be True or False, got {reference_compat!r}")
     check_number(max_samples, "max_samples", integer=True, minimum=2, allow_none=True)
+    val_batches = None if val_loader is None else validation_batches(val_loader, "val_loader")
     options = {"u": u, "step": step, "reference_compat": reference_compat,
                "max_samples": max_samples, "acc_budget": acc_budget, "zero_bias": zero_bias}
     return prune_outliers(model, loader, SpatialMaxEntropy(step, reference_compat, max_samples),
