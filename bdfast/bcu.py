@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from bdfast._utils import (check_logits, check_number, copy_without_hooks, eval_mode,
                            iter_batches, model_input_errors, resolve_device, seed_everything)
+from bdfast.augment import AugmentSpec, RandomCrop, resolve_augment
 from bdfast.hooks import CONV, LINEAR
 from bdfast.distill import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
 
@@ -42,8 +43,9 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
                 ratios: RatioSpec = "adaptive", temperature: Optional[float] = None,
                 lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4,
                 init: str = "kaiming", schedule_epochs: Optional[int] = None,
-                amp: AmpSpec = "auto", device: Any = None, seed: Optional[int] = None,
-                progress: bool = True, eval_fn: Optional[EvalFn] = None) -> nn.Module:
+                augment: AugmentSpec = False, amp: AmpSpec = "auto", device: Any = None,
+                seed: Optional[int] = None, progress: bool = True,
+                eval_fn: Optional[EvalFn] = None) -> nn.Module:
     """Remove a backdoor from ``teacher`` by partial re-initialisation and distillation (BCU).
 
     Args:
@@ -65,6 +67,9 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
             PyTorch's default init). See docs/bcu.md.
         schedule_epochs: the cosine schedule's horizon in epochs (default ``epochs``: the lr
             reaches 0 at the end); the released code fixes it at 100 whatever ``epochs`` is.
+        augment: train on augmented batches: True or "crop+flip" (random crop with padding
+            and a horizontal flip, the paper's recipe), "crop", or False (see
+            :mod:`bdfast.augment`). The ratios come from the first batch as it is.
         amp: "auto" (bfloat16 autocast on CUDA, off on CPU), True, False or a dtype.
         device: where to train (default: the teacher's); the result returns to the teacher's.
         seed: seeds the masks, the fresh weights and torch's RNG (a CPU run is reproducible).
@@ -81,6 +86,7 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
     if not isinstance(init, str) or init not in INITS:
         raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
     check_number(schedule_epochs, "schedule_epochs", integer=True, allow_none=True)
+    resolve_augment(augment)
     resolve_amp(amp, torch.device("cpu"))  # validates the value
     check_loader(loader)
     home = resolve_device(None, teacher)
@@ -115,7 +121,8 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay)
     fit(student, loader, step, optimizer, epochs=epochs, device=device, schedule="epoch",
-        schedule_epochs=schedule_epochs, amp=amp, progress=progress, eval_fn=eval_fn, desc="bcu")
+        schedule_epochs=schedule_epochs, augment=RandomCrop.from_spec(augment, seed), amp=amp,
+        progress=progress, eval_fn=eval_fn, desc="bcu")
     return student.eval().to(home)
 
 

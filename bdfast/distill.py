@@ -81,6 +81,7 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
         *, epochs: int, device: torch.device, schedule: str = "epoch",
         schedule_epochs: Optional[int] = None, amp: AmpSpec = "auto", progress: bool = True,
         eval_fn: Optional[EvalFn] = None, eval_every: int = 1,
+        augment: Optional[Callable[[Tensor], Tensor]] = None,
         desc: str = "train") -> TrainResult:
     """Train ``student`` (in place, already on ``device``) for ``epochs`` passes over ``loader``.
 
@@ -98,6 +99,8 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
         amp: see :func:`resolve_amp`; float16 uses a gradient scaler.
         eval_fn: ``eval_fn(student, epoch)`` after every ``eval_every``-th epoch and the last
             one, with the student in eval mode; what it returns is stored in the history.
+        augment: applied to every batch ``x`` on ``device`` before ``step_fn`` sees it (see
+            :mod:`bdfast.augment`).
 
     Under DDP (a process group is initialised, e.g. by torchrun) the student is wrapped in
     ``DistributedDataParallel``, which broadcasts rank 0's weights and averages the gradients;
@@ -138,6 +141,8 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
         seen = 0
         for step, (x, y) in enumerate(iter_batches(loader)):
             x = x.to(device, non_blocking=True)
+            if augment is not None:
+                x = augment(x)
             y = None if y is None else y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = step_fn(net, x, y, epoch)

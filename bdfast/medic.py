@@ -22,7 +22,7 @@ See docs/medic.md for the equations, defaults and deviations from the released c
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from bdfast import ops
 from bdfast.ops import BACKENDS
+from bdfast.augment import AugmentSpec, RandomCrop, resolve_augment
 from bdfast._utils import (check_logits, check_number, copy_without_hooks, iter_batches,
                            model_input_errors, resolve_device, seed_everything)
 from bdfast.hooks import (LayerSpec, Tap, disable_inplace, find_inplace_overwrites, select_layers,
@@ -64,6 +65,7 @@ class MedicConfig:
     labels: str = "auto"
     eval_every: int = 1
     backend: str = "auto"
+    augment: AugmentSpec = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "eval_every"):
@@ -80,6 +82,7 @@ class MedicConfig:
             raise TypeError(f"eval_fn must be callable (model, epoch) -> result, got "
                             f"{type(self.eval_fn).__name__}")
         resolve_amp(self.amp, torch.device("cpu"))  # validates the value
+        resolve_augment(self.augment)
 
 
 @dataclass
@@ -141,7 +144,8 @@ class Medic:
         trained = fit(s_model, loader, step, optimizer, epochs=cfg.epochs, device=device,
                       schedule="step" if hasattr(loader, "__len__") else "epoch",
                       amp=cfg.amp, progress=cfg.progress, eval_fn=cfg.eval_fn,
-                      eval_every=cfg.eval_every, desc="medic")
+                      eval_every=cfg.eval_every,
+                      augment=RandomCrop.from_spec(cfg.augment, cfg.seed), desc="medic")
         timings.update(trained.timings)
         timings["total"] = sum(timings[k] for k in ("prepare", "statistics", "train", "eval"))
         return MedicResult(s_model.eval().to(home), trained.history, timings, names)
@@ -194,7 +198,8 @@ def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: 
                 reference_compat: bool = False, amp: AmpSpec = "auto", device: Any = None,
                 seed: Optional[int] = None, progress: bool = True,
                 eval_fn: Optional[EvalFn] = None, student: Optional[nn.Module] = None,
-                labels: str = "auto", eval_every: int = 1, backend: str = "auto") -> nn.Module:
+                labels: str = "auto", eval_every: int = 1, backend: str = "auto",
+                augment: AugmentSpec = False) -> nn.Module:
     """Remove a backdoor from ``teacher`` by importance-driven cloning (MEDIC, Algorithm 1).
 
     Args:
@@ -220,15 +225,16 @@ def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: 
         labels: "auto" (the loader's labels, else the teacher's argmax), "given" (labels are
             required) or "teacher" (always the teacher's argmax).
         backend: the ``medic_clone_loss`` backend ("auto", "native", "reference").
+        augment: train on augmented batches: True or "crop+flip" (random crop with padding
+            and a horizontal flip, as the paper's CIFAR runs), "crop", or False (see
+            :mod:`bdfast.augment`). The teacher's statistics are taken on the images as they are.
 
     Returns:
         The trained student in eval mode, on the teacher's device. The teacher's forward and
         backward hooks never fire inside the defense, and the student has none of them.
     """
-    config = MedicConfig(epochs=epochs, tau=tau, lam=lam, lr=lr, weight_decay=weight_decay,
-                         layers=layers, signed=signed, reference_compat=reference_compat, amp=amp,
-                         device=device, seed=seed, progress=progress, eval_fn=eval_fn,
-                         labels=labels, eval_every=eval_every, backend=backend)
+    given = locals()  # the signature is the typed, documented face of MedicConfig's fields
+    config = MedicConfig(**{option.name: given[option.name] for option in fields(MedicConfig)})
     return Medic(config).fit(teacher, loader, student=student).model
 
 
