@@ -245,19 +245,3 @@ def layer_outliers(scores: Tensor, offsets: Optional[Tensor] = None, *, u: float
         thresholds[i] = m - u * sd if direction == "low" else m + u * sd
         mask[lo:hi] = layer < thresholds[i] if direction == "low" else layer > thresholds[i]
     return (mask, thresholds) if return_thresholds else mask
-
-
-def layer_thresholds(scores: Tensor, offsets: Optional[Tensor] = None, *, u: float = 3.0,
-                     direction: str = "low") -> Tensor:
-    """The per-layer threshold ``m -/+ u*sd`` used by :func:`layer_outliers`, [L] float64."""
-    scores64 = scores.double()
-    bounds = _default_offsets(offsets, scores.numel(), scores.device)
-    out = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        finite = scores64[lo:hi][torch.isfinite(scores64[lo:hi])]
-        if finite.numel() < 2:
-            out.append(math.nan)
-            continue
-        m, sd = finite.mean().item(), finite.std(unbiased=True).item()
-        out.append(m - u * sd if direction == "low" else m + u * sd)
-    return torch.tensor(out, dtype=torch.float64)
