@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
-from bdfast import ops, reference
+from bdfast import ops
 from bdfast._utils import (check_images, check_not_tensor, check_number, check_pixel_range,
                            copy_without_hooks, eval_mode, hooks_set_aside, iter_batches,
                            model_input_errors, progress as _progress, resolve_device)
@@ -264,7 +264,7 @@ class HeldOutHalves:
 def choose_u(model: nn.Module, names: Sequence[str], offsets: Tensor, scores: Tensor, *,
              direction: str, zero_bias: bool, batches: Sequence[Tuple[Tensor, Optional[Tensor]]],
              acc_budget: float, device: torch.device
-             ) -> Tuple[Optional[float], List[Dict[str, Any]], Tensor]:
+             ) -> Tuple[Optional[float], List[Dict[str, Any]], Tensor, Tensor]:
     """``u="auto"``: the most aggressive u of :data:`AUTO_U_GRID` whose pruning keeps the clean
     accuracy on ``batches`` within ``acc_budget`` of the unpruned model's.
 
@@ -273,8 +273,8 @@ def choose_u(model: nn.Module, names: Sequence[str], offsets: Tensor, scores: Te
     The grid is walked from the most conservative u down, since a smaller u prunes a superset of
     channels; the walk stops at the first u over budget. Returns the chosen u (None when even
     the first is over budget: nothing is pruned), the sweep, one dict per u tried, and the
-    chosen u's mask, bool [K] on the scores' device. The model's BN parameters are restored
-    before returning.
+    chosen u's mask, bool [K] on the scores' device, and per-layer thresholds, float64 [L] (all
+    NaN when no u was chosen). The model's BN parameters are restored before returning.
     """
     if not batches:
         raise ValueError("u='auto' found no held-out clean images to validate on; give "
@@ -301,13 +301,15 @@ def choose_u(model: nn.Module, names: Sequence[str], offsets: Tensor, scores: Te
     sweep: List[Dict[str, Any]] = []
     chosen: Optional[float] = None
     chosen_mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    chosen_thresholds = torch.full((len(names),), math.nan, dtype=torch.float64)
     with torch.no_grad(), eval_mode(model), hooks_set_aside(model):
         unpruned = predict()
         labels = [p if y is None else y.cpu() for p, (_, y) in zip(unpruned, batches)]
         base = accuracy(unpruned, labels)
         try:
             for u in AUTO_U_GRID:
-                mask = ops.layer_outliers(scores, offsets, u=u, direction=direction)
+                mask, thresholds = ops.layer_outliers(scores, offsets, u=u, direction=direction,
+                                                      return_thresholds=True)
                 on_host = mask.cpu()
                 for i, bn in enumerate(bns):
                     zero_channels(bn, torch.nonzero(on_host[bounds[i]:bounds[i + 1]]).flatten(),
@@ -320,24 +322,26 @@ def choose_u(model: nn.Module, names: Sequence[str], offsets: Tensor, scores: Te
                 # budget (5 of 250 images for 0.02) would count as over it.
                 if base - acc > acc_budget + 1e-9:
                     break
-                chosen, chosen_mask = u, mask
+                chosen, chosen_mask, chosen_thresholds = u, mask, thresholds
         finally:
             restore()  # also after an error: with inplace=True this is the user's model
-    return chosen, sweep, chosen_mask
+    return chosen, sweep, chosen_mask, chosen_thresholds
 
 
 def outlier_mask(model: nn.Module, names: Sequence[str], offsets: Tensor, scores: Tensor, *,
                  u: Union[float, str], direction: str, zero_bias: bool,
                  val_batches: Optional[Sequence[Tuple[Tensor, Optional[Tensor]]]],
                  acc_budget: float, device: torch.device
-                 ) -> Tuple[Optional[float], Optional[List[Dict[str, Any]]], Tensor]:
+                 ) -> Tuple[Optional[float], Optional[List[Dict[str, Any]]], Tensor, Tensor]:
     """The channels to prune, bool [K]: ``ops.layer_outliers`` at ``u``, or at the u that
     :func:`choose_u` picks on ``val_batches`` when ``u="auto"``. Returns ``(u used, sweep or
-    None, mask)``."""
+    None, mask, per-layer thresholds [L])``; the thresholds are NaN where u="auto" chose none."""
     if u == "auto":
         return choose_u(model, names, offsets, scores, direction=direction, zero_bias=zero_bias,
                         batches=val_batches or [], acc_budget=acc_budget, device=device)
-    return float(u), None, ops.layer_outliers(scores, offsets, u=u, direction=direction)
+    mask, thresholds = ops.layer_outliers(scores, offsets, u=u, direction=direction,
+                                          return_thresholds=True)
+    return float(u), None, mask, thresholds
 
 
 def zero_channels(bn: nn.Module, channels: Tensor, zero_bias: bool) -> None:
@@ -349,18 +353,16 @@ def zero_channels(bn: nn.Module, channels: Tensor, zero_bias: bool) -> None:
 
 
 def prune(model: nn.Module, names: Sequence[str], convs: Sequence[Optional[str]],
-          offsets: Tensor, scores: Tensor, mask: Tensor, *, u: Optional[float], direction: str,
+          offsets: Tensor, scores: Tensor, mask: Tensor, thresholds: Tensor, *,
           zero_bias: bool) -> List[Dict[str, Any]]:
     """Zero gamma (and beta with ``zero_bias``) of the flagged channels; return the layer reports.
 
-    ``scores`` and ``mask`` are packed [K] over the layers delimited by ``offsets`` [L+1]; with
-    ``u=None`` (u="auto" kept every channel) the thresholds are reported as NaN.
+    ``scores`` and ``mask`` are packed [K] over the layers delimited by ``offsets`` [L+1], and
+    ``thresholds`` [L] are the layers' thresholds as :func:`outlier_mask` returns them.
     """
     modules = dict(model.named_modules())
-    thresholds = (reference.layer_thresholds(scores, offsets, u=u, direction=direction)
-                  if u is not None else torch.full((len(names),), math.nan))
     bounds = offsets.tolist()
-    scores, mask = scores.double().cpu(), mask.cpu()
+    scores, mask, thresholds = scores.double().cpu(), mask.cpu(), thresholds.cpu()
     layers = []
     with torch.no_grad():
         for i, (name, conv) in enumerate(zip(names, convs)):
@@ -437,11 +439,10 @@ def prune_outliers(model: nn.Module, loader: Iterable, statistic: ChannelStatist
     scores = statistic.score(offsets)
     if isinstance(loader, HeldOutHalves):
         val_batches = loader.held
-    chosen, sweep, mask = outlier_mask(work, names, offsets, scores, u=u,
-                                       direction=statistic.direction, zero_bias=zero_bias,
-                                       val_batches=val_batches, acc_budget=acc_budget,
-                                       device=device)
-    layers = prune(work, names, convs, offsets, scores, mask, u=chosen,
-                   direction=statistic.direction, zero_bias=zero_bias)
+    chosen, sweep, mask, thresholds = outlier_mask(work, names, offsets, scores, u=u,
+                                                   direction=statistic.direction,
+                                                   zero_bias=zero_bias, val_batches=val_batches,
+                                                   acc_budget=acc_budget, device=device)
+    layers = prune(work, names, convs, offsets, scores, mask, thresholds, zero_bias=zero_bias)
     return PruneResult(work, report(statistic.method, statistic.score_name, options, samples,
                                     layers, start, chosen, sweep))

@@ -10,7 +10,7 @@ Equation numbers refer to the MEDIC paper (``medic_clone_loss``) and the DDE/MBN
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -219,39 +219,29 @@ def gaussian_kl(mu_p: Tensor, var_p: Tensor, mu_q: Tensor, var_q: Tensor, *,
 
 
 def layer_outliers(scores: Tensor, offsets: Optional[Tensor] = None, *, u: float = 3.0,
-                   direction: str = "low") -> Tensor:
+                   direction: str = "low", return_thresholds: bool = False
+                   ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Flag per-layer outliers in packed scores [K] (DDE/MBNS pruning rule).
 
     For each layer, with mean m and unbiased std sd of its finite scores, flag
     ``score < m - u*sd`` (``direction="low"``) or ``score > m + u*sd`` (``"high"``).
-    NaN scores are excluded from m and sd and never flagged. Returns bool [K].
+    NaN scores are excluded from m and sd and never flagged. Returns bool [K], and with
+    ``return_thresholds`` the tuple ``(mask, thresholds)``: the per-layer ``m -/+ u*sd``, [L]
+    float64, NaN for a layer with fewer than 2 finite scores (which flags nothing).
     """
     if direction not in ("low", "high"):
         raise ValueError(f"direction must be 'low' or 'high', got {direction!r}")
     scores64 = scores.double()
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     bounds = _default_offsets(offsets, scores.numel(), scores.device)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    thresholds = torch.full((len(bounds) - 1,), math.nan, dtype=torch.float64,
+                            device=scores.device)
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         layer = scores64[lo:hi]
         finite = layer[torch.isfinite(layer)]
         if finite.numel() < 2:
             continue
         m, sd = finite.mean(), finite.std(unbiased=True)
-        mask[lo:hi] = layer < m - u * sd if direction == "low" else layer > m + u * sd
-    return mask
-
-
-def layer_thresholds(scores: Tensor, offsets: Optional[Tensor] = None, *, u: float = 3.0,
-                     direction: str = "low") -> Tensor:
-    """The per-layer threshold ``m -/+ u*sd`` used by :func:`layer_outliers`, [L] float64."""
-    scores64 = scores.double()
-    bounds = _default_offsets(offsets, scores.numel(), scores.device)
-    out = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        finite = scores64[lo:hi][torch.isfinite(scores64[lo:hi])]
-        if finite.numel() < 2:
-            out.append(math.nan)
-            continue
-        m, sd = finite.mean().item(), finite.std(unbiased=True).item()
-        out.append(m - u * sd if direction == "low" else m + u * sd)
-    return torch.tensor(out, dtype=torch.float64)
+        thresholds[i] = m - u * sd if direction == "low" else m + u * sd
+        mask[lo:hi] = layer < thresholds[i] if direction == "low" else layer > thresholds[i]
+    return (mask, thresholds) if return_thresholds else mask

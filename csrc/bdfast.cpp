@@ -43,7 +43,8 @@ TORCH_LIBRARY(bdfast, m) {
         "bool signed_scores) -> Tensor[]");
   m.def("histogram_entropy(Tensor x, Tensor offsets, float step, bool reference_compat) -> Tensor");
   m.def("gaussian_kl(Tensor mu_p, Tensor var_p, Tensor mu_q, Tensor var_q, float eps) -> Tensor");
-  m.def("layer_outliers(Tensor scores, Tensor offsets, float u, bool high) -> Tensor");
+  m.def("layer_outliers(Tensor scores, Tensor offsets, float u, bool high) "
+        "-> (Tensor mask, Tensor thresholds)");
 }
 
 #define BDFAST_IMPL_ALL(ns)                                            \

@@ -15,6 +15,8 @@ namespace bdfast {
 // medic_clone_loss returns (loss, row_stats): row_stats [R, 4] float32 holds, for every
 // (layer, sample) row in layer-major order, the row's loss, max(tau*z), max(tau*q) and
 // log of the normaliser of w = sqrt(a * p), so that the backward rebuilds w with one exp.
+// layer_outliers returns (mask, thresholds): mask bool [K], and thresholds [L] float64, each
+// layer's m -/+ u * sd, NaN for a layer with fewer than two finite scores.
 #define BDFAST_DECLARE_OPS                                                                  \
   std::tuple<at::Tensor, at::Tensor> medic_clone_loss(                                      \
       at::TensorList t, at::TensorList s, at::TensorList g, at::TensorList mu,              \
@@ -27,8 +29,8 @@ namespace bdfast {
                                bool reference_compat);                                      \
   at::Tensor gaussian_kl(const at::Tensor& mu_p, const at::Tensor& var_p,                   \
                          const at::Tensor& mu_q, const at::Tensor& var_q, double eps);      \
-  at::Tensor layer_outliers(const at::Tensor& scores, const at::Tensor& offsets, double u,  \
-                            bool high);
+  std::tuple<at::Tensor, at::Tensor> layer_outliers(                                        \
+      const at::Tensor& scores, const at::Tensor& offsets, double u, bool high);
 
 namespace cpu {
 BDFAST_DECLARE_OPS

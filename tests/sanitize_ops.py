@@ -81,8 +81,9 @@ def main() -> int:
     scores[7] = float("nan")
     bounds = torch.tensor([0, 20, 20, 21, 50], device=DEVICE)
     for high in (False, True):
-        mask = torch.ops.bdfast.layer_outliers(scores, bounds, 1.0, high)
+        mask, thresholds = torch.ops.bdfast.layer_outliers(scores, bounds, 1.0, high)
         ok &= not bool(mask[7]) and not bool(mask[20])
+        ok &= bool(thresholds[1:3].isnan().all()) and bool(thresholds[[0, 3]].isfinite().all())
 
     torch.cuda.synchronize()
     print("sanitize_ops:", "ok" if ok else "FAILED (non-finite or unexpected outputs)")

@@ -98,7 +98,10 @@ def test_small_op_wrappers_compiled():
         mean, var = x.mean(0), x.var(0)
         kl = ops.gaussian_kl(mean, var, torch.zeros_like(mean), torch.ones_like(var),
                              backend="native")
-        return h, kl, ops.layer_outliers(kl, offsets, u=1.0, direction="high", backend="native")
+        mask = ops.layer_outliers(kl, offsets, u=1.0, direction="high", backend="native")
+        low = ops.layer_outliers(kl, offsets, u=0.5, direction="low", return_thresholds=True,
+                                 backend="native")
+        return h, kl, mask, low
 
     assert_same(torch.compile(pipeline, backend="aot_eager")(x, offsets), pipeline(x, offsets))
 

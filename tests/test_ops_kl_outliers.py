@@ -108,18 +108,38 @@ def test_cuda_gaussian_kl_floors_mixes_dtypes_and_propagates_nan():
 
 
 def outlier_rule(scores, offsets, u, direction):
-    """SPEC §2.4 written out in plain Python (statistics module, float64)."""
+    """SPEC §2.4 written out in plain Python (statistics module, float64): the mask and the
+    per-layer thresholds (NaN for a layer with fewer than 2 finite scores)."""
     import statistics
     values = scores.double().tolist()
     mask = [False] * len(values)
+    thresholds = []
     for lo, hi in zip(offsets[:-1], offsets[1:]):
         finite = [v for v in values[lo:hi] if math.isfinite(v)]
         if len(finite) < 2:
+            thresholds.append(math.nan)
             continue
         m, sd = statistics.fmean(finite), statistics.stdev(finite)
+        thresholds.append(m - u * sd if direction == "low" else m + u * sd)
         for i in range(lo, hi):
             mask[i] = values[i] < m - u * sd if direction == "low" else values[i] > m + u * sd
-    return torch.tensor(mask, dtype=torch.bool)
+    return torch.tensor(mask, dtype=torch.bool), torch.tensor(thresholds, dtype=torch.float64)
+
+
+def check_thresholds(thresholds, scores, offsets, u, direction):
+    """The thresholds of a native call: float64 [L] on the scores' device, NaN exactly where a
+    layer has fewer than 2 finite scores, and equal (to float64 rounding) to the reference and
+    to the plain-Python rule, both evaluated in float64."""
+    offsets = torch.as_tensor(offsets).tolist()
+    assert thresholds.dtype == torch.float64 and thresholds.shape == (len(offsets) - 1,)
+    assert thresholds.device == scores.device
+    scores64 = scores.double().cpu()
+    _, ref = reference.layer_outliers(scores64, torch.tensor(offsets), u=u, direction=direction,
+                                      return_thresholds=True)
+    _, rule = outlier_rule(scores64, offsets, u, direction)
+    for expected in (ref, rule):
+        torch.testing.assert_close(thresholds.cpu(), expected, rtol=1e-12, atol=1e-12,
+                                   equal_nan=True)
 
 
 def packed_scores(sizes, *, seed=0, dtype=torch.float32):
@@ -142,11 +162,13 @@ def packed_scores(sizes, *, seed=0, dtype=torch.float32):
 def test_layer_outliers_match_rule(device, dtype, direction, u):
     scores, offsets = packed_scores([40, 3, 64, 512, 7], seed=int(u * 10), dtype=dtype)
     scores = scores.to(device)
-    out = ops.layer_outliers(scores, torch.tensor(offsets), u=u, direction=direction,
-                             backend="native")
+    out, thresholds = ops.layer_outliers(scores, torch.tensor(offsets), u=u,
+                                         direction=direction, return_thresholds=True,
+                                         backend="native")
     assert out.dtype == torch.bool and out.shape == scores.shape
-    expected = outlier_rule(scores.cpu(), offsets, u, direction)
+    expected, _ = outlier_rule(scores.cpu(), offsets, u, direction)
     assert torch.equal(out.cpu(), expected)
+    check_thresholds(thresholds, scores, offsets, u, direction)
     assert torch.equal(out.cpu(), reference.layer_outliers(scores.cpu(), torch.tensor(offsets),
                                                            u=u, direction=direction))
     if u == 3.0:  # the planted outliers are found
@@ -160,13 +182,17 @@ def test_layer_outliers_match_rule(device, dtype, direction, u):
 def test_cuda_layer_outliers_match_reference_and_cpu(dtype, direction, u):
     scores, offsets = packed_scores([40, 3, 64, 5000, 7, 1], seed=int(u * 10), dtype=dtype)
     offsets = torch.tensor(offsets)
-    out = ops.layer_outliers(scores.to(CUDA), offsets, u=u, direction=direction,
-                             backend="native")
+    out, thresholds = ops.layer_outliers(scores.to(CUDA), offsets, u=u, direction=direction,
+                                         return_thresholds=True, backend="native")
     assert out.device.type == "cuda" and out.dtype == torch.bool
     ref = reference.layer_outliers(scores, offsets, u=u, direction=direction)
     assert torch.equal(out.cpu(), ref)
-    assert torch.equal(out.cpu(), ops.layer_outliers(scores, offsets, u=u, direction=direction,
-                                                     backend="native"))
+    cpu_out, cpu_thresholds = ops.layer_outliers(scores, offsets, u=u, direction=direction,
+                                                 return_thresholds=True, backend="native")
+    assert torch.equal(out.cpu(), cpu_out)
+    check_thresholds(thresholds, scores.to(CUDA), offsets, u, direction)
+    torch.testing.assert_close(thresholds.cpu(), cpu_thresholds, rtol=1e-12, atol=1e-12,
+                               equal_nan=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -177,21 +203,44 @@ def test_layer_outliers_nan_inf_and_small_layers(device):
     scores[31:33] = torch.tensor([float("nan"), 5.0])  # one finite score: nothing flagged
     scores[33:38] = float("nan")      # no finite score
     for direction in ("low", "high"):
-        out = ops.layer_outliers(scores.to(device), torch.tensor(offsets), u=1.0,
-                                 direction=direction, backend="native").cpu()
-        assert torch.equal(out, outlier_rule(scores, offsets, 1.0, direction))
+        out, thresholds = ops.layer_outliers(scores.to(device), torch.tensor(offsets), u=1.0,
+                                             direction=direction, return_thresholds=True,
+                                             backend="native")
+        out = out.cpu()
+        assert torch.equal(out, outlier_rule(scores, offsets, 1.0, direction)[0])
         assert torch.equal(out, reference.layer_outliers(scores, torch.tensor(offsets), u=1.0,
                                                          direction=direction))
         assert not out[0] and not out[30:38].any()
         assert bool(out[1]) == (direction == "low")
+        check_thresholds(thresholds, scores.to(device), offsets, 1.0, direction)
+        # Layers of 1, 2 (one NaN), 5 (all NaN) and 0 scores have no threshold.
+        assert thresholds[1:5].isnan().all() and thresholds[[0, 5]].isfinite().all()
     low = ops.layer_outliers(scores, torch.tensor(offsets), u=1.0, direction="low")
     assert low[1]
+    # A single score: no standard deviation, nothing flagged, a NaN threshold.
+    one, threshold = ops.layer_outliers(torch.tensor([2.5], device=device), u=1.0,
+                                        return_thresholds=True, backend="native")
+    assert not one.any() and threshold.shape == (1,) and threshold.isnan().all()
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_layer_outliers_thresholds_only_when_asked(backend):
+    scores, offsets = packed_scores([40, 3, 64], seed=7)
+    offsets = torch.tensor(offsets)
+    mask = ops.layer_outliers(scores, offsets, u=2.0, backend=backend)
+    assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+    both = ops.layer_outliers(scores, offsets, u=2.0, return_thresholds=True, backend=backend)
+    assert isinstance(both, tuple) and len(both) == 2
+    assert torch.equal(both[0], mask) and both[1].dtype == torch.float64
+    # The thresholds are the ones the mask was cut at: flagged scores lie below their layer's.
+    layer = torch.repeat_interleave(torch.arange(3), offsets.diff())
+    assert torch.equal(mask, scores.double() < both[1][layer])
 
 
 def test_layer_outliers_default_single_layer():
     scores, _ = packed_scores([200], seed=4)
     out = ops.layer_outliers(scores, backend="native")
-    assert torch.equal(out, outlier_rule(scores, [0, 200], 3.0, "low"))
+    assert torch.equal(out, outlier_rule(scores, [0, 200], 3.0, "low")[0])
     assert out[3] and out.sum() >= 1
 
 
@@ -200,7 +249,8 @@ def test_cuda_kernels_are_deterministic():
     scores, offsets = packed_scores([4000, 300, 77], seed=5)
     scores, offsets = scores.to(CUDA), torch.tensor(offsets, device=CUDA)
     first = torch.ops.bdfast.layer_outliers(scores, offsets, 2.0, False)
-    assert torch.equal(first, torch.ops.bdfast.layer_outliers(scores, offsets, 2.0, False))
+    second = torch.ops.bdfast.layer_outliers(scores, offsets, 2.0, False)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     stats = [v.to(CUDA) for v in bn_statistics(5000, seed=6)]
     assert torch.equal(torch.ops.bdfast.gaussian_kl(*stats, 1e-5),
                        torch.ops.bdfast.gaussian_kl(*stats, 1e-5))

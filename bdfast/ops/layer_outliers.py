@@ -1,7 +1,7 @@
 """``layer_outliers``: the per-layer mean +/- u*std pruning rule of DDE and MBNS."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -13,29 +13,38 @@ DIRECTIONS = ("low", "high")
 
 
 def layer_outliers(scores: Tensor, offsets: Optional[Tensor] = None, *, u: float = 3.0,
-                   direction: str = "low", backend: str = "auto") -> Tensor:
+                   direction: str = "low", return_thresholds: bool = False,
+                   backend: str = "auto") -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Flag the scores that lie more than u standard deviations below/above their layer's mean.
 
     Args:
         scores: packed per-channel scores [K] of all layers.
         offsets: [L+1] int64 layer boundaries (``None``: one layer).
         u: threshold factor; direction: "low" (DDE) or "high" (MBNS).
+        return_thresholds: also return each layer's threshold.
 
     Returns:
         bool [K]. Mean and unbiased std are taken per layer over its finite scores; NaN scores
-        are never flagged, and a layer with fewer than 2 finite scores flags nothing.
+        are never flagged, and a layer with fewer than 2 finite scores flags nothing. With
+        ``return_thresholds`` the tuple ``(mask, thresholds)``: thresholds [L] float64 on the
+        scores' device, ``m - u*sd`` ("low") or ``m + u*sd`` ("high"), NaN for a layer with
+        fewer than 2 finite scores.
     """
     check_tensor(scores, "scores", dims=(1,), dtypes=FLOAT_DTYPES + (torch.float64,))
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be 'low' or 'high', got {direction!r}")
     offsets = check_offsets(offsets, scores.shape[0], scores.device)
     if use_native("layer_outliers", backend, scores.device):
-        return torch.ops.bdfast.layer_outliers(scores.contiguous(), offsets, float(u),
-                                               direction == "high")
-    return reference.layer_outliers(scores, offsets, u=u, direction=direction)
+        mask, thresholds = torch.ops.bdfast.layer_outliers(scores.contiguous(), offsets,
+                                                           float(u), direction == "high")
+    else:
+        mask, thresholds = reference.layer_outliers(scores, offsets, u=u, direction=direction,
+                                                    return_thresholds=True)
+    return (mask, thresholds) if return_thresholds else mask
 
 
 if _extension.loaded():
     @torch.library.register_fake("bdfast::layer_outliers")
     def _(scores, offsets, u, high):
-        return scores.new_empty(scores.shape, dtype=torch.bool)
+        return (scores.new_empty(scores.shape, dtype=torch.bool),
+                scores.new_empty((offsets.shape[0] - 1,), dtype=torch.float64))

@@ -124,7 +124,8 @@ struct LayerOutliersArgs {
   int64_t num_layers;
   double u;
   bool high;
-  bool* out;  // [k]
+  bool* out;           // [k]
+  double* thresholds;  // [num_layers]: m -/+ u * sd, NaN for fewer than two finite scores
 };
 
 cudaError_t launch_layer_outliers(const LayerOutliersArgs& args, cudaStream_t stream);

@@ -1,8 +1,11 @@
 // CUDA kernel of layer_outliers: the per-layer mean +/- u * std rule of DDE and MBNS (SPEC 2.4),
 // one launch with one block per layer. The block takes the mean and the unbiased standard
 // deviation of the layer's finite scores in float64 (a sum, then squared deviations, reduced in
-// a fixed order) and writes the layer's mask. NaN is never flagged, and a layer with fewer than
-// two finite scores flags nothing, as in bdfast.reference.layer_outliers.
+// a fixed order) and writes the layer's mask and threshold. NaN is never flagged, and a layer with
+// fewer than two finite scores flags nothing and has a NaN threshold, as in
+// bdfast.reference.layer_outliers.
+#include <math_constants.h>
+
 #include "cuda/common.cuh"
 
 namespace bdfast::cuda {
@@ -26,7 +29,7 @@ __global__ void __launch_bounds__(kThreads) layer_outliers_kernel(const LayerOut
   }
   block_allreduce(acc, SumOp(), scratch);
   const double count = acc[0];
-  double threshold = 0;
+  double threshold = CUDART_NAN;
   if (count >= 2) {
     const double mean = acc[1] / count;
     double ss = 0;
@@ -40,6 +43,7 @@ __global__ void __launch_bounds__(kThreads) layer_outliers_kernel(const LayerOut
     const double spread = __dmul_rn(a.u, sqrt(ss / (count - 1)));
     threshold = a.high ? __dadd_rn(mean, spread) : __dsub_rn(mean, spread);
   }
+  if (threadIdx.x == 0) a.thresholds[blockIdx.x] = threshold;
   for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
     const double v = load_as_double(a.scores, a.dtype, i);
     a.out[i] = count >= 2 && (a.high ? v > threshold : v < threshold);

@@ -322,6 +322,7 @@ void test_layer_outliers() {
   const auto v = values(scores);
   for (const bool high : {false, true}) {
     std::vector<bool> ref(v.size(), false);
+    std::vector<double> ref_thresholds(off.size() - 1, NAN);
     for (size_t l = 0; l + 1 < off.size(); ++l) {
       double sum = 0, ss = 0;
       int64_t count = 0;
@@ -332,15 +333,21 @@ void test_layer_outliers() {
       for (int64_t i = off[l]; i < off[l + 1]; ++i)
         if (std::isfinite(v[i])) ss += (v[i] - mean) * (v[i] - mean);
       const double sd = std::sqrt(ss / (count - 1));
+      ref_thresholds[l] = high ? mean + 2.0 * sd : mean - 2.0 * sd;
       for (int64_t i = off[l]; i < off[l + 1]; ++i)
-        ref[i] = high ? v[i] > mean + 2.0 * sd : v[i] < mean - 2.0 * sd;
+        ref[i] = high ? v[i] > ref_thresholds[l] : v[i] < ref_thresholds[l];
     }
-    const auto out = bdfast::cpu::layer_outliers(scores, at::tensor(off, at::kLong), 2.0, high);
+    const auto [out, thresholds] =
+        bdfast::cpu::layer_outliers(scores, at::tensor(off, at::kLong), 2.0, high);
     const auto mask = out.contiguous();
+    const std::string name = std::string("layer_outliers ") + (high ? "high" : "low");
     bool ok = out.scalar_type() == at::kBool;
     for (size_t i = 0; ok && i < ref.size(); ++i) ok = mask.data_ptr<bool>()[i] == ref[i];
-    check(ok && mask.data_ptr<bool>()[high ? 40 : 2], std::string("layer_outliers ") +
-                                                          (high ? "high" : "low"));
+    check(ok && mask.data_ptr<bool>()[high ? 40 : 2], name);
+    // Layers 1 (one score) and 2 (empty) have no threshold: NaN in both.
+    check(thresholds.scalar_type() == at::kDouble && thresholds.numel() == 4 &&
+              rel_err(thresholds, ref_thresholds) < 1e-12,
+          name + " thresholds");
   }
   check(throws([&] {
           bdfast::cpu::layer_outliers(scores, at::tensor({0, 70}, at::kLong), 3.0, false);
