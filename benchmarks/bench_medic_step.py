@@ -61,7 +61,12 @@ def _bdfast_step(teacher, student, names, mu, sigma, x, y, backend, amp_dtype):
     return run
 
 
-def _released_step(teacher, student, names, mu, sigma, x, y, tau=5.0, lam=10.0, eps=1e-5):
+def released_step(teacher, student, names, mu, sigma, tau=5.0, lam=10.0, eps=1e-5):
+    """``step(x, y, optimizer)``: one training step written the way the released MEDIC code
+    does it (also used by ``bench_medic_run.py`` for whole runs). Batch-mean CE on both nets,
+    one full backward through both (the teacher's parameter gradients included) with
+    ``retain_graph`` to get t.grad, then a per-layer Python loop that materialises the signed
+    softmaxes and a second backward for the clone loss. Returns the clone loss."""
     teacher = copy.deepcopy(teacher).requires_grad_(True)  # the released code does not freeze it
     t_mods = [dict(teacher.named_modules())[n] for n in names]
     s_mods = [dict(student.named_modules())[n] for n in names]
@@ -78,9 +83,8 @@ def _released_step(teacher, student, names, mu, sigma, x, y, tau=5.0, lam=10.0, 
         m.register_forward_hook(keep(t_acts, True))
     for m in s_mods:
         m.register_forward_hook(keep(s_acts, False))
-    opt = torch.optim.Adam(student.parameters(), lr=1e-2, weight_decay=1e-4)
 
-    def run():
+    def step(x, y, opt):
         t_acts.clear()
         s_acts.clear()
         opt.zero_grad(set_to_none=True)
@@ -101,7 +105,13 @@ def _released_step(teacher, student, names, mu, sigma, x, y, tau=5.0, lam=10.0, 
         (lam * clone).backward()
         opt.step()
         return clone
-    return run
+    return step
+
+
+def _released_step(teacher, student, names, mu, sigma, x, y):
+    step = released_step(teacher, student, names, mu, sigma)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2, weight_decay=1e-4)
+    return lambda: step(x, y, opt)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
