@@ -129,6 +129,8 @@ class TeacherCache:
         self._shape: Optional[torch.Size] = None
         self.bytes_per_image = 0
         self.images = 0
+        self._t_wide = False
+        self._numels: List[int] = []
 
     # -- epoch 1 ----------------------------------------------------------------------------
     def keys(self, x: Tensor, y: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -145,9 +147,8 @@ class TeacherCache:
         if self._shape is None:
             self._shape, self._layers = x.shape[1:], len(t)
             self._out_dtypes = [v.dtype for v in (*t, *g)]
-            self.bytes_per_image = 24 + sum(
-                v[0].numel() * self._storage(v.dtype, i < len(t)).itemsize
-                for i, v in enumerate((*t, *g)))
+            self._numels = [v[0].numel() for v in (*t, *g)]
+            self.bytes_per_image = self._row_bytes()
             if self.batches is not None:
                 self._check_budget(self.batches * len(x), estimate=True)
         elif x.shape[1:] != self._shape:
@@ -162,7 +163,12 @@ class TeacherCache:
             v = v.detach()
             if self.rescale and i >= self._layers:  # store B * g: the per-sample gradient
                 v = (v.float() * len(x)).to(v.dtype)
-            rows.append(v.to(self._storage(v.dtype, i < self._layers)).contiguous())
+            stored = v.to(self._storage(v.dtype, i < self._layers)).contiguous()
+            if (self.dtype is None and stored.dtype == torch.float16 and v.dtype == torch.float32
+                    and not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(v).all())):
+                self._widen_t()  # a value past float16's 65504: keep t in float32 instead
+                stored = v.contiguous()
+            rows.append(stored)
         self._chunks.append(rows)
         self.images += len(x)
 
@@ -221,7 +227,22 @@ class TeacherCache:
             return self.dtype
         if dtype != torch.float32:
             return dtype  # 16-bit outputs (autocast) are kept exactly
-        return torch.float16 if is_t else torch.bfloat16
+        if is_t:
+            return torch.float32 if self._t_wide else torch.float16
+        return torch.bfloat16
+
+    def _widen_t(self) -> None:
+        """Store t in float32 from now on, and convert the rows stored so far."""
+        self._t_wide = True
+        for rows in self._chunks:
+            for i in range(3, 3 + self._layers):
+                rows[i] = rows[i].float()
+        self.bytes_per_image = self._row_bytes()
+
+    def _row_bytes(self) -> int:
+        """Bytes of one image's row: two fingerprints, the label, and t and g of every layer."""
+        return 24 + sum(n * self._storage(d, i < self._layers).itemsize
+                        for i, (n, d) in enumerate(zip(self._numels, self._out_dtypes)))
 
     def _check_budget(self, images: int, estimate: bool = False) -> None:
         need = images * self.bytes_per_image

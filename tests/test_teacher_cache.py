@@ -2,6 +2,8 @@
 and every way the cache cannot follow the loader detected (auto: warn and compute; True: raise)."""
 from __future__ import annotations
 
+import copy
+import math
 import warnings
 
 import pytest
@@ -119,6 +121,22 @@ def test_16bit_caches_stay_close(small):
     auto = Medic(**FAST, cache_teacher=True).fit(teacher, loader())
     f32 = Medic(**FAST, cache_teacher=True, cache_dtype=torch.float32).fit(teacher, loader())
     assert auto.cache["bytes_per_image"] < 0.6 * f32.cache["bytes_per_image"]
+
+
+def test_t_past_the_float16_range_is_kept_in_float32(small):
+    teacher, x, y = small
+    loud = copy.deepcopy(teacher)
+    with torch.no_grad():
+        loud.features[0].weight.mul_(1e6)  # first conv outputs far beyond 65504
+    loader = tensor_loader(x, y, batch_size=16)
+    auto = Medic(**FAST, cache_teacher=True).fit(loud, loader)
+    f32 = Medic(**FAST, cache_teacher=True, cache_dtype=torch.float32).fit(loud, loader)
+    normal = Medic(**FAST, cache_teacher=True).fit(teacher, loader)
+    assert auto.cache["used"] and all(math.isfinite(h["loss"]) for h in auto.history)
+    # t in float32 (4 bytes), g in bfloat16 (2): three quarters of the float32 row's payload.
+    payload = f32.cache["bytes_per_image"] - 24
+    assert auto.cache["bytes_per_image"] - 24 == payload * 3 // 4
+    assert normal.cache["bytes_per_image"] - 24 == payload // 2
 
 
 def test_an_augmenting_loader_is_detected(small):
