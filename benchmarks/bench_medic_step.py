@@ -70,19 +70,20 @@ def released_step(teacher, student, names, mu, sigma, tau=5.0, lam=10.0, eps=1e-
     teacher = copy.deepcopy(teacher).requires_grad_(True)  # the released code does not freeze it
     t_mods = [dict(teacher.named_modules())[n] for n in names]
     s_mods = [dict(student.named_modules())[n] for n in names]
-    t_acts, s_acts = [], []
+    # By name: execution order differs from ``names`` (a block's shortcut conv runs first).
+    t_acts, s_acts = {}, {}
 
-    def keep(store, retain):
+    def keep(store, retain, name):
         def hook(module, inputs, output):
             if retain:
                 output.retain_grad()
-            store.append(output)
+            store[name] = output
         return hook
 
-    for m in t_mods:
-        m.register_forward_hook(keep(t_acts, True))
-    for m in s_mods:
-        m.register_forward_hook(keep(s_acts, False))
+    for name, m in zip(names, t_mods):
+        m.register_forward_hook(keep(t_acts, True, name))
+    for name, m in zip(names, s_mods):
+        m.register_forward_hook(keep(s_acts, False, name))
 
     def step(x, y, opt):
         t_acts.clear()
@@ -93,7 +94,8 @@ def released_step(teacher, student, names, mu, sigma, tau=5.0, lam=10.0, eps=1e-
         ce = F.cross_entropy(logits_s, y) + F.cross_entropy(logits_t, y)  # batch means
         ce.backward(retain_graph=True)  # fills t.grad, and the teacher's parameter grads
         clone = 0.0
-        for t, s, m, sd in zip(t_acts, s_acts, mu, sigma):
+        for name, m, sd in zip(names, mu, sigma):
+            t, s = t_acts[name], s_acts[name]
             view = (1, -1) + (1,) * (t.dim() - 2)
             sig = sd.view(view) + eps
             z = (t.detach() - m.view(view)) / sig
