@@ -10,7 +10,7 @@ endif
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: venv data build cuda-build test test-gpu bench demo margin efficacy ctest clean
+.PHONY: venv data build cuda-build test test-gpu bench bench-run demo margin efficacy ctest clean
 
 venv: $(VENV)/.installed
 
@@ -51,6 +51,12 @@ bench: venv
 	mkdir -p benchmarks/results
 	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/latest.json
 	$(BIN)/python benchmarks/summarize.py benchmarks/results/latest.json
+
+# Whole MEDIC runs (statistics + 60 epochs) against the released code's loop, with ACC / ASR:
+# about 20 minutes on 2 cores. See benchmarks/bench_medic_run.py; writes results/medic_run.json.
+bench-run: venv
+	mkdir -p benchmarks/results
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/bench_medic_run.py
 
 demo: venv
 	$(BIN)/bdfast demo

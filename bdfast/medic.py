@@ -16,6 +16,8 @@ The story of :meth:`Medic.fit`:
 4. train (:mod:`bdfast.distill`): per step, one teacher forward with the hooked outputs in the
    autograd graph, g = d CE / d outputs by ``torch.autograd.grad`` (no parameter gradients),
    one student forward, loss = CE + lam * ``ops.medic_clone_loss``; Adam with cosine annealing.
+   With the teacher cache (:mod:`bdfast.teacher_cache`, ``cache_teacher``), t, g and the labels
+   are computed in the first epoch only and looked up by image content afterwards.
 
 See docs/medic.md for the equations, defaults and deviations from the released code.
 """
@@ -32,12 +34,13 @@ from torch import Tensor, nn
 from bdfast import ops
 from bdfast.ops import BACKENDS
 from bdfast.augment import AugmentSpec, RandomCrop, resolve_augment
-from bdfast._utils import (check_logits, check_number, copy_without_hooks, iter_batches,
-                           model_input_errors, resolve_device, seed_everything)
+from bdfast._utils import (check_logits, check_number, copy_without_hooks, distributed,
+                           iter_batches, model_input_errors, resolve_device, seed_everything)
 from bdfast.hooks import (LayerSpec, Tap, disable_inplace, find_inplace_overwrites, select_layers,
                           warn_inplace)
 from bdfast.stats import ChannelMoments
 from bdfast.distill import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
+from bdfast.teacher_cache import (CacheSpec, TeacherCache, default_budget, resolve_cache_dtype)
 
 __all__ = ["MedicConfig", "MedicResult", "Medic", "MedicStep", "medic_clone", "teacher_statistics"]
 
@@ -66,6 +69,9 @@ class MedicConfig:
     eval_every: int = 1
     backend: str = "auto"
     augment: AugmentSpec = False
+    cache_teacher: CacheSpec = "auto"
+    cache_budget: Optional[int] = None
+    cache_dtype: Any = "auto"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "eval_every"):
@@ -83,18 +89,30 @@ class MedicConfig:
                             f"{type(self.eval_fn).__name__}")
         resolve_amp(self.amp, torch.device("cpu"))  # validates the value
         resolve_augment(self.augment)
+        if not (self.cache_teacher == "auto" and isinstance(self.cache_teacher, str)
+                or isinstance(self.cache_teacher, bool)):
+            raise ValueError(f"cache_teacher must be 'auto', True or False, got "
+                             f"{self.cache_teacher!r}")
+        if self.cache_teacher is True and resolve_augment(self.augment) is not None:
+            raise ValueError("cache_teacher=True cannot be combined with augment=: the teacher "
+                             "sees new images every epoch, so there is nothing to reuse")
+        check_number(self.cache_budget, "cache_budget", integer=True, allow_none=True)
+        resolve_cache_dtype(self.cache_dtype)
 
 
 @dataclass
 class MedicResult:
     """The cleaned ``model`` (eval mode, on the teacher's device), the per-epoch ``history``
     (see :class:`bdfast.distill.TrainResult`), ``timings`` in seconds (prepare, statistics,
-    train, eval, total) and the hooked ``layers``."""
+    train, eval, total), the hooked ``layers`` and what the teacher ``cache`` did: ``used``
+    (whether later epochs read it), ``images``, ``bytes_per_image``, ``bytes``, ``hits`` and
+    ``reason_off`` (why it was off, when it was; empty if ``cache_teacher=False``)."""
 
     model: nn.Module
     history: List[Dict[str, Any]] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
     layers: List[str] = field(default_factory=list)
+    cache: Dict[str, Any] = field(default_factory=dict)
 
 
 class Medic:
@@ -139,7 +157,9 @@ class Medic:
         timings["statistics"] = time.perf_counter() - clock
 
         # 3-4. train the student.
-        step = MedicStep(t_model, s_model, names, mu, sigma, cfg, t_clone=t_clone, s_clone=s_clone)
+        cache = _teacher_cache(cfg, loader, device)
+        step = MedicStep(t_model, s_model, names, mu, sigma, cfg, t_clone=t_clone, s_clone=s_clone,
+                         cache=cache)
         optimizer = torch.optim.Adam(s_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         trained = fit(s_model, loader, step, optimizer, epochs=cfg.epochs, device=device,
                       schedule="step" if hasattr(loader, "__len__") else "epoch",
@@ -148,7 +168,8 @@ class Medic:
                       augment=RandomCrop.from_spec(cfg.augment, cfg.seed), desc="medic")
         timings.update(trained.timings)
         timings["total"] = sum(timings[k] for k in ("prepare", "statistics", "train", "eval"))
-        return MedicResult(s_model.eval().to(home), trained.history, timings, names)
+        report = cache.summary() if cache is not None else {"used": False, "reason_off": ""}
+        return MedicResult(s_model.eval().to(home), trained.history, timings, names, report)
 
 
 class MedicStep:
@@ -161,12 +182,18 @@ class MedicStep:
     ``CE(student, y) + lam * medic_clone_loss(t, s, g, mu, sigma)`` (eqs. 1-4). y is the
     teacher's argmax when the batch has no labels or ``config.labels == "teacher"``.
     The caller runs backward and the optimizer step.
+
+    With a ``cache`` (:class:`bdfast.teacher_cache.TeacherCache`) the first epoch (``epoch``
+    0) stores each image's t, g and label, and later epochs look them up instead of running the
+    teacher; a miss computes them as without the cache.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, names: Sequence[str],
                  mu: Sequence[Tensor], sigma: Sequence[Tensor], config: MedicConfig, *,
-                 t_clone: Iterable[str] = (), s_clone: Iterable[str] = ()):
+                 t_clone: Iterable[str] = (), s_clone: Iterable[str] = (),
+                 cache: Optional[TeacherCache] = None):
         self.teacher, self.mu, self.sigma, self.config = teacher, list(mu), list(sigma), config
+        self.cache = cache
         # Hooks are on only while a captured forward runs, so eval_fn sees plain models.
         self.t_tap = Tap(teacher, names, clone=t_clone, require_grad=True)
         self.s_tap = Tap(student, names, clone=s_clone)
@@ -174,22 +201,42 @@ class MedicStep:
 
     def __call__(self, net: nn.Module, x: Tensor, y: Optional[Tensor], epoch: int) -> Tensor:
         cfg = self.config
-        with torch.enable_grad(), self.t_tap:
-            logits_t = self.teacher(x)
-            t = self.t_tap.values()
-            if y is None or cfg.labels == "teacher":
-                y = logits_t.argmax(dim=1)
-            # Summed CE: each sample's gradient is its own loss's (eq. 3); the released code's
-            # batch mean scales g by 1/B and flattens the impact softmax.
-            ce_t = F.cross_entropy(logits_t.float(), y,
-                                   reduction="mean" if cfg.reference_compat else "sum")
-            g = torch.autograd.grad(ce_t, t, allow_unused=True)
-        g = [torch.zeros_like(t_l) if g_l is None else g_l for t_l, g_l in zip(t, g)]
+        given = None if y is None or cfg.labels == "teacher" else y  # else the teacher's argmax
+        cache = self.cache if self.cache is not None and self.cache.active else None
+        found = None
+        if cache is not None:
+            keys = cache.keys(x, given)
+            if epoch > 0:
+                cache.finish_filling()
+                found = cache.lookup(x, keys)
+        if found is not None:
+            t, g, y = found
+        else:
+            t, g, y = self.teacher_outputs(x, given)
+            if cache is not None and epoch == 0:
+                cache.store(x, keys, y, t, g)
         with self.s_tap:
             logits_s = net(x)
         clone = ops.medic_clone_loss(t, self.s_tap.values(), g, self.mu, self.sigma,
                                      tau=cfg.tau, signed=self.signed, backend=cfg.backend)
         return F.cross_entropy(logits_s.float(), y) + cfg.lam * clone
+
+    def teacher_outputs(self, x: Tensor, y: Optional[Tensor]
+                        ) -> Tuple[List[Tensor], List[Tensor], Tensor]:
+        """The hooked teacher outputs t, their proxy gradients g (lists of [B, C_l, *spatial])
+        and the labels [B] (``y``, or the teacher's argmax when ``y`` is None)."""
+        with torch.enable_grad(), self.t_tap:
+            logits_t = self.teacher(x)
+            t = self.t_tap.values()
+            if y is None:
+                y = logits_t.argmax(dim=1)
+            # Summed CE: each sample's gradient is its own loss's (eq. 3); the released code's
+            # batch mean scales g by 1/B and flattens the impact softmax.
+            ce_t = F.cross_entropy(logits_t.float(), y,
+                                   reduction="mean" if self.config.reference_compat else "sum")
+            g = torch.autograd.grad(ce_t, t, allow_unused=True)
+        g = [torch.zeros_like(t_l) if g_l is None else g_l for t_l, g_l in zip(t, g)]
+        return t, g, y
 
 
 def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: float = 10.0,
@@ -199,7 +246,8 @@ def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: 
                 seed: Optional[int] = None, progress: bool = True,
                 eval_fn: Optional[EvalFn] = None, student: Optional[nn.Module] = None,
                 labels: str = "auto", eval_every: int = 1, backend: str = "auto",
-                augment: AugmentSpec = False) -> nn.Module:
+                augment: AugmentSpec = False, cache_teacher: CacheSpec = "auto",
+                cache_budget: Optional[int] = None, cache_dtype: Any = "auto") -> nn.Module:
     """Remove a backdoor from ``teacher`` by importance-driven cloning (MEDIC, Algorithm 1).
 
     Args:
@@ -228,6 +276,17 @@ def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: 
         augment: train on augmented batches: True or "crop+flip" (random crop with padding
             and a horizontal flip, as the paper's CIFAR runs), "crop", or False (see
             :mod:`bdfast.augment`). The teacher's statistics are taken on the images as they are.
+        cache_teacher: compute the frozen teacher's hooked outputs, proxy gradients and labels
+            once per image in the first epoch and look them up by the image's content in the
+            later ones (:mod:`bdfast.teacher_cache`). "auto": on unless ``augment`` is on, the
+            run is distributed, or the table would exceed ``cache_budget``; an image the first
+            epoch did not see switches it off with one warning and the run continues exactly as
+            without it. True: those cases raise ValueError. False: the teacher runs every step.
+        cache_budget: the most bytes the cache may hold (default: a quarter of the free memory
+            of the training device).
+        cache_dtype: the cache's storage dtype: "auto" (16-bit outputs as they are; float32
+            ones as t in float16 and g in bfloat16), torch.float32 (then the run equals the
+            uncached one to float rounding), torch.bfloat16 or torch.float16.
 
     Returns:
         The trained student in eval mode, on the teacher's device. The teacher's forward and
@@ -311,6 +370,22 @@ def _student(source: nn.Module, names: Sequence[str], *, fresh: bool) -> nn.Modu
             raise ValueError(f"student must have the teacher's hooked layers, but lacks {missing[:5]}")
     disable_inplace(model)
     return model.requires_grad_(True).train()
+
+
+def _teacher_cache(cfg: MedicConfig, loader: Iterable,
+                   device: torch.device) -> Optional[TeacherCache]:
+    """The run's teacher cache, or None when ``cache_teacher`` is off or "auto" rules it out."""
+    if cfg.cache_teacher is False or resolve_augment(cfg.augment) is not None:
+        return None
+    if distributed():
+        if cfg.cache_teacher is True:
+            raise ValueError("cache_teacher=True is not supported under torch.distributed: a "
+                             "miss on one rank would have to stop every rank; use 'auto' or False")
+        return None
+    budget = cfg.cache_budget if cfg.cache_budget is not None else default_budget(device)
+    batches = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    return TeacherCache(cfg.cache_teacher, budget=budget, dtype=resolve_cache_dtype(cfg.cache_dtype),
+                        batches=batches, rescale=cfg.reference_compat)
 
 
 def _overwritten_layers(t_model: nn.Module, s_model: nn.Module, names: Sequence[str],

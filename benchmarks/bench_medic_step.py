@@ -61,26 +61,31 @@ def _bdfast_step(teacher, student, names, mu, sigma, x, y, backend, amp_dtype):
     return run
 
 
-def _released_step(teacher, student, names, mu, sigma, x, y, tau=5.0, lam=10.0, eps=1e-5):
+def released_step(teacher, student, names, mu, sigma, tau=5.0, lam=10.0, eps=1e-5):
+    """``step(x, y, optimizer)``: one training step written the way the released MEDIC code
+    does it (also used by ``bench_medic_run.py`` for whole runs). Batch-mean CE on both nets,
+    one full backward through both (the teacher's parameter gradients included) with
+    ``retain_graph`` to get t.grad, then a per-layer Python loop that materialises the signed
+    softmaxes and a second backward for the clone loss. Returns the clone loss."""
     teacher = copy.deepcopy(teacher).requires_grad_(True)  # the released code does not freeze it
     t_mods = [dict(teacher.named_modules())[n] for n in names]
     s_mods = [dict(student.named_modules())[n] for n in names]
-    t_acts, s_acts = [], []
+    # By name: execution order differs from ``names`` (a block's shortcut conv runs first).
+    t_acts, s_acts = {}, {}
 
-    def keep(store, retain):
+    def keep(store, retain, name):
         def hook(module, inputs, output):
             if retain:
                 output.retain_grad()
-            store.append(output)
+            store[name] = output
         return hook
 
-    for m in t_mods:
-        m.register_forward_hook(keep(t_acts, True))
-    for m in s_mods:
-        m.register_forward_hook(keep(s_acts, False))
-    opt = torch.optim.Adam(student.parameters(), lr=1e-2, weight_decay=1e-4)
+    for name, m in zip(names, t_mods):
+        m.register_forward_hook(keep(t_acts, True, name))
+    for name, m in zip(names, s_mods):
+        m.register_forward_hook(keep(s_acts, False, name))
 
-    def run():
+    def step(x, y, opt):
         t_acts.clear()
         s_acts.clear()
         opt.zero_grad(set_to_none=True)
@@ -89,7 +94,8 @@ def _released_step(teacher, student, names, mu, sigma, x, y, tau=5.0, lam=10.0, 
         ce = F.cross_entropy(logits_s, y) + F.cross_entropy(logits_t, y)  # batch means
         ce.backward(retain_graph=True)  # fills t.grad, and the teacher's parameter grads
         clone = 0.0
-        for t, s, m, sd in zip(t_acts, s_acts, mu, sigma):
+        for name, m, sd in zip(names, mu, sigma):
+            t, s = t_acts[name], s_acts[name]
             view = (1, -1) + (1,) * (t.dim() - 2)
             sig = sd.view(view) + eps
             z = (t.detach() - m.view(view)) / sig
@@ -101,7 +107,13 @@ def _released_step(teacher, student, names, mu, sigma, x, y, tau=5.0, lam=10.0, 
         (lam * clone).backward()
         opt.step()
         return clone
-    return run
+    return step
+
+
+def _released_step(teacher, student, names, mu, sigma, x, y):
+    step = released_step(teacher, student, names, mu, sigma)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2, weight_decay=1e-4)
+    return lambda: step(x, y, opt)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

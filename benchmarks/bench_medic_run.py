@@ -1,0 +1,208 @@
+"""Whole MEDIC runs (teacher statistics + every epoch) against a loop written the way the
+released code does it, on the lab's backdoored models, with ACC / ASR after each.
+
+Usage (the issue's settings are the defaults: 60 epochs, every case and variant)::
+
+    python benchmarks/bench_medic_run.py                       # or: make bench-run
+    python benchmarks/bench_medic_run.py --epochs 5 --cases digits --variants released,cache
+
+Cases (CPU; the clean set is the digits ``clean`` split, 270 images, batches of 64, shuffled):
+
+- ``digits``: the lab's digits CNN, 1 x 16 x 16;
+- ``wrn``: WRN-16-1 on the same images resized to 32 x 32 (bilinear) and repeated to 3 channels.
+
+The teacher of each case is trained on the badnets-poisoned digits training split (rate 0.1,
+seed 0, ``bdfast.train`` defaults) and cached under ``.cache/bench_medic_run/``.
+
+Variants (every one from the same teacher, data, epochs and seed):
+
+- ``released``: statistics by :func:`bdfast.medic.teacher_statistics`, the student re-initialised
+  as bdfast does, then per batch :func:`bench_medic_step.released_step` (batch-mean CE, full
+  backward through both nets with ``retain_graph``, a second backward, per-layer softmax loop),
+  Adam with the same per-step cosine schedule;
+- ``nocache``: ``Medic(cache_teacher=False)``; ``cache``: ``cache_teacher=True`` with the
+  default 16-bit table; ``cache-f32``, ``cache-bf16``, ``cache-fp16``: with that ``cache_dtype``;
+- ``released+aug``, ``aug``: both with the in-loop random crop (``augment="crop"`` on digits,
+  ``"crop+flip"`` on WRN; the released loop applies the same seeded ``RandomCrop``).
+
+bdfast runs with ``reference_compat=True`` (signed z and q, g from the batch-mean CE) so that it
+computes the same loss as the released loop and the two must reach the same ACC / ASR; the
+option does not change the cost. tau and lam are the library's defaults (10 and 3).
+Writes ``benchmarks/results/medic_run.json`` (``--out``) and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_medic_step import released_step  # noqa: E402
+
+from bdfast import attacks, models  # noqa: E402
+from bdfast._utils import copy_without_hooks, seed_everything  # noqa: E402
+from bdfast.augment import RandomCrop  # noqa: E402
+from bdfast.data import load_digits, tensor_loader  # noqa: E402
+from bdfast.hooks import disable_inplace, select_layers  # noqa: E402
+from bdfast.medic import Medic, MedicConfig, _student, teacher_statistics  # noqa: E402
+from bdfast.trainer import train  # noqa: E402
+
+CASES = ("digits", "wrn")
+VARIANTS = ("released", "nocache", "cache", "cache-f32", "cache-bf16", "cache-fp16",
+            "released+aug", "aug")
+DTYPES = {"cache": "auto", "cache-f32": torch.float32, "cache-bf16": torch.bfloat16,
+          "cache-fp16": torch.float16}
+ATTACK, SEED, BATCH = "badnets", 0, 64
+
+
+def to_wrn(x):
+    """1 x 16 x 16 digits -> 3 x 32 x 32."""
+    return F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).clamp(0, 1) \
+        .repeat(1, 3, 1, 1).contiguous()
+
+
+def setup(case: str, images: int, cache_dir: Path):
+    """(teacher, clean x, clean y, test x, test y, triggered test x, target labels, augment)."""
+    digits = load_digits()
+    attack = attacks.get(ATTACK, num_classes=digits.num_classes)
+    transform = to_wrn if case == "wrn" else (lambda x: x)
+    arch = "wrn16_1" if case == "wrn" else "digits_cnn"
+    x_train, y_train, _ = attack.poison(*digits.train, rate=0.1, seed=SEED)
+    x_train = transform(x_train)
+    torch.manual_seed(SEED)
+    teacher = getattr(models, arch)(num_classes=10, in_channels=x_train.shape[1])
+    path = cache_dir / f"{case}-{ATTACK}-s{SEED}-t{torch.get_num_threads()}.pt"
+    if path.exists():
+        teacher.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        start = time.perf_counter()
+        train(teacher, x_train, y_train, seed=SEED, progress=False)
+        print(f"trained the {case} teacher in {time.perf_counter() - start:.0f} s", flush=True)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(teacher.state_dict(), path)
+    teacher.eval()
+    x_clean, y_clean = digits.clean
+    x_clean, y_clean = transform(x_clean[:images]), y_clean[:images]
+    x_test, y_test = digits.test
+    eligible = y_test != attack.target
+    x_trig = transform(attack.apply(x_test[eligible]))
+    y_trig = attack.target_labels(y_test[eligible], 10)
+    augment = "crop+flip" if case == "wrn" else "crop"
+    return teacher, x_clean, y_clean, transform(x_test), y_test, x_trig, y_trig, augment
+
+
+@torch.no_grad()
+def metrics(model, x_test, y_test, x_trig, y_trig):
+    model.eval()
+    acc = (model(x_test).argmax(1) == y_test).float().mean().item()
+    asr = (model(x_trig).argmax(1) == y_trig).float().mean().item()
+    return acc, asr
+
+
+def released_run(teacher, loader, *, epochs: int, seed: int, augment):
+    """The released code's loop around :func:`released_step`; returns the student."""
+    cfg = MedicConfig()
+    seed_everything(seed)
+    t_model = copy_without_hooks(teacher).eval().requires_grad_(False)
+    disable_inplace(t_model)
+    names = select_layers(t_model, cfg.layers)
+    student = _student(teacher, names, fresh=True)
+    next(iter(loader))  # Medic.fit reads the first batch here too: the same order of batches
+    mu, sigma = teacher_statistics(t_model, names, loader, device=torch.device("cpu"))
+    step = released_step(t_model, student, names, mu, sigma, tau=cfg.tau, lam=cfg.lam)
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, total) / total)))
+    crop = RandomCrop.from_spec(augment, seed)
+    for _ in range(epochs):
+        student.train()
+        for x, y in loader:
+            if crop is not None:
+                x = crop(x)
+            step(x, y, opt)
+            sched.step()
+    return student.eval()
+
+
+def run_variant(case_data, variant: str, epochs: int):
+    teacher, x_clean, y_clean, x_test, y_test, x_trig, y_trig, aug_kind = case_data
+    loader = tensor_loader(x_clean, y_clean, batch_size=BATCH, shuffle=True, seed=SEED)
+    augment = aug_kind if variant.endswith("aug") else False
+    start = time.perf_counter()
+    extra = {}
+    if variant.startswith("released"):
+        model = released_run(teacher, loader, epochs=epochs, seed=SEED, augment=augment)
+    else:
+        cache = variant.startswith("cache")
+        options = dict(epochs=epochs, seed=SEED, progress=False, amp=False,
+                       reference_compat=True, augment=augment,
+                       cache_teacher=True if cache else False)
+        if cache:
+            options["cache_dtype"] = DTYPES[variant]
+        result = Medic(**options).fit(teacher, loader)
+        model = result.model
+        extra = {"cache": {k: v for k, v in result.cache.items()},
+                 "losses": [h["loss"] for h in result.history],
+                 "statistics_s": result.timings["statistics"]}
+    seconds = time.perf_counter() - start
+    acc, asr = metrics(model, x_test, y_test, x_trig, y_trig)
+    return dict(seconds=seconds, acc=acc, asr=asr, **extra)
+
+
+def table(rows) -> str:
+    lines = ["| case | variant | seconds | vs released | ACC | ASR | loss, last epoch |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        base = next((r for r in rows if r["case"] == row["case"]
+                     and r["variant"] == ("released+aug" if row["variant"].endswith("aug")
+                                          else "released")), None)
+        ratio = f"{base['seconds'] / row['seconds']:.2f}x" if base else "n/a"
+        loss = f"{row['losses'][-1]:.5g}" if row.get("losses") else ""
+        lines.append(f"| {row['case']} | {row['variant']} | {row['seconds']:.1f} | {ratio} | "
+                     f"{row['acc']:.3f} | {row['asr']:.3f} | {loss} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--images", type=int, default=270, help="clean images (at most 270)")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "medic_run.json")
+    parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench_medic_run")
+    args = parser.parse_args(argv)
+    cases, variants = args.cases.split(","), args.variants.split(",")
+    for name, chosen, known in (("case", cases, CASES), ("variant", variants, VARIANTS)):
+        unknown = [c for c in chosen if c not in known]
+        if unknown:
+            parser.error(f"unknown {name}(s) {unknown}; choose from {list(known)}")
+    rows = []
+    for case in cases:
+        data = setup(case, args.images, args.cache)
+        for variant in variants:
+            row = dict(case=case, variant=variant, epochs=args.epochs, images=len(data[1]),
+                       **run_variant(data, variant, args.epochs))
+            rows.append(row)
+            print(f"{case:6s} {variant:12s} {row['seconds']:7.1f} s  ACC {row['acc']:.3f}  "
+                  f"ASR {row['asr']:.3f}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    machine = dict(torch=torch.__version__, threads=torch.get_num_threads(),
+                   cpu=os.cpu_count())
+    args.out.write_text(json.dumps(dict(machine=machine, rows=rows), indent=1))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
