@@ -107,7 +107,8 @@ class TeacherCache:
     cache off with one warning, and the step computes the teacher). ``budget`` is in bytes;
     ``batches`` the loader's length when known (to refuse an oversize table at the first batch).
     ``dtype``: the storage dtype; None ("auto") keeps 16-bit outputs as they are (exact, e.g.
-    under bfloat16 autocast) and stores float32 ones as ``t`` float16 and ``g`` bfloat16 (see
+    under bfloat16 autocast) and float32 ones in float32 (exact) when the loader's length says
+    the whole table fits ``budget``, else as ``t`` float16 and ``g`` bfloat16 (see
     docs/medic.md: float16 keeps 3 more bits of t, bfloat16 keeps g's tiny values from
     underflowing). ``rescale``: g is proportional to 1/B (batch-mean CE), so rows are stored
     times B and divided by the current batch's B on a hit.
@@ -130,6 +131,7 @@ class TeacherCache:
         self.bytes_per_image = 0
         self.images = 0
         self._t_wide = False
+        self._narrow = False  # "auto" stores float32 outputs in 16 bits (the table is too big)
         self._numels: List[int] = []
 
     # -- epoch 1 ----------------------------------------------------------------------------
@@ -150,6 +152,9 @@ class TeacherCache:
             self._numels = [v[0].numel() for v in (*t, *g)]
             self.bytes_per_image = self._row_bytes()
             if self.batches is not None:
+                if self.dtype is None and self.batches * len(x) * self.bytes_per_image > self.budget:
+                    self._narrow = True
+                    self.bytes_per_image = self._row_bytes()
                 self._check_budget(self.batches * len(x), estimate=True)
         elif x.shape[1:] != self._shape:
             self._miss(f"the loader yielded images of shape {list(x.shape[1:])} after "
@@ -164,7 +169,7 @@ class TeacherCache:
             if self.rescale and i >= self._layers:  # store B * g: the per-sample gradient
                 v = (v.float() * len(x)).to(v.dtype)
             stored = v.to(self._storage(v.dtype, i < self._layers)).contiguous()
-            if (self.dtype is None and stored.dtype == torch.float16 and v.dtype == torch.float32
+            if (self._narrow and stored.dtype == torch.float16 and v.dtype == torch.float32
                     and not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(v).all())):
                 self._widen_t()  # a value past float16's 65504: keep t in float32 instead
                 stored = v.contiguous()
@@ -225,8 +230,8 @@ class TeacherCache:
     def _storage(self, dtype: torch.dtype, is_t: bool) -> torch.dtype:
         if self.dtype is not None:
             return self.dtype
-        if dtype != torch.float32:
-            return dtype  # 16-bit outputs (autocast) are kept exactly
+        if dtype != torch.float32 or not self._narrow:
+            return dtype  # kept exactly: float32 when it fits, 16-bit outputs (autocast) always
         if is_t:
             return torch.float32 if self._t_wide else torch.float16
         return torch.bfloat16

@@ -74,11 +74,13 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "none": {"default": {}},
     "finetune": {"default": {"epochs": 20, "lr": 0.01}},
     "medic": {"default": {}, "paper": {"lam": 10.0, "tau": 5.0},
-              "lam1-tau10": {"lam": 1.0, "tau": 10.0}, "lam3-tau10": {"lam": 3.0, "tau": 10.0}},
+              "lam1-tau10": {"lam": 1.0, "tau": 10.0}, "lam3-tau10": {"lam": 3.0, "tau": 10.0},
+              "augment": {"augment": True}, "crop": {"augment": "crop"}},
     "bcu": {"default": {}, "paper": {"lr": 0.01, "epochs": 100, "init": "reset"},
             "lr0.05": {"lr": 0.05, "epochs": 100, "init": "reset"},
             "kaiming": {"lr": 0.01, "epochs": 100, "init": "kaiming"},
-            "kaiming-lr0.05": {"lr": 0.05, "epochs": 100, "init": "kaiming"}},
+            "kaiming-lr0.05": {"lr": 0.05, "epochs": 100, "init": "kaiming"},
+            "augment": {"augment": True}, "crop": {"augment": "crop"}},
     "dde": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
     "mbns": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
 }
@@ -144,8 +146,10 @@ def resolved_options(defense: str, setting: str) -> Dict[str, Any]:
     options = dict(SETTINGS[defense][setting])
     if defense not in defenses.DEFENSES:  # the baselines: their options are all written out
         return options
+    # None of these changes what a run computes. The teacher cache keeps float32 rows at these
+    # set sizes, so a cached run is the uncached one to float rounding (docs/medic.md).
     skip = {"progress", "seed", "device", "eval_fn", "student", "inplace", "eval_every",
-            "backend", "amp", "val_loader"}
+            "backend", "amp", "val_loader", "cache_teacher", "cache_budget", "cache_dtype"}
     for name, parameter in defenses.get(defense).options().items():
         if name not in skip:
             options.setdefault(name, parameter.default)

@@ -114,13 +114,18 @@ def test_16bit_caches_stay_close(small):
         return tensor_loader(x, y, batch_size=16, shuffle=True, seed=1)
 
     plain = Medic(**FAST, cache_teacher=False).fit(teacher, loader())
-    for dtype in ("auto", torch.bfloat16, torch.float16):
-        run = Medic(**FAST, cache_teacher=True, cache_dtype=dtype).fit(teacher, loader())
-        assert run.cache["used"]
-        assert run.history[-1]["loss"] == pytest.approx(plain.history[-1]["loss"], rel=0.05)
-    auto = Medic(**FAST, cache_teacher=True).fit(teacher, loader())
     f32 = Medic(**FAST, cache_teacher=True, cache_dtype=torch.float32).fit(teacher, loader())
-    assert auto.cache["bytes_per_image"] < 0.6 * f32.cache["bytes_per_image"]
+    # "auto" keeps float32 while the table fits the budget, and narrows to 16 bits when only
+    # that fits (48 rows of the digits CNN: about 18.9 MB in float32, 9.4 MB in 16 bits).
+    roomy = Medic(**FAST, cache_teacher=True).fit(teacher, loader())
+    assert roomy.cache["bytes_per_image"] == f32.cache["bytes_per_image"]
+    assert_models(roomy.model, f32.model, exact=True)
+    tight = dict(cache_dtype="auto", cache_budget=12 << 20)
+    for options in (tight, dict(cache_dtype=torch.bfloat16), dict(cache_dtype=torch.float16)):
+        run = Medic(**FAST, cache_teacher=True, **options).fit(teacher, loader())
+        assert run.cache["used"]
+        assert run.cache["bytes_per_image"] < 0.6 * f32.cache["bytes_per_image"]
+        assert run.history[-1]["loss"] == pytest.approx(plain.history[-1]["loss"], rel=0.05)
 
 
 def test_t_past_the_float16_range_is_kept_in_float32(small):
@@ -129,9 +134,11 @@ def test_t_past_the_float16_range_is_kept_in_float32(small):
     with torch.no_grad():
         loud.features[0].weight.mul_(1e6)  # first conv outputs far beyond 65504
     loader = tensor_loader(x, y, batch_size=16)
-    auto = Medic(**FAST, cache_teacher=True).fit(loud, loader)
+    # 48 rows: 18.9 MB in float32, 14.2 MB with t widened to float32 and g in bfloat16.
+    tight = dict(cache_teacher=True, cache_budget=16 << 20)  # "auto" narrows to 16 bits
+    auto = Medic(**FAST, **tight).fit(loud, loader)
     f32 = Medic(**FAST, cache_teacher=True, cache_dtype=torch.float32).fit(loud, loader)
-    normal = Medic(**FAST, cache_teacher=True).fit(teacher, loader)
+    normal = Medic(**FAST, **tight).fit(teacher, loader)
     assert auto.cache["used"] and all(math.isfinite(h["loss"]) for h in auto.history)
     # t in float32 (4 bytes), g in bfloat16 (2): three quarters of the float32 row's payload.
     payload = f32.cache["bytes_per_image"] - 24
