@@ -40,8 +40,9 @@ RatioSpec = Union[str, Mapping[str, float]]
 
 
 def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
-                ratios: RatioSpec = "adaptive", temperature: Optional[float] = None,
-                lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4,
+                ratios: RatioSpec = "adaptive", ratio_scale: float = 1.0,
+                temperature: Optional[float] = None, lr: float = 0.05, momentum: float = 0.9,
+                weight_decay: float = 5e-4,
                 init: str = "kaiming", schedule_epochs: Optional[int] = None,
                 augment: AugmentSpec = False, amp: AmpSpec = "auto", device: Any = None,
                 seed: Optional[int] = None, progress: bool = True,
@@ -56,6 +57,8 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
         ratios: "adaptive" (the paper's depth-dependent ratios, see :func:`bcu_ratios`),
             "uniform:<p>", or a ``{module-name-prefix: p}`` mapping (longest prefix wins;
             unmatched layers keep all their weights).
+        ratio_scale: multiplies every layer's ratio (capped at 1): 2 re-initialises twice the
+            share of each layer (docs/bcu.md has the matrix's numbers for it).
         temperature: a fixed KD temperature; by default T_e = 1 + 3 (e + 1) / E in epoch
             e = 0..E-1 (the released code).
         lr, momentum, weight_decay: SGD, with cosine annealing per epoch. ``lr`` 0.05 and
@@ -86,6 +89,7 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
     if not isinstance(init, str) or init not in INITS:
         raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
     check_number(schedule_epochs, "schedule_epochs", integer=True, allow_none=True)
+    check_number(ratio_scale, "ratio_scale", minimum=0)
     resolve_augment(augment)
     resolve_amp(amp, torch.device("cpu"))  # validates the value
     check_loader(loader)
@@ -101,7 +105,8 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
     x = x.to(device)
     with torch.no_grad(), model_input_errors(t_model, x):
         check_logits(t_model(x), len(x), "the teacher")
-    layer_ratios = bcu_ratios(t_model, x, ratios)
+    layer_ratios = {name: min(1.0, p * ratio_scale)
+                    for name, p in bcu_ratios(t_model, x, ratios).items()}
 
     # 2. the partially re-initialised student.
     student = copy.deepcopy(t_model).requires_grad_(True)

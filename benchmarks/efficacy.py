@@ -80,7 +80,8 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
             "lr0.05": {"lr": 0.05, "epochs": 100, "init": "reset"},
             "kaiming": {"lr": 0.01, "epochs": 100, "init": "kaiming"},
             "kaiming-lr0.05": {"lr": 0.05, "epochs": 100, "init": "kaiming"},
-            "augment": {"augment": True}, "crop": {"augment": "crop"}},
+            "augment": {"augment": True}, "crop": {"augment": "crop"},
+            "x2": {"ratio_scale": 2.0}},
     "dde": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
     "mbns": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
 }

@@ -183,3 +183,26 @@ def test_bcu_bad_input(digits):
             bcu_cleanse(teacher, [x], **{**FAST, option: value})
     with pytest.raises(FloatingPointError, match="non-finite at epoch 1, step 2"):
         bcu_cleanse(teacher, [x, x, x], lr=1e30, **FAST)
+
+
+def test_ratio_scale_multiplies_every_ratio_up_to_one(monkeypatch, digits):
+    import bdfast.bcu as bcu
+    used = []
+    real = bcu.partial_reinit
+
+    def spy(model, ratios, init="reset"):
+        used.append(dict(ratios))
+        return real(model, ratios, init=init)
+
+    monkeypatch.setattr(bcu, "partial_reinit", spy)
+    torch.manual_seed(0)
+    teacher = digits_cnn().eval()
+    loader = [digits.clean[0][:16]]
+    paper = bcu_ratios(teacher, loader[0])
+    bcu_cleanse(teacher, loader, epochs=1, progress=False, seed=0, ratio_scale=2.0)
+    bcu_cleanse(teacher, loader, epochs=1, progress=False, seed=0, ratios="uniform:0.6",
+                ratio_scale=2.0)
+    assert used[0] == {name: 2 * p for name, p in paper.items()}
+    assert set(used[1].values()) == {1.0}
+    with pytest.raises(ValueError, match="ratio_scale"):
+        bcu_cleanse(teacher, loader, epochs=1, progress=False, ratio_scale=-1.0)
