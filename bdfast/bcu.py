@@ -40,7 +40,7 @@ RatioSpec = Union[str, Mapping[str, float]]
 
 
 def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
-                ratios: RatioSpec = "adaptive", ratio_scale: float = 1.0,
+                ratios: RatioSpec = "adaptive", ratio_scale: float = 2.0,
                 temperature: Optional[float] = None, lr: float = 0.05, momentum: float = 0.9,
                 weight_decay: float = 5e-4,
                 init: str = "kaiming", schedule_epochs: Optional[int] = None,
@@ -57,8 +57,9 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
         ratios: "adaptive" (the paper's depth-dependent ratios, see :func:`bcu_ratios`),
             "uniform:<p>", or a ``{module-name-prefix: p}`` mapping (longest prefix wins;
             unmatched layers keep all their weights).
-        ratio_scale: multiplies every layer's ratio (capped at 1): 2 re-initialises twice the
-            share of each layer (docs/bcu.md has the matrix's numbers for it).
+        ratio_scale: multiplies every layer's ratio (capped at 1). The default 2, twice the
+            paper's share of every layer, is the efficacy matrix's choice; ``ratio_scale=1``
+            gives the paper's ratios (docs/bcu.md has both, with numbers).
         temperature: a fixed KD temperature; by default T_e = 1 + 3 (e + 1) / E in epoch
             e = 0..E-1 (the released code).
         lr, momentum, weight_decay: SGD, with cosine annealing per epoch. ``lr`` 0.05 and
