@@ -37,6 +37,7 @@ __all__ = ["CACHE_MODES", "CACHE_DTYPES", "TeacherCache", "fingerprints", "defau
 CACHE_MODES = ("auto", True, False)
 CACHE_DTYPES = ("auto", torch.float32, torch.bfloat16, torch.float16)
 CacheSpec = Union[str, bool]
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 _INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _WEIGHT_SEED = 0x5EED_CAC4E  # fixed: the fingerprints never touch torch's global RNG
@@ -91,13 +92,17 @@ def default_budget(device: torch.device) -> int:
 
 
 def resolve_cache_dtype(dtype) -> Optional[torch.dtype]:
-    """``None`` for "auto" (see :class:`TeacherCache`), else the dtype; ValueError otherwise."""
-    if isinstance(dtype, str) and dtype == "auto":
-        return None
+    """``None`` for "auto" (see :class:`TeacherCache`), else the dtype, given as a
+    ``torch.dtype`` or by its name ("float16", as the command line passes it); ValueError
+    otherwise."""
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            return None
+        dtype = getattr(torch, dtype, dtype) if dtype in _DTYPE_NAMES else dtype
     if isinstance(dtype, torch.dtype) and dtype in CACHE_DTYPES:
         return dtype
     raise ValueError("cache_dtype must be 'auto', torch.float32, torch.bfloat16 or "
-                     f"torch.float16, got {dtype!r}")
+                     f"torch.float16 (or their names), got {dtype!r}")
 
 
 class TeacherCache:

@@ -12,7 +12,7 @@ import torch
 from bdfast.data import tensor_loader
 from bdfast.medic import Medic, medic_clone
 from bdfast.models import digits_cnn
-from bdfast.teacher_cache import fingerprint_weights, fingerprints
+from bdfast.teacher_cache import fingerprint_weights, fingerprints, resolve_cache_dtype
 
 FAST = dict(epochs=3, progress=False, seed=0, amp=False)
 
@@ -209,6 +209,8 @@ def test_options_are_checked(small):
                           ("cache_dtype", torch.float64)):
         with pytest.raises(ValueError, match=option):
             medic_clone(teacher, [(x, y)], **{**FAST, option: value})
+    for name in ("float32", "bfloat16", "float16"):  # names, as the command line gives them
+        assert resolve_cache_dtype(name) is getattr(torch, name)
     # augment with "auto" simply runs without the cache.
     run = Medic(**{**FAST, "epochs": 2}, augment="crop").fit(teacher, [(x, y)])
     assert not run.cache["used"]
