@@ -284,9 +284,10 @@ def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: 
             without it. True: those cases raise ValueError. False: the teacher runs every step.
         cache_budget: the most bytes the cache may hold (default: a quarter of the free memory
             of the training device).
-        cache_dtype: the cache's storage dtype: "auto" (16-bit outputs as they are; float32
-            ones as t in float16 and g in bfloat16), torch.float32 (then the run equals the
-            uncached one to float rounding), torch.bfloat16 or torch.float16.
+        cache_dtype: the cache's storage dtype: "auto" (float32 rows when the loader's length
+            shows the whole table fits ``cache_budget``, so that the run equals the uncached
+            one to float rounding; else t in float16 and g in bfloat16; 16-bit outputs are kept
+            as they are), or torch.float32, torch.bfloat16, torch.float16 or their names.
 
     Returns:
         The trained student in eval mode, on the teacher's device. The teacher's forward and
