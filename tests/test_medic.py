@@ -145,7 +145,7 @@ def test_reference_compat_and_released_layers_run(small):
 
 # Acceptance: ASR <= 0.10 and clean accuracy >= original - 0.03 on the digits test split.
 DDP_WORKER = """
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 from bdfast.bcu import bcu_cleanse
 from bdfast.medic import medic_clone
 from bdfast.models import digits_cnn
@@ -163,7 +163,10 @@ for model in (medic_clone(teacher, [x[:8], x[8:]], **options),
     dist.all_gather(both, w)
     assert torch.equal(both[0], both[1]), "the ranks trained different models"
 dist.destroy_process_group()
-print("ok")
+print("ok", flush=True)
+# Skip interpreter finalisation: gloo's worker threads can still be joinable there and abort
+# the process ("terminate called without an active exception") after the work is checked.
+os._exit(0)
 """
 
 
@@ -178,4 +181,4 @@ def test_two_ddp_ranks_train_one_model(tmp_path):
              for r in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
+        assert p.returncode == 0 and out.strip() == "ok", (out[-500:], err[-2000:])
