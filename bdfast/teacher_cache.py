@@ -125,7 +125,7 @@ class TeacherCache:
         self.rescale = rescale
         self.active = True
         self.ready = False
-        self.hits = self.misses = 0
+        self.hits = 0
         self.reason = ""
         self._weights: Optional[Tuple[Tensor, Tensor]] = None
         self._chunks: List[List[Tensor]] = []  # epoch 1: [keys, check, labels, t..., g...] per batch
@@ -265,7 +265,6 @@ class TeacherCache:
                   "cache_dtype, or pass cache_teacher=False")
 
     def _miss(self, what: str) -> None:
-        self.misses += 1
         if self.mode is True:
             raise ValueError(f"{what}; cache_teacher=True needs a loader that yields the same "
                              "images (and labels) every epoch, with no random augmentation")
