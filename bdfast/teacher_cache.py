@@ -19,7 +19,7 @@ step then computes the teacher as without the cache (``"auto"``: one warning, th
 dropped) or raises (``True``).
 
 Shapes: per hooked layer l the table holds ``t[l], g[l]`` as ``[N, C_l, *spatial_l]`` rows in
-``dtype`` (float32 or a 16-bit type), with ``keys [N]`` (int64, sorted), ``check [N]`` (int64)
+``dtype`` (float32 or a 16-bit type; ``[N, H, W, C_l]`` when the outputs are channels-last), with ``keys [N]`` (int64, sorted), ``check [N]`` (int64)
 and ``labels [N]`` (int64). See docs/medic.md for the memory per image.
 """
 from __future__ import annotations
@@ -105,6 +105,12 @@ def resolve_cache_dtype(dtype) -> Optional[torch.dtype]:
                      f"torch.float16 (or their names), got {dtype!r}")
 
 
+def _channels_last(v: Tensor) -> bool:
+    """Whether ``v`` is 4-D channels-last and not also contiguous (as 1x1 maps are)."""
+    return (v.dim() == 4 and not v.is_contiguous()
+            and v.is_contiguous(memory_format=torch.channels_last))
+
+
 class TeacherCache:
     """The table of one run; :class:`bdfast.medic.MedicStep` drives it.
 
@@ -138,6 +144,9 @@ class TeacherCache:
         self._t_wide = False
         self._narrow = False  # "auto" stores float32 outputs in 16 bits (the table is too big)
         self._numels: List[int] = []
+        # Columns whose outputs came channels-last: stored as [N, H, W, C] rows, so that a
+        # looked-up batch is channels-last again and the loss kernel reads t, s and g in place.
+        self._nhwc: List[bool] = []
 
     # -- epoch 1 ----------------------------------------------------------------------------
     def keys(self, x: Tensor, y: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -155,6 +164,7 @@ class TeacherCache:
             self._shape, self._layers = x.shape[1:], len(t)
             self._out_dtypes = [v.dtype for v in (*t, *g)]
             self._numels = [v[0].numel() for v in (*t, *g)]
+            self._nhwc = [_channels_last(v) for v in (*t, *g)]
             self.bytes_per_image = self._row_bytes()
             if self.batches is not None:
                 if self.dtype is None and self.batches * len(x) * self.bytes_per_image > self.budget:
@@ -173,11 +183,13 @@ class TeacherCache:
             v = v.detach()
             if self.rescale and i >= self._layers:  # store B * g: the per-sample gradient
                 v = (v.float() * len(x)).to(v.dtype)
+            if self._nhwc[i]:
+                v = v.permute(0, 2, 3, 1)
             stored = v.to(self._storage(v.dtype, i < self._layers)).contiguous()
             if (self._narrow and stored.dtype == torch.float16 and v.dtype == torch.float32
                     and not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(v).all())):
                 self._widen_t()  # a value past float16's 65504: keep t in float32 instead
-                stored = v.contiguous()
+                stored = v.contiguous()  # (already permuted for a channels-last column)
             rows.append(stored)
         self._chunks.append(rows)
         self.images += len(x)
@@ -217,11 +229,13 @@ class TeacherCache:
             return None
         self.hits += len(x)
         labels = table[2][rows]
-        values = [column.index_select(0, rows).to(dtype)
-                  for column, dtype in zip(table[3:], self._out_dtypes)]
-        if self.rescale:
-            n = self._layers
-            values[n:] = [(v.float() / len(x)).to(v.dtype) for v in values[n:]]
+        values = []
+        for column, dtype, nhwc in zip(table[3:], self._out_dtypes, self._nhwc):
+            value = column.index_select(0, rows)
+            values.append((value.permute(0, 3, 1, 2) if nhwc else value).to(dtype))
+        if self.rescale:  # the rows are fresh tensors: divide in place
+            for v in values[self._layers:]:
+                v.div_(len(x))
         return values[:self._layers], values[self._layers:], labels
 
     def summary(self) -> dict:

@@ -182,3 +182,53 @@ def test_two_ddp_ranks_train_one_model(tmp_path):
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0 and out.strip() == "ok", (out[-500:], err[-2000:])
+
+
+class FlattensWithView(nn.Module):
+    """A user model whose forward cannot run channels-last: ``.view`` of a 4 x 4 feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=4, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc(h.view(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_channels_last_is_the_same_math_and_hands_back_a_contiguous_model(small, cache):
+    teacher, x, y = small
+    before = snapshot(teacher)
+    loader = [(x[:32], y[:32])]  # one step: its loss comes before any update
+    runs = {layout: Medic(**dict(FAST, epochs=2), channels_last=layout,
+                          cache_teacher=cache).fit(teacher, loader)
+            for layout in (False, True, "auto")}
+    assert [runs[k].channels_last for k in (False, True, "auto")] == [False, True, True]
+    assert runs[True].history[0]["loss"] == pytest.approx(runs[False].history[0]["loss"],
+                                                          rel=1e-5)
+    assert runs[True].history[1]["loss"] == runs["auto"].history[1]["loss"]
+    if cache:  # epoch 2 read the channels-last rows back
+        assert runs[True].cache["hits"] == 32
+    for run in runs.values():
+        assert all(p.is_contiguous() for p in run.model.parameters())
+    assert_same(before, snapshot(teacher))
+    assert all(p.is_contiguous() for p in teacher.parameters())
+
+
+def test_channels_last_auto_falls_back_for_a_model_that_cannot_run_it(small):
+    _, x, y = small
+    torch.manual_seed(0)
+    teacher = FlattensWithView().eval()
+    with pytest.raises(RuntimeError):  # the premise: this forward fails channels-last
+        teacher.to(memory_format=torch.channels_last)(
+            x.contiguous(memory_format=torch.channels_last))
+    teacher.to(memory_format=torch.contiguous_format)
+    run = Medic(**FAST).fit(teacher, [(x, y)])
+    assert not run.channels_last and len(run.history) == 1
+    with pytest.raises(ValueError, match="channels_last=True.*channels-last layout"):
+        Medic(**FAST, channels_last=True).fit(teacher, [(x, y)])
+    with pytest.raises(ValueError, match="channels_last must be"):
+        Medic(**FAST, channels_last="yes")
