@@ -17,10 +17,12 @@ Models: ``digits_cnn``, ``vgg_small`` and ``preact_resnet18`` at width 16 (the D
 architecture with a quarter of its channels: 976 BN channels).
 
 Each defense gets its data as a user would give it: MEDIC the clean set with labels, BCU the
-clean images without labels, fine-tuning the clean set, DDE the poisoned training images (and,
-for ``u="auto"``, the labelled clean set to validate on), MBNS the labelled clean set (its
-statistics ignore the labels; ``u="auto"`` validates on the held-out half of each batch
-against them); batches of 64 for training, 256 for statistics. A *setting* is a named set of options (``SETTINGS``);
+clean images without labels (the ``images2000``/``images5000`` settings: that many, the clean
+images plus spare Fashion-MNIST training images, see ``unlabeled_images``), fine-tuning the
+clean set, DDE the poisoned training images (and, for ``u="auto"``, the labelled clean set to
+validate on), MBNS the labelled clean set (its statistics ignore the labels; ``u="auto"``
+validates on the held-out half of each batch against them); batches of 64 for training, 256
+for statistics. A *setting* is a named set of options (``SETTINGS``);
 ``default`` is whatever the library's signature says, resolved to explicit values when the row
 is written, so a later change of a default shows as a different row.
 
@@ -67,6 +69,8 @@ ARCHS = ("digits_cnn", "preact_resnet18", "vgg_small")
 ATTACKS = ("badnets", "blended", "wanet", "sig")
 DEFENSES = ("none", "finetune", "medic", "bcu", "dde", "mbns")
 
+# A setting's lab-side option, not the defense's: how many unlabeled images BCU gets.
+UNLABELED = "unlabeled_images"
 # Named option sets per defense. "default" is the library's own; the others are the papers'
 # values and the candidates the defaults were chosen from (docs/medic.md, docs/bcu.md,
 # docs/pruning.md).
@@ -75,6 +79,8 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "finetune": {"default": {"epochs": 20, "lr": 0.01}},
     "medic": {"default": {}, "paper": {"lam": 10.0, "tau": 5.0},
               "lam1-tau10": {"lam": 1.0, "tau": 10.0}, "lam3-tau10": {"lam": 3.0, "tau": 10.0},
+              "lam3-tau20": {"lam": 3.0, "tau": 20.0}, "lam10-tau20": {"lam": 10.0, "tau": 20.0},
+              "lam1-tau20": {"lam": 1.0, "tau": 20.0}, "lam3-tau40": {"lam": 3.0, "tau": 40.0},
               "augment": {"augment": True}, "crop": {"augment": "crop"}},
     "bcu": {"default": {},
             "paper": {"lr": 0.01, "epochs": 100, "init": "reset", "ratio_scale": 1.0},
@@ -83,7 +89,10 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
             "kaiming-lr0.05": {"lr": 0.05, "epochs": 100, "init": "kaiming", "ratio_scale": 1.0},
             "augment": {"augment": True, "ratio_scale": 1.0},
             "crop": {"augment": "crop", "ratio_scale": 1.0},
-            "x2": {"ratio_scale": 2.0}},
+            "x2": {"ratio_scale": 2.0},
+            # The paper's BCU had 2,500-5,000 unlabeled images (its Fig. 4: more images, lower
+            # ASR); these give it more of Fashion-MNIST's spare images (unlabeled_images()).
+            "images2000": {UNLABELED: 2000}, "images5000": {UNLABELED: 5000}},
     "dde": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
     "mbns": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
 }
@@ -100,19 +109,33 @@ def source_hash(paths: Iterable[str]) -> str:
     return digest.hexdigest()[:12]
 
 
+def _fmnist_16(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, size=(16, 16), mode="area").clamp_(0, 1)
+
+
 def load_data(name: str) -> LabData:
     if name == "digits":
         return load_digits()
     if name == "fmnist":
         full = load_fashion_mnist(train_size=2000, clean_size=500, test_size=1000, seed=0)
-
-        def small(split):
-            x, y = split
-            return F.interpolate(x, size=(16, 16), mode="area").clamp_(0, 1), y
-
-        return LabData(train=small(full.train), clean=small(full.clean), test=small(full.test),
-                       num_classes=10, size=16)
+        return LabData(train=(_fmnist_16(full.train[0]), full.train[1]),
+                       clean=(_fmnist_16(full.clean[0]), full.clean[1]),
+                       test=(_fmnist_16(full.test[0]), full.test[1]), num_classes=10, size=16)
     raise ValueError(f"unknown data set {name!r}; choose from {list(DATA)}")
+
+
+def unlabeled_images(data: LabData, count: int) -> torch.Tensor:
+    """``count`` unlabeled in-distribution images for BCU: the clean split's images first, then
+    Fashion-MNIST training images in neither the clean split nor the attacker's 2,000, in a
+    fixed random order. The digits have no spare images."""
+    if data.size != 16 or len(data.clean[0]) != 500 or count < 500:
+        raise ValueError("unlabeled_images: only the fmnist lab, and at least its 500 clean images")
+    rest = load_fashion_mnist(train_size=None, clean_size=500, seed=0).train[0]
+    rest = _fmnist_16(rest)
+    taken = {bytes(x.numpy().tobytes()) for x in data.train[0]}
+    spare = torch.stack([x for x in rest if bytes(x.numpy().tobytes()) not in taken])
+    order = torch.randperm(len(spare), generator=torch.Generator().manual_seed(0))
+    return torch.cat([data.clean[0], spare[order[:count - 500]]])
 
 
 def build_model(arch: str, num_classes: int, in_channels: int) -> nn.Module:
@@ -172,7 +195,10 @@ def run_defense(defense: str, options: Dict[str, Any], teacher: nn.Module, data:
         loader = tensor_loader(x_clean, y_clean, batch_size=64, shuffle=True, seed=seed)
         return bdfast.medic_clone(teacher, loader, seed=seed, progress=False, **options)
     if defense == "bcu":
-        loader = tensor_loader(x_clean, batch_size=64, shuffle=True, seed=seed)
+        options = dict(options)
+        count = options.pop(UNLABELED, None)
+        x_unlabeled = x_clean if count is None else unlabeled_images(data, count)
+        loader = tensor_loader(x_unlabeled, batch_size=64, shuffle=True, seed=seed)
         return bdfast.bcu_cleanse(teacher, loader, seed=seed, progress=False, **options)
     if defense == "dde":
         extra = {}
