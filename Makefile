@@ -53,10 +53,12 @@ bench: venv
 	$(BIN)/python benchmarks/summarize.py benchmarks/results/latest.json
 
 # Whole MEDIC runs (statistics + 60 epochs) against the released code's loop, with ACC / ASR:
-# 13 minutes on 2 cores. See benchmarks/bench_medic_run.py; writes results/medic_run.json.
+# every variant twice, in turn: 23 minutes on 2 cores. See benchmarks/bench_medic_run.py;
+# writes results/medic_run.json.
 bench-run: venv
 	mkdir -p benchmarks/results
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/bench_medic_run.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/bench_medic_run.py --repeat 2 \
+		--variants released,nocache,cache,cache-nchw,released+aug,aug
 
 demo: venv
 	$(BIN)/bdfast demo
