@@ -92,7 +92,8 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
             "x2": {"ratio_scale": 2.0},
             # The paper's BCU had 2,500-5,000 unlabeled images (its Fig. 4: more images, lower
             # ASR); these give it more of Fashion-MNIST's spare images (unlabeled_images()).
-            "images2000": {UNLABELED: 2000}, "images5000": {UNLABELED: 5000}},
+            "images2000": {UNLABELED: 2000}, "images5000": {UNLABELED: 5000},
+            "T1": {"temperature": 1.0}},
     "dde": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
     "mbns": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
 }
