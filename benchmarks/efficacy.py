@@ -17,7 +17,7 @@ Models: ``digits_cnn``, ``vgg_small`` and ``preact_resnet18`` at width 16 (the D
 architecture with a quarter of its channels: 976 BN channels).
 
 Each defense gets its data as a user would give it: MEDIC the clean set with labels, BCU the
-clean images without labels (the ``images2000``/``images5000`` settings: that many, the clean
+clean images without labels (the ``images2000`` setting: 2,000, the 500 clean
 images plus spare Fashion-MNIST training images, see ``unlabeled_images``), fine-tuning the
 clean set, DDE the poisoned training images (and, for ``u="auto"``, the labelled clean set to
 validate on), MBNS the labelled clean set (its statistics ignore the labels; ``u="auto"``
@@ -92,7 +92,7 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
             "x2": {"ratio_scale": 2.0},
             # The paper's BCU had 2,500-5,000 unlabeled images (its Fig. 4: more images, lower
             # ASR); these give it more of Fashion-MNIST's spare images (unlabeled_images()).
-            "images2000": {UNLABELED: 2000}, "images5000": {UNLABELED: 5000},
+            "images2000": {UNLABELED: 2000},
             "T1": {"temperature": 1.0}},
     "dde": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
     "mbns": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
