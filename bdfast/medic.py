@@ -91,19 +91,18 @@ class MedicConfig:
                             f"{type(self.eval_fn).__name__}")
         resolve_amp(self.amp, torch.device("cpu"))  # validates the value
         resolve_augment(self.augment)
-        if not (self.cache_teacher == "auto" and isinstance(self.cache_teacher, str)
-                or isinstance(self.cache_teacher, bool)):
-            raise ValueError(f"cache_teacher must be 'auto', True or False, got "
-                             f"{self.cache_teacher!r}")
+        _check_auto_or_bool(self.cache_teacher, "cache_teacher")
         if self.cache_teacher is True and resolve_augment(self.augment) is not None:
             raise ValueError("cache_teacher=True cannot be combined with augment=: the teacher "
                              "sees new images every epoch, so there is nothing to reuse")
         check_number(self.cache_budget, "cache_budget", integer=True, allow_none=True)
         resolve_cache_dtype(self.cache_dtype)
-        if not (self.channels_last == "auto" and isinstance(self.channels_last, str)
-                or isinstance(self.channels_last, bool)):
-            raise ValueError(f"channels_last must be 'auto', True or False, got "
-                             f"{self.channels_last!r}")
+        _check_auto_or_bool(self.channels_last, "channels_last")
+
+
+def _check_auto_or_bool(value: Any, name: str) -> None:
+    if not (isinstance(value, str) and value == "auto" or isinstance(value, bool)):
+        raise ValueError(f"{name} must be 'auto', True or False, got {value!r}")
 
 
 @dataclass
@@ -424,7 +423,8 @@ def _memory_format(spec: Union[str, bool], t_model: nn.Module, s_model: nn.Modul
     x, _ = next(iter_batches(loader))
     if x.dim() != 4:
         if spec is True:
-            raise ValueError(f"channels_last=True needs 4-D image batches, got shape {list(x.shape)}")
+            raise ValueError("channels_last=True needs 4-D image batches, got shape "
+                             f"{list(x.shape)}")
         return torch.contiguous_format
     s_model.to(memory_format=torch.channels_last)
     try:

@@ -19,8 +19,9 @@ step then computes the teacher as without the cache (``"auto"``: one warning, th
 dropped) or raises (``True``).
 
 Shapes: per hooked layer l the table holds ``t[l], g[l]`` as ``[N, C_l, *spatial_l]`` rows in
-``dtype`` (float32 or a 16-bit type; ``[N, H, W, C_l]`` when the outputs are channels-last), with ``keys [N]`` (int64, sorted), ``check [N]`` (int64)
-and ``labels [N]`` (int64). See docs/medic.md for the memory per image.
+``dtype`` (float32 or a 16-bit type; ``[N, H, W, C_l]`` when the outputs are channels-last),
+with ``keys [N]`` (int64, sorted), ``check [N]`` (int64) and ``labels [N]`` (int64). See
+docs/medic.md for the memory per image.
 """
 from __future__ import annotations
 

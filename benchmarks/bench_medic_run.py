@@ -168,14 +168,11 @@ def run_variant(case_data, variant: str, epochs: int):
 
 def fastest(rows):
     """One row per (case, variant): its fastest run, with every run's ``all_seconds``."""
-    best = {}
+    runs = {}
     for row in rows:
-        key = (row["case"], row["variant"])
-        seconds = best.get(key, {}).get("all_seconds", []) + [row["seconds"]]
-        if key not in best or row["seconds"] < best[key]["seconds"]:
-            best[key] = dict(row)
-        best[key]["all_seconds"] = seconds
-    return list(best.values())
+        runs.setdefault((row["case"], row["variant"]), []).append(row)
+    return [dict(min(group, key=lambda r: r["seconds"]),
+                 all_seconds=[r["seconds"] for r in group]) for group in runs.values()]
 
 
 def table(rows) -> str:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -125,18 +126,24 @@ def load_data(name: str) -> LabData:
     raise ValueError(f"unknown data set {name!r}; choose from {list(DATA)}")
 
 
-def unlabeled_images(data: LabData, count: int) -> torch.Tensor:
+def unlabeled_images(data_name: str, data: LabData, count: int) -> torch.Tensor:
     """``count`` unlabeled in-distribution images for BCU: the clean split's images first, then
     Fashion-MNIST training images in neither the clean split nor the attacker's 2,000, in a
     fixed random order. The digits have no spare images."""
-    if data.size != 16 or len(data.clean[0]) != 500 or count < 500:
-        raise ValueError("unlabeled_images: only the fmnist lab, and at least its 500 clean images")
-    rest = load_fashion_mnist(train_size=None, clean_size=500, seed=0).train[0]
-    rest = _fmnist_16(rest)
-    taken = {bytes(x.numpy().tobytes()) for x in data.train[0]}
-    spare = torch.stack([x for x in rest if bytes(x.numpy().tobytes()) not in taken])
-    order = torch.randperm(len(spare), generator=torch.Generator().manual_seed(0))
-    return torch.cat([data.clean[0], spare[order[:count - 500]]])
+    clean = data.clean[0]
+    if data_name != "fmnist" or count < len(clean):
+        raise ValueError(f"unlabeled_images: only the fmnist lab, and at least its {len(clean)} "
+                         f"clean images (got {data_name!r}, {count})")
+    return torch.cat([clean, _fmnist_spare()[:count - len(clean)]])
+
+
+@functools.lru_cache(maxsize=1)
+def _fmnist_spare() -> torch.Tensor:
+    """The fmnist lab's unused training images, shuffled; read once per process."""
+    taken = {x.numpy().tobytes() for x in load_data("fmnist").train[0]}
+    rest = _fmnist_16(load_fashion_mnist(train_size=None, clean_size=500, seed=0).train[0])
+    spare = torch.stack([x for x in rest if x.numpy().tobytes() not in taken])
+    return spare[torch.randperm(len(spare), generator=torch.Generator().manual_seed(0))]
 
 
 def build_model(arch: str, num_classes: int, in_channels: int) -> nn.Module:
@@ -183,8 +190,8 @@ def resolved_options(defense: str, setting: str) -> Dict[str, Any]:
     return options
 
 
-def run_defense(defense: str, options: Dict[str, Any], teacher: nn.Module, data: LabData,
-                x_poisoned: torch.Tensor, seed: int) -> nn.Module:
+def run_defense(defense: str, options: Dict[str, Any], teacher: nn.Module, data_name: str,
+                data: LabData, x_poisoned: torch.Tensor, seed: int) -> nn.Module:
     """The defended model, given the data a user of that defense has."""
     x_clean, y_clean = data.clean
     if defense == "none":
@@ -198,7 +205,7 @@ def run_defense(defense: str, options: Dict[str, Any], teacher: nn.Module, data:
     if defense == "bcu":
         options = dict(options)
         count = options.pop(UNLABELED, None)
-        x_unlabeled = x_clean if count is None else unlabeled_images(data, count)
+        x_unlabeled = x_clean if count is None else unlabeled_images(data_name, data, count)
         loader = tensor_loader(x_unlabeled, batch_size=64, shuffle=True, seed=seed)
         return bdfast.bcu_cleanse(teacher, loader, seed=seed, progress=False, **options)
     if defense == "dde":
@@ -257,8 +264,8 @@ def run(args: argparse.Namespace) -> None:
                     before = evaluate(teacher, *data.test, attack=attack)
                     for row in todo:
                         start = time.perf_counter()
-                        model = run_defense(row["defense"], row["options"], teacher, data,
-                                            x_poisoned, seed)
+                        model = run_defense(row["defense"], row["options"], teacher, data_name,
+                                            data, x_poisoned, seed)
                         seconds = time.perf_counter() - start
                         after = evaluate(model, *data.test, attack=attack)
                         row.update(acc_before=before["acc"], asr_before=before["asr"],
