@@ -94,7 +94,10 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
             # The paper's BCU had 2,500-5,000 unlabeled images (its Fig. 4: more images, lower
             # ASR); these give it more of Fashion-MNIST's spare images (unlabeled_images()).
             "images2000": {UNLABELED: 2000},
-            "T1": {"temperature": 1.0}},
+            "T1": {"temperature": 1.0},
+            # Every conv/linear weight replaced: how low distillation alone takes ASR, whatever
+            # the ratios (docs/bcu.md, "a floor").
+            "fresh": {"ratios": "uniform:1.0", "ratio_scale": 1.0}},
     "dde": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
     "mbns": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
 }
