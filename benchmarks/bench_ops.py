@@ -93,6 +93,8 @@ def bench_medic_clone_loss(benchmark, device, sync, copy_bandwidth, case, varian
     _tag(benchmark, "medic_clone_loss", f"{case} B={batch}", device, variant,
          layers=len(shapes), elements_per_tensor=elements, bytes_moved=traffic)
     benchmark(step)
+    if benchmark.stats is None:  # --benchmark-disable: step ran once, untimed
+        return
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(achieved_GBps=traffic / median / 1e9,
                                 copy_GBps=copy_bandwidth / 1e9,
