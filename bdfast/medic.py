@@ -154,8 +154,12 @@ class Medic:
         names = select_layers(t_model, cfg.layers)
         s_model = _student(teacher if student is None else student, names, fresh=student is None)
         s_model.to(device)
-        t_clone, s_clone = _overwritten_layers(t_model, s_model, names, loader, device)
-        layout = _memory_format(cfg.channels_last, t_model, s_model, loader, device)
+        # Read once: each new iteration of a shuffling loader draws a new order.
+        x_first, _ = next(iter_batches(loader))
+        check_batch(0, x_first)
+        x_first = x_first.to(device)
+        t_clone, s_clone = _overwritten_layers(t_model, s_model, names, x_first)
+        layout = _memory_format(cfg.channels_last, t_model, s_model, x_first)
         timings = {"prepare": time.perf_counter() - clock}
 
         # 2. teacher statistics (mu, sigma per hooked channel), validating every batch on the way.
@@ -411,16 +415,16 @@ def _teacher_cache(cfg: MedicConfig, loader: Iterable,
 
 
 def _memory_format(spec: Union[str, bool], t_model: nn.Module, s_model: nn.Module,
-                   loader: Iterable, device: torch.device) -> torch.memory_format:
+                   x: Tensor) -> torch.memory_format:
     """The layout to train in, with both models converted to it (see ``channels_last``).
 
-    The student's forward is tried on the first batch in channels-last (eval mode, no
-    gradient); if it raises, "auto" keeps the contiguous layout and True is a ValueError.
+    The student's forward is tried on the first batch ``x`` (on the models' device) in
+    channels-last (eval mode, no gradient); if it raises, "auto" keeps the contiguous layout and
+    True is a ValueError.
     """
     has_conv = any(isinstance(m, nn.Conv2d) for m in s_model.modules())
-    if spec is False or (spec == "auto" and (device.type != "cpu" or not has_conv)):
+    if spec is False or (spec == "auto" and (x.device.type != "cpu" or not has_conv)):
         return torch.contiguous_format
-    x, _ = next(iter_batches(loader))
     if x.dim() != 4:
         if spec is True:
             raise ValueError("channels_last=True needs 4-D image batches, got shape "
@@ -429,7 +433,7 @@ def _memory_format(spec: Union[str, bool], t_model: nn.Module, s_model: nn.Modul
     s_model.to(memory_format=torch.channels_last)
     try:
         with torch.no_grad(), eval_mode(s_model):
-            s_model(x.to(device).contiguous(memory_format=torch.channels_last))
+            s_model(x.contiguous(memory_format=torch.channels_last))
     except Exception as error:  # e.g. a .view of a feature map
         s_model.to(memory_format=torch.contiguous_format)
         if spec is True:
@@ -441,15 +445,12 @@ def _memory_format(spec: Union[str, bool], t_model: nn.Module, s_model: nn.Modul
 
 
 def _overwritten_layers(t_model: nn.Module, s_model: nn.Module, names: Sequence[str],
-                        loader: Iterable, device: torch.device) -> Tuple[Set[str], Set[str]]:
+                        x: Tensor) -> Tuple[Set[str], Set[str]]:
     """Hooked layers whose outputs a functional in-place op overwrites, in teacher and student.
 
-    Found with the tensors' version counters on the first batch (the student in eval mode, so
-    that its BatchNorm statistics do not move); warns once if there are any.
+    Found with the tensors' version counters on the first batch ``x`` (the student in eval mode,
+    so that its BatchNorm statistics do not move); warns once if there are any.
     """
-    x, _ = next(iter_batches(loader))
-    check_batch(0, x)
-    x = x.to(device)
     s_model.eval()
     # The first forward of each model: images it cannot take fail here, in one sentence.
     with model_input_errors(t_model, x):

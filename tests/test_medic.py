@@ -232,3 +232,24 @@ def test_channels_last_auto_falls_back_for_a_model_that_cannot_run_it(small):
         Medic(**FAST, channels_last=True).fit(teacher, [(x, y)])
     with pytest.raises(ValueError, match="channels_last must be"):
         Medic(**FAST, channels_last="yes")
+
+
+class CountsPasses:
+    """A re-iterable loader that counts how often an iteration starts."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("layout", [False, "auto"])
+def test_one_pass_for_the_first_batch_one_for_statistics_one_per_epoch(small, layout):
+    # Each pass of a shuffling loader draws a new order, so an extra pass would shift every
+    # epoch's batches.
+    teacher, x, y = small
+    loader = CountsPasses([(x[:16], y[:16]), (x[16:32], y[16:32])])
+    Medic(**dict(FAST, epochs=3), channels_last=layout, cache_teacher=False).fit(teacher, loader)
+    assert loader.passes == 1 + 1 + 3
