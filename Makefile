@@ -53,7 +53,7 @@ bench: venv
 	$(BIN)/python benchmarks/summarize.py benchmarks/results/latest.json
 
 # Whole MEDIC runs (statistics + 60 epochs) against the released code's loop, with ACC / ASR:
-# every variant twice, in turn: 23 minutes on 2 cores. See benchmarks/bench_medic_run.py;
+# every variant twice, in turn: 18 to 23 minutes on 2 cores. See benchmarks/bench_medic_run.py;
 # writes results/medic_run.json.
 bench-run: venv
 	mkdir -p benchmarks/results
