@@ -93,12 +93,10 @@ class Case:
             return before, before
         options = dict(self.options, progress=False)
         if self.defense == "medic":
-            loader = tensor_loader(*digits.clean, batch_size=64,
-                                   shuffle=True, seed=seed)
+            loader = tensor_loader(*digits.clean, batch_size=64, shuffle=True, seed=seed)
             model = medic_clone(teacher, loader, seed=seed, **options)
         elif self.defense == "bcu":
-            loader = tensor_loader(digits.clean[0], batch_size=64,
-                                   shuffle=True, seed=seed)
+            loader = tensor_loader(digits.clean[0], batch_size=64, shuffle=True, seed=seed)
             model = bcu_cleanse(teacher, loader, seed=seed, **options)
         elif self.defense == "dde":
             # DDE reads the attacker's poisoned training set, as in the paper.
