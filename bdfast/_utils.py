@@ -102,6 +102,13 @@ def check_pixel_range(x: Tensor, what: str = "x") -> None:
                          "pixel values, but images must be scaled to [0, 1] (divide by 255)")
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is a 4-D tensor laid out channels-last, and not also contiguous (as a
+    tensor with 1x1 maps or one channel is, which either layout describes)."""
+    return (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
 def channels_last_hint(shape: Sequence[int]) -> str:
     """A hint to transpose when a 4-D image shape looks like [N, H, W, C]; else ""."""
     if len(shape) == 4 and shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4):

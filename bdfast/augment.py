@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bdfast._utils import is_channels_last
+
 __all__ = ["AUGMENTS", "AugmentSpec", "RandomCrop", "resolve_augment"]
 
 # ``augment=True`` means the papers' recipe; "crop" leaves out the flip, for images such as
@@ -80,10 +82,6 @@ class RandomCrop:
         index = torch.arange(n)[:, None, None]
         rows, columns, index = (t.to(x.device) for t in (rows, columns, index))
         out = padded[index, rows[:, :, None], columns[:, None, :]]  # [B, H, W, C]
-        return out.permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(x))
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """Keep a channels-last batch channels-last."""
-    return (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
-            and not x.is_contiguous() else torch.contiguous_format)
+        # Keep a channels-last batch channels-last.
+        layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+        return out.permute(0, 3, 1, 2).contiguous(memory_format=layout)

@@ -32,6 +32,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from bdfast._utils import is_channels_last
+
 __all__ = ["CACHE_MODES", "CACHE_DTYPES", "TeacherCache", "fingerprints", "default_budget",
            "resolve_cache_dtype"]
 
@@ -106,12 +108,6 @@ def resolve_cache_dtype(dtype) -> Optional[torch.dtype]:
                      f"torch.float16 (or their names), got {dtype!r}")
 
 
-def _channels_last(v: Tensor) -> bool:
-    """Whether ``v`` is 4-D channels-last and not also contiguous (as 1x1 maps are)."""
-    return (v.dim() == 4 and not v.is_contiguous()
-            and v.is_contiguous(memory_format=torch.channels_last))
-
-
 class TeacherCache:
     """The table of one run; :class:`bdfast.medic.MedicStep` drives it.
 
@@ -165,7 +161,7 @@ class TeacherCache:
             self._shape, self._layers = x.shape[1:], len(t)
             self._out_dtypes = [v.dtype for v in (*t, *g)]
             self._numels = [v[0].numel() for v in (*t, *g)]
-            self._nhwc = [_channels_last(v) for v in (*t, *g)]
+            self._nhwc = [is_channels_last(v) for v in (*t, *g)]
             self.bytes_per_image = self._row_bytes()
             if self.batches is not None:
                 if self.dtype is None and self.batches * len(x) * self.bytes_per_image > self.budget:
