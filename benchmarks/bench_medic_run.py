@@ -29,7 +29,7 @@ Variants (every one from the same teacher, data, epochs and seed):
 
 bdfast runs with ``reference_compat=True`` (signed z and q, g from the batch-mean CE) so that it
 computes the same loss as the released loop and the two must reach the same ACC / ASR; the
-option does not change the cost. tau and lam are the library's defaults (10 and 3).
+option does not change the cost. tau and lam are the library's defaults (20 and 3).
 ``--repeat N`` runs the whole list of variants N times in turn, so that a slow spell of a noisy
 machine hits every variant alike; the table reports each variant's fastest run and the ratios of
 the fastest runs. Writes ``benchmarks/results/medic_run.json`` (``--out``, every run) and prints
