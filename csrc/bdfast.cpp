@@ -36,23 +36,8 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(bdfast, m) {
-  m.def("medic_clone_loss(Tensor[] t, Tensor[] s, Tensor[] g, Tensor[] mu, Tensor[] sigma, "
-        "float tau, float eps, bool signed_scores) -> (Tensor loss, Tensor row_stats)");
-  m.def("medic_clone_loss_backward(Tensor grad_loss, Tensor[] t, Tensor[] s, Tensor[] g, "
-        "Tensor[] mu, Tensor[] sigma, Tensor row_stats, float tau, float eps, "
-        "bool signed_scores) -> Tensor[]");
-  m.def("histogram_entropy(Tensor x, Tensor offsets, float step, bool reference_compat) -> Tensor");
-  m.def("gaussian_kl(Tensor mu_p, Tensor var_p, Tensor mu_q, Tensor var_q, float eps) -> Tensor");
-  m.def("layer_outliers(Tensor scores, Tensor offsets, float u, bool high) "
-        "-> (Tensor mask, Tensor thresholds)");
+  for (const char* schema : bdfast::kOpSchemas) m.def(schema);
 }
-
-#define BDFAST_IMPL_ALL(ns)                                            \
-  m.impl("medic_clone_loss", &ns::medic_clone_loss);                   \
-  m.impl("medic_clone_loss_backward", &ns::medic_clone_loss_backward); \
-  m.impl("histogram_entropy", &ns::histogram_entropy);                 \
-  m.impl("gaussian_kl", &ns::gaussian_kl);                             \
-  m.impl("layer_outliers", &ns::layer_outliers);
 
 TORCH_LIBRARY_IMPL(bdfast, CPU, m) { BDFAST_IMPL_ALL(bdfast::cpu) }
 

@@ -12,6 +12,28 @@
 
 namespace bdfast {
 
+// The schemas of the torch.ops.bdfast operators (registered in csrc/bdfast.cpp; the tests' CPU
+// emulation of the CUDA kernels registers the same ones as torch.ops.bdfast_emu).
+inline constexpr const char* kOpSchemas[] = {
+    "medic_clone_loss(Tensor[] t, Tensor[] s, Tensor[] g, Tensor[] mu, Tensor[] sigma, "
+    "float tau, float eps, bool signed_scores) -> (Tensor loss, Tensor row_stats)",
+    "medic_clone_loss_backward(Tensor grad_loss, Tensor[] t, Tensor[] s, Tensor[] g, "
+    "Tensor[] mu, Tensor[] sigma, Tensor row_stats, float tau, float eps, "
+    "bool signed_scores) -> Tensor[]",
+    "histogram_entropy(Tensor x, Tensor offsets, float step, bool reference_compat) -> Tensor",
+    "gaussian_kl(Tensor mu_p, Tensor var_p, Tensor mu_q, Tensor var_q, float eps) -> Tensor",
+    "layer_outliers(Tensor scores, Tensor offsets, float u, bool high) "
+    "-> (Tensor mask, Tensor thresholds)",
+};
+
+// Binds every op's kernel in namespace `ns` inside a TORCH_LIBRARY_IMPL block (library `m`).
+#define BDFAST_IMPL_ALL(ns)                                            \
+  m.impl("medic_clone_loss", &ns::medic_clone_loss);                   \
+  m.impl("medic_clone_loss_backward", &ns::medic_clone_loss_backward); \
+  m.impl("histogram_entropy", &ns::histogram_entropy);                 \
+  m.impl("gaussian_kl", &ns::gaussian_kl);                             \
+  m.impl("layer_outliers", &ns::layer_outliers);
+
 // medic_clone_loss returns (loss, row_stats): row_stats [R, 4] float32 holds, for every
 // (layer, sample) row in layer-major order, the row's loss, max(tau*z), max(tau*q) and
 // log of the normaliser of w = sqrt(a * p), so that the backward rebuilds w with one exp.

@@ -11,6 +11,17 @@
 
 #include "cuda/launchers.h"
 
+// A kernel launch and a block's dynamic shared memory, the two things the kernels spell as
+// macros: C++ has no spelling for them, so the tests' CPU emulation of these kernels
+// (tests/cuda_emu) defines its own forms before this header is read.
+//   BDFAST_LAUNCH(kernel, grid, block, shared_bytes, stream)(args...);
+//   BDFAST_DYNAMIC_SHARED(type, name);  // type* name, the launch's shared_bytes
+#ifndef BDFAST_LAUNCH
+#define BDFAST_LAUNCH(kernel, grid, block, shared_bytes, stream) \
+  kernel<<<(grid), (block), (shared_bytes), (stream)>>>
+#define BDFAST_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 namespace bdfast::cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;

@@ -38,8 +38,8 @@ cudaError_t launch_gaussian_kl(const GaussianKlArgs& a, cudaStream_t stream) {
   // Enough blocks to fill any current GPU; the grid-stride loop covers the rest.
   const auto blocks =
       static_cast<unsigned>(std::min<int64_t>((a.k + kThreads - 1) / kThreads, 4096));
-  if (a.in_double) gaussian_kl_kernel<double><<<blocks, kThreads, 0, stream>>>(a);
-  else gaussian_kl_kernel<float><<<blocks, kThreads, 0, stream>>>(a);
+  if (a.in_double) BDFAST_LAUNCH(gaussian_kl_kernel<double>, blocks, kThreads, 0, stream)(a);
+  else BDFAST_LAUNCH(gaussian_kl_kernel<float>, blocks, kThreads, 0, stream)(a);
   return cudaGetLastError();
 }
 

@@ -109,7 +109,7 @@ __device__ double count_bins(const HistogramArgs& a, int64_t col, int64_t lo, Bi
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     own_grid_kernel(const __grid_constant__ HistogramArgs a) {
-  extern __shared__ int hist[];
+  BDFAST_DYNAMIC_SHARED(int, hist);
   __shared__ Scratch scratch;
   const int64_t col = blockIdx.x;
   const Moments m = column_moments<T>(a, col, scratch);
@@ -181,7 +181,7 @@ struct LayerGrid {
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     layer_grid_kernel(const __grid_constant__ HistogramArgs a) {
-  extern __shared__ int hist[];
+  BDFAST_DYNAMIC_SHARED(int, hist);
   __shared__ Scratch scratch;
   const int64_t col = blockIdx.x;
   const float4 stats = a.column_stats[col];
@@ -233,7 +233,7 @@ cudaError_t launch_histogram_own_grid(const HistogramArgs& a, cudaStream_t strea
   const size_t smem = a.window * sizeof(int);
   return dispatch(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    own_grid_kernel<T><<<static_cast<unsigned>(a.k), kThreads, smem, stream>>>(a);
+    BDFAST_LAUNCH(own_grid_kernel<T>, static_cast<unsigned>(a.k), kThreads, smem, stream)(a);
   });
 }
 
@@ -242,13 +242,13 @@ cudaError_t launch_histogram_layer_grid(const HistogramArgs& a, cudaStream_t str
   if (err != cudaSuccess) return err;
   err = dispatch(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    layer_moments_kernel<T><<<static_cast<unsigned>(a.k), kThreads, 0, stream>>>(a);
+    BDFAST_LAUNCH(layer_moments_kernel<T>, static_cast<unsigned>(a.k), kThreads, 0, stream)(a);
   });
   if (err != cudaSuccess) return err;
   const size_t smem = a.window * sizeof(int);
   return dispatch(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    layer_grid_kernel<T><<<static_cast<unsigned>(a.k), kThreads, smem, stream>>>(a);
+    BDFAST_LAUNCH(layer_grid_kernel<T>, static_cast<unsigned>(a.k), kThreads, smem, stream)(a);
   });
 }
 

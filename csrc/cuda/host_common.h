@@ -19,6 +19,15 @@
 
 namespace bdfast::cuda {
 
+// The device of the tensors the kernels read: a GPU, or the CPU where the tests build these
+// files for their CPU emulation of the kernels (tests/cuda_emu, whose <cuda_runtime_api.h>
+// defines BDFAST_CUDA_EMULATION).
+#ifdef BDFAST_CUDA_EMULATION
+constexpr c10::DeviceType kKernelDeviceType = c10::DeviceType::CPU;
+#else
+constexpr c10::DeviceType kKernelDeviceType = c10::DeviceType::CUDA;
+#endif
+
 // The kernels index with int32 where this bound allows it.
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 

@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads) layer_outliers_kernel(const LayerOut
 }  // namespace
 
 cudaError_t launch_layer_outliers(const LayerOutliersArgs& a, cudaStream_t stream) {
-  layer_outliers_kernel<<<static_cast<unsigned>(a.num_layers), kThreads, 0, stream>>>(a);
+  BDFAST_LAUNCH(layer_outliers_kernel, static_cast<unsigned>(a.num_layers), kThreads, 0, stream)(a);
   return cudaGetLastError();
 }
 

@@ -386,12 +386,12 @@ cudaError_t launch_medic_forward(const MedicLaunch& launch, int32_t tiles, bool 
                                             stream);
     if (err != cudaSuccess) return err;
   }
-  medic_forward_kernel<<<tiles, kThreads, 0, stream>>>(launch);
+  BDFAST_LAUNCH(medic_forward_kernel, tiles, kThreads, 0, stream)(launch);
   return cudaGetLastError();
 }
 
 cudaError_t launch_medic_backward(const MedicLaunch& launch, int32_t tiles, cudaStream_t stream) {
-  medic_backward_kernel<<<tiles, kThreads, 0, stream>>>(launch);
+  BDFAST_LAUNCH(medic_backward_kernel, tiles, kThreads, 0, stream)(launch);
   return cudaGetLastError();
 }
 

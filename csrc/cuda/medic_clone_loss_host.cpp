@@ -37,7 +37,8 @@ MedicCall describe(at::TensorList t, at::TensorList s, at::TensorList g, at::Ten
                    at::TensorList sigma, const std::vector<at::Tensor>* grads) {
   check_medic_lists(t, s, g, mu, sigma);
   const at::Device device = t[0].device();
-  TORCH_CHECK(device.is_cuda(), "medic_clone_loss: t[0] must be a CUDA tensor for the CUDA kernel");
+  TORCH_CHECK(device.type() == kKernelDeviceType,
+              "medic_clone_loss: t[0] must be a CUDA tensor for the CUDA kernel");
   MedicCall call;
   call.layers.resize(t.size());
   for (size_t l = 0; l < t.size(); ++l) {
