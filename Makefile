@@ -8,9 +8,12 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
+# A literal comma, for arguments of $(call ...).
+, := ,
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: venv data build cuda-build test test-gpu bench bench-run demo margin efficacy ctest clean
+.PHONY: venv data build cuda-build cuda-emu test test-gpu sanitize-cuda coverage-cuda bench bench-run \
+	demo margin efficacy ctest clean
 
 venv: $(VENV)/.installed
 
@@ -41,8 +44,41 @@ cuda-build: venv
 	$(BIN)/python setup.py build_ext --inplace
 	$(BIN)/python -c "import bdfast; info = bdfast.backend_info(); assert info['native_cuda'], info['why']; print('CUDA kernels compiled:', info['native_cuda'])"
 
-test: venv
+# csrc/cuda (host code and kernels) compiled as C++ for the tests' CPU execution layer
+# (tests/cuda_emu): no GPU or nvcc needed. `make test` runs every CUDA op test on it.
+TORCH_CMAKE_PREFIX = $$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')
+EMU_TESTS := tests/test_ops_medic.py tests/test_ops_histogram.py tests/test_ops_kl_outliers.py \
+	tests/test_ops_errors.py tests/test_cuda_emu.py
+# $(call emu-build,DIR,CMAKE OPTIONS): configures once, then builds incrementally.
+define emu-build
+	test -f $(1)/build.ninja || cmake -S . -B $(1) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(BIN))/ninja \
+		-DCMAKE_PREFIX_PATH="$(TORCH_CMAKE_PREFIX)" -DBDFAST_CUDA_EMULATION=ON $(2) >/dev/null
+	cmake --build $(1) --target bdfast_cuda_emu -j $(MAX_JOBS)
+endef
+
+cuda-emu: venv
+	$(call emu-build,build/cuda-emu,)
+
+test: venv cuda-emu
 	$(BIN)/python -m pytest tests -q
+
+# The emulated CUDA tests under ASan + UBSan, then under TSan (shared-memory races between the
+# threads of a block, as compute-sanitizer's racecheck finds them). Every finding is fatal.
+SANITIZE_RUN = $(BIN)/python -m pytest $(EMU_TESTS) -q -p no:cacheprovider -k emu
+sanitize-cuda: venv
+	$(call emu-build,build/cuda-emu-asan,-DBDFAST_SANITIZE=address$(,)undefined)
+	BDFAST_CUDA_EMU_LIBRARY=build/cuda-emu-asan/libbdfast_cuda_emu.so \
+		LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 $(SANITIZE_RUN)
+	$(call emu-build,build/cuda-emu-tsan,-DBDFAST_SANITIZE=thread)
+	BDFAST_CUDA_EMU_LIBRARY=build/cuda-emu-tsan/libbdfast_cuda_emu.so OMP_NUM_THREADS=1 \
+		LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" TSAN_OPTIONS=halt_on_error=1 $(SANITIZE_RUN)
+
+# Line coverage (gcov) of csrc/cuda's kernels under the emulated CUDA tests.
+coverage-cuda: venv
+	$(call emu-build,build/cuda-emu-coverage,-DBDFAST_COVERAGE=ON)
+	find build/cuda-emu-coverage -name '*.gcda' -delete
+	BDFAST_CUDA_EMU_LIBRARY=build/cuda-emu-coverage/libbdfast_cuda_emu.so $(SANITIZE_RUN)
+	$(BIN)/python scripts/cuda_coverage.py build/cuda-emu-coverage
 
 test-gpu: venv
 	$(BIN)/python -m pytest tests -q -m gpu

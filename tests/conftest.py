@@ -1,4 +1,5 @@
-"""Shared fixtures: the digits data and cached backdoored models; the ``gpu`` marker."""
+"""Shared fixtures: the op tests' ``device``, the digits data and cached backdoored models; the
+``gpu`` marker."""
 from __future__ import annotations
 
 import copy
@@ -8,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import devices
 from acceptance import train_backdoored
 from bdfast.data import Digits, load_digits
 
@@ -31,6 +33,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest):
+    """The torch device of an op test parametrised (indirectly) with devices.DEVICES or
+    devices.CUDA_DEVICES; on the emulated CUDA device the test runs the emulated kernels."""
+    with devices.placed(request.param) as where:
+        yield where
 
 
 @pytest.fixture(scope="session")

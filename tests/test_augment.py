@@ -14,7 +14,7 @@ from bdfast.bcu import bcu_cleanse
 from bdfast.distill import fit
 from bdfast.medic import MedicConfig, medic_clone
 from bdfast.models import digits_cnn
-from devices import DEVICES
+from devices import TORCH_DEVICES
 
 
 def crops_of(image, pad, flip):
@@ -37,7 +37,7 @@ def which_crop(out, image, pad, flip):
     return None
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TORCH_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape, padding", [((5, 3, 16, 16), None), ((4, 1, 1, 1), None),
                                              ((3, 2, 7, 5), 3), ((2, 3, 9, 33), 0),

@@ -14,7 +14,7 @@ import torch
 import bdfast
 import medic_cases
 from bdfast import _extension, ops
-from devices import CUDA, cuda_kernels
+from devices import CUDA, CUDA_DEVICES, gpu_only
 
 NATIVE_CPU = bdfast.backend_info()["native_cpu"]
 needs_kernels = pytest.mark.skipif(not NATIVE_CPU, reason="the compiled CPU kernels are missing")
@@ -93,7 +93,8 @@ def test_medic_devices():
         ops.medic_clone_loss(t, s, g, [mu[0].to("meta"), mu[1]], sigma)
 
 
-@cuda_kernels
+# GPU only: the emulated CUDA device is the CPU, and no device ranks below the CPU in dispatch.
+@gpu_only
 def test_cuda_medic_rejects_inputs_on_two_devices():
     t, s, g, mu, sigma = medic_cases.make_layer((2, 3, 4, 4), device=CUDA)
     with pytest.raises(RuntimeError, match="same CUDA device"):
@@ -196,15 +197,15 @@ def test_layer_outliers_kernel_checks_offsets():
         torch.ops.bdfast.layer_outliers(torch.randn(10), torch.tensor([0, 6, 4, 10]), 3.0, False)
 
 
-@cuda_kernels
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
 @pytest.mark.parametrize("offsets", [[0, 50, 10, 64], [0, 70], [1, 64]])
-def test_cuda_kernels_check_offsets_themselves(offsets):
+def test_cuda_kernels_check_offsets_themselves(device, offsets):
     # The Python wrapper's check is skipped under torch.compile; the ops check on their own.
-    bad = torch.tensor(offsets, device=CUDA)
+    bad = torch.tensor(offsets, device=device)
     with pytest.raises(RuntimeError, match="layer_outliers: offsets must start at 0"):
-        torch.ops.bdfast.layer_outliers(torch.randn(64, device=CUDA), bad, 3.0, False)
+        torch.ops.bdfast.layer_outliers(torch.randn(64, device=device), bad, 3.0, False)
     with pytest.raises(RuntimeError, match="histogram_entropy: offsets must start at 0"):
-        torch.ops.bdfast.histogram_entropy(torch.randn(20, 64, device=CUDA), bad, 0.01, True)
+        torch.ops.bdfast.histogram_entropy(torch.randn(20, 64, device=device), bad, 0.01, True)
 
 
 # --- backends ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 
 import bdfast
 from bdfast import ops, reference
-from devices import CUDA, DEVICES, cuda_kernels
+from devices import CUDA, CUDA_DEVICES, DEVICES, cpu_kernels, gpu_only
 from histogram_cases import activations, compare, released_loop
 
 pytestmark = pytest.mark.skipif(not bdfast.backend_info()["native_cpu"],
@@ -66,13 +66,13 @@ def test_default_matches_numpy(n, k, offsets, dtype):
     assert compare(out, numpy_default(x, 0.01)) < 1e-5
 
 
-@cuda_kernels
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
 @pytest.mark.parametrize("n,k,offsets", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_default_matches_float64_reference(n, k, offsets, dtype):
+def test_cuda_default_matches_float64_reference(device, n, k, offsets, dtype):
     x = activations(n, k, seed=n + k, dtype=dtype)
-    out = ops.histogram_entropy(x.to(CUDA), torch.tensor(offsets), backend="native")
-    assert out.device.type == "cuda" and out.dtype == torch.float32 and out.shape == (k,)
+    out = ops.histogram_entropy(x.to(device), torch.tensor(offsets), backend="native")
+    assert out.device == torch.device(device) and out.dtype == torch.float32 and out.shape == (k,)
     ref = reference.histogram_entropy(x.double(), torch.tensor(offsets))
     assert compare(out, ref) < 1e-5
 
@@ -85,12 +85,12 @@ def test_default_matches_float64_reference(step):
     assert compare(out, ref) < 1e-5
 
 
-@cuda_kernels
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
 @pytest.mark.parametrize("step", [1.5, 0.1, 1e-4], ids=str)
-def test_cuda_default_with_several_passes(step):
+def test_cuda_default_with_several_passes(device, step):
     # 1e-4 over 3,000 samples needs up to ~10^5 bins: several shared-memory passes.
     x = activations(3000, 6, seed=4)
-    out = ops.histogram_entropy(x.to(CUDA), step=step, backend="native")
+    out = ops.histogram_entropy(x.to(device), step=step, backend="native")
     assert compare(out, reference.histogram_entropy(x.double(), step=step)) < 1e-5
 
 
@@ -103,17 +103,19 @@ def test_default_with_more_bins_than_the_dense_buffer():
     assert compare(out, np.full(3, math.log(60) + math.log(1e-6))) < 1e-5
 
 
-@cuda_kernels
-def test_cuda_default_sparse_bins():
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
+def test_cuda_default_sparse_bins(device):
     # step 1e-6: ten million bins, every sample alone in its own, far apart; the passes skip
     # the empty stretches. h = ln N + ln step exactly.
     x = activations(60, 3, seed=4)
-    out = ops.histogram_entropy(x.to(CUDA), step=1e-6, backend="native")
+    out = ops.histogram_entropy(x.to(device), step=1e-6, backend="native")
     assert compare(out, [math.log(60) + math.log(1e-6)] * 3) < 1e-5
-    assert compare(out, ops.histogram_entropy(x, step=1e-6, backend="native")) < 1e-6
+    with cpu_kernels():
+        cpu = ops.histogram_entropy(x, step=1e-6, backend="native")
+    assert compare(out, cpu) < 1e-6
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("n,k,offsets", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_compat_matches_released_loop(device, n, k, offsets, dtype):
@@ -132,17 +134,18 @@ def test_compat_at_the_default_step():
     assert compare(out, released_loop(x, offsets, 0.01)) < 1e-5
 
 
-@cuda_kernels
-def test_cuda_compat_at_the_default_step_with_several_passes():
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
+def test_cuda_compat_at_the_default_step_with_several_passes(device):
     x = activations(2000, 12, seed=11)
     offsets = [0, 4, 12]
-    out = ops.histogram_entropy(x.to(CUDA), torch.tensor(offsets), reference_compat=True,
+    out = ops.histogram_entropy(x.to(device), torch.tensor(offsets), reference_compat=True,
                                 backend="native")
     assert compare(out, released_loop(x, offsets, 0.01)) < 1e-5
-    fine = ops.histogram_entropy(x.to(CUDA), torch.tensor(offsets), step=2e-4,
+    fine = ops.histogram_entropy(x.to(device), torch.tensor(offsets), step=2e-4,
                                  reference_compat=True, backend="native")
-    cpu = ops.histogram_entropy(x, torch.tensor(offsets), step=2e-4, reference_compat=True,
-                                backend="native")
+    with cpu_kernels():
+        cpu = ops.histogram_entropy(x, torch.tensor(offsets), step=2e-4, reference_compat=True,
+                                    backend="native")
     assert compare(fine, cpu) < 1e-6
 
 
@@ -173,10 +176,10 @@ def test_compat_drops_edges_and_the_last_partial_bin():
     assert compare(compat, released_loop(x, [0, 2], 0.3)) < 1e-6
 
 
-@cuda_kernels
-def test_cuda_values_on_edges():
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
+def test_cuda_values_on_edges(device):
     # Three samples -1, 0, 1 per column (sd 1): compat drops edge values and the partial bin.
-    x = torch.tensor([[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]], device=CUDA)
+    x = torch.tensor([[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]], device=device)
     compat = ops.histogram_entropy(x, step=0.25, reference_compat=True, backend="native")
     assert compat.tolist() == [0.0, 0.0]
     compat = ops.histogram_entropy(x, step=0.3, reference_compat=True, backend="native")
@@ -201,16 +204,16 @@ def test_constant_and_non_finite_columns_are_nan(compat):
     assert compare(out, ref) < 1e-5
 
 
-@cuda_kernels
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
 @pytest.mark.parametrize("compat", [False, True], ids=["default", "compat"])
-def test_cuda_constant_and_non_finite_columns_are_nan(compat):
+def test_cuda_constant_and_non_finite_columns_are_nan(device, compat):
     x = activations(100, 8, seed=5)
     x[:, 1] = 3.25
     x[17, 2] = float("nan")
     x[3, 4] = float("inf")
     x[:, 6] = 0.0
     offsets = [0, 5, 8]
-    out = ops.histogram_entropy(x.to(CUDA), torch.tensor(offsets), reference_compat=compat,
+    out = ops.histogram_entropy(x.to(device), torch.tensor(offsets), reference_compat=compat,
                                 backend="native")
     assert torch.isnan(out[[1, 2, 4, 6]]).all() and torch.isfinite(out[[0, 3, 5, 7]]).all()
     ref = (released_loop(x, offsets, 0.01) if compat
@@ -218,7 +221,7 @@ def test_cuda_constant_and_non_finite_columns_are_nan(compat):
     assert compare(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("compat", [False, True], ids=["default", "compat"])
 def test_layer_without_valid_columns(device, compat):
     x = activations(30, 6, seed=6)
@@ -250,7 +253,7 @@ def test_standardisation_invariance_of_default():
     assert compare(moved, out) < 5e-2  # bins can shift by rounding, entropies barely
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_auto_backend_and_reference_agree(device):
     x = activations(150, 20, seed=10).to(device)
     auto = ops.histogram_entropy(x, reference_compat=True)
@@ -262,21 +265,22 @@ def test_auto_backend_and_reference_agree(device):
 # ---------------------------------------------------------------------------------------------
 # The CUDA kernel against the CPU kernel and itself, and under CUDA graph capture
 
-@cuda_kernels
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
 @pytest.mark.parametrize("compat", [False, True], ids=["default", "compat"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_matches_cpu_kernel(compat, dtype):
+def test_cuda_matches_cpu_kernel(device, compat, dtype):
     x = activations(500, 300, seed=13, dtype=dtype)
     x[:, 7] = 2.0
     offsets = torch.tensor([0, 64, 64, 192, 300])
-    out = ops.histogram_entropy(x.to(CUDA), offsets, reference_compat=compat, backend="native")
-    cpu = ops.histogram_entropy(x, offsets, reference_compat=compat, backend="native")
+    out = ops.histogram_entropy(x.to(device), offsets, reference_compat=compat, backend="native")
+    with cpu_kernels():
+        cpu = ops.histogram_entropy(x, offsets, reference_compat=compat, backend="native")
     assert compare(out, cpu) < 1e-6
 
 
-@cuda_kernels
-def test_cuda_is_deterministic():
-    x = activations(500, 256, seed=14).to(CUDA)
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
+def test_cuda_is_deterministic(device):
+    x = activations(500, 256, seed=14).to(device)
     offsets = torch.tensor([0, 100, 256])
     for compat in (False, True):
         first = ops.histogram_entropy(x, offsets, reference_compat=compat, backend="native")
@@ -285,7 +289,7 @@ def test_cuda_is_deterministic():
         assert torch.equal(first.nan_to_num(), again.nan_to_num())
 
 
-@cuda_kernels
+@gpu_only
 def test_cuda_compat_under_graph_capture():
     # The layer grid is reduced on the device: capture works and replays on new data.
     x = activations(200, 48, seed=15).to(CUDA)

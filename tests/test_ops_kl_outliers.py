@@ -9,7 +9,7 @@ import torch
 
 import bdfast
 from bdfast import ops, reference
-from devices import CUDA, DEVICES, cuda_kernels
+from devices import CUDA_DEVICES, DEVICES, cpu_kernels
 
 pytestmark = pytest.mark.skipif(not bdfast.backend_info()["native_cpu"],
                                 reason="the compiled CPU kernels are not available")
@@ -43,7 +43,7 @@ def kl_formula(mu_p, var_p, mu_q, var_q, eps=1e-5):
     return torch.tensor(out, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k", [1, 7, 4800])
 def test_gaussian_kl_matches_formula(device, dtype, k):
@@ -55,13 +55,14 @@ def test_gaussian_kl_matches_formula(device, dtype, k):
     assert rel_err(out, ref64) < TOL[dtype]
 
 
-@cuda_kernels
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k", [1, 7, 4800, 1_100_003])  # the last one exceeds the grid
-def test_cuda_gaussian_kl_matches_float64_reference(dtype, k):
+def test_cuda_gaussian_kl_matches_float64_reference(device, dtype, k):
     stats = bn_statistics(k, seed=k % 1000, dtype=dtype)
-    out = ops.gaussian_kl(*(v.to(CUDA) for v in stats), backend="native")
-    assert out.device.type == "cuda" and out.dtype == torch.float32 and out.shape == (k,)
+    out = ops.gaussian_kl(*(v.to(device) for v in stats), backend="native")
+    assert out.device == torch.device(device) and out.dtype == torch.float32
+    assert out.shape == (k,)
     ref = reference.gaussian_kl(*(v.double() for v in stats))
     assert rel_err(out, ref) < (1e-5 if dtype in (torch.float32, torch.float64) else 1e-2)
 
@@ -90,16 +91,17 @@ def test_gaussian_kl_propagates_nan():
     assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(out[2])
 
 
-@cuda_kernels
-def test_cuda_gaussian_kl_floors_mixes_dtypes_and_propagates_nan():
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
+def test_cuda_gaussian_kl_floors_mixes_dtypes_and_propagates_nan(device):
     mu_p, var_p, mu_q, var_q = bn_statistics(64, seed=1)
     var_p[:4] = torch.tensor([0.0, -1.0, 1e-9, 1e-5])
     var_q[4:6] = 0.0
     mu_p[10] = float("nan")
     var_q[11] = float("nan")
     inputs = (mu_p.half(), var_p, mu_q.bfloat16(), var_q.double())
-    out = ops.gaussian_kl(*(v.to(CUDA) for v in inputs), backend="native")
-    cpu = ops.gaussian_kl(*inputs, backend="native")
+    out = ops.gaussian_kl(*(v.to(device) for v in inputs), backend="native")
+    with cpu_kernels():
+        cpu = ops.gaussian_kl(*inputs, backend="native")
     ref = reference.gaussian_kl(*(v.double() for v in inputs))
     assert torch.equal(out.isnan().cpu(), ref.isnan()) and out[10].isnan() and out[11].isnan()
     finite = ~ref.isnan()
@@ -155,7 +157,7 @@ def packed_scores(sizes, *, seed=0, dtype=torch.float32):
     return scores.to(dtype), offsets
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("direction", ["low", "high"])
 @pytest.mark.parametrize("u", [0.5, 2.0, 3.0])
@@ -175,27 +177,28 @@ def test_layer_outliers_match_rule(device, dtype, direction, u):
         assert bool(out[3]) == (direction == "low") and bool(out[-10]) == (direction == "high")
 
 
-@cuda_kernels
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("direction", ["low", "high"])
 @pytest.mark.parametrize("u", [0.5, 3.0])
-def test_cuda_layer_outliers_match_reference_and_cpu(dtype, direction, u):
+def test_cuda_layer_outliers_match_reference_and_cpu(device, dtype, direction, u):
     scores, offsets = packed_scores([40, 3, 64, 5000, 7, 1], seed=int(u * 10), dtype=dtype)
     offsets = torch.tensor(offsets)
-    out, thresholds = ops.layer_outliers(scores.to(CUDA), offsets, u=u, direction=direction,
+    out, thresholds = ops.layer_outliers(scores.to(device), offsets, u=u, direction=direction,
                                          return_thresholds=True, backend="native")
-    assert out.device.type == "cuda" and out.dtype == torch.bool
+    assert out.device == torch.device(device) and out.dtype == torch.bool
     ref = reference.layer_outliers(scores, offsets, u=u, direction=direction)
     assert torch.equal(out.cpu(), ref)
-    cpu_out, cpu_thresholds = ops.layer_outliers(scores, offsets, u=u, direction=direction,
-                                                 return_thresholds=True, backend="native")
+    with cpu_kernels():
+        cpu_out, cpu_thresholds = ops.layer_outliers(scores, offsets, u=u, direction=direction,
+                                                     return_thresholds=True, backend="native")
     assert torch.equal(out.cpu(), cpu_out)
-    check_thresholds(thresholds, scores.to(CUDA), offsets, u, direction)
+    check_thresholds(thresholds, scores.to(device), offsets, u, direction)
     torch.testing.assert_close(thresholds.cpu(), cpu_thresholds, rtol=1e-12, atol=1e-12,
                                equal_nan=True)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_layer_outliers_nan_inf_and_small_layers(device):
     scores, offsets = packed_scores([30, 1, 2, 5, 0, 20], seed=3)
     scores[0] = float("nan")          # never flagged, excluded from the statistics
@@ -244,13 +247,13 @@ def test_layer_outliers_default_single_layer():
     assert out[3] and out.sum() >= 1
 
 
-@cuda_kernels
-def test_cuda_kernels_are_deterministic():
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
+def test_cuda_kernels_are_deterministic(device):
     scores, offsets = packed_scores([4000, 300, 77], seed=5)
-    scores, offsets = scores.to(CUDA), torch.tensor(offsets, device=CUDA)
+    scores, offsets = scores.to(device), torch.tensor(offsets, device=device)
     first = torch.ops.bdfast.layer_outliers(scores, offsets, 2.0, False)
     second = torch.ops.bdfast.layer_outliers(scores, offsets, 2.0, False)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    stats = [v.to(CUDA) for v in bn_statistics(5000, seed=6)]
+    stats = [v.to(device) for v in bn_statistics(5000, seed=6)]
     assert torch.equal(torch.ops.bdfast.gaussian_kl(*stats, 1e-5),
                        torch.ops.bdfast.gaussian_kl(*stats, 1e-5))

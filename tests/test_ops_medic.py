@@ -8,7 +8,6 @@ layers than fit one CUDA launch.
 """
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -17,21 +16,18 @@ import pytest
 import torch
 
 import bdfast
-import medic_cases
 from bdfast import ops, reference
-from devices import CUDA, DEVICES, cuda_kernels
+from devices import CUDA, CUDA_DEVICES, DEVICES, cpu_kernels, gpu_only
 from medic_cases import DTYPES, TOL, assert_matches_reference, make_layer, native, rel_err, unzip
 
 pytestmark = pytest.mark.skipif(not bdfast.backend_info()["native_cpu"],
                                 reason="the compiled CPU kernels are not available")
 
-make_cuda_layer = functools.partial(medic_cases.make_layer, device=CUDA)
-
 # 4-D conv and 2-D linear layers with odd widths, and a layer of one sample of one element.
 MIXED = [(4, 16, 8, 8), (4, 10), (4, 3, 5, 7), (4, 33), (1, 1)]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("signed", [False, True], ids=["abs", "signed"])
 @pytest.mark.parametrize("tau", [0.0, 5.0, 50.0])
@@ -40,7 +36,7 @@ def test_mixed_layers_match_reference(device, dtype, signed, tau):
     assert_matches_reference(layers, TOL[dtype], tau=tau, signed=signed)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("seed", range(4))
 def test_random_shapes(device, seed):
     gen = torch.Generator().manual_seed(100 + seed)
@@ -53,7 +49,7 @@ def test_random_shapes(device, seed):
     assert_matches_reference(layers, TOL[torch.float32], tau=5.0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("signed", [False, True], ids=["abs", "signed"])
 def test_single_element(device, signed):
     # One sample, one channel: both softmaxes are 1, so w = 1 and the loss is e^2.
@@ -64,7 +60,7 @@ def test_single_element(device, signed):
     assert float(loss) == pytest.approx(float(e.square().sum()), rel=1e-6)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [
     (2, 64, 32, 33),  # 67,584 elements per row: more than 65,536 and not a multiple of a chunk;
@@ -78,7 +74,7 @@ def test_long_rows(device, dtype, shape):
     assert_matches_reference(layers, TOL[dtype], tau=5.0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("signed", [False, True], ids=["abs", "signed"])
 def test_channels_last(device, dtype, signed):
@@ -93,7 +89,7 @@ def test_channels_last(device, dtype, signed):
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_mixed_dtypes_across_layers(device):
     layers = [make_layer((3, 8, 4, 4), torch.float16, device=device),
               make_layer((3, 5, 3, 3), torch.bfloat16, device=device, seed=1),
@@ -101,7 +97,7 @@ def test_mixed_dtypes_across_layers(device):
     assert_matches_reference(layers, 1e-2, tau=5.0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_mixed_dtypes_within_a_layer_are_promoted(device):
     t, s, g, mu, sigma = make_layer((3, 6, 4, 4), device=device)
     layer = (t.half(), s.detach().bfloat16().requires_grad_(), g, mu, sigma)
@@ -109,7 +105,7 @@ def test_mixed_dtypes_within_a_layer_are_promoted(device):
     assert grad.dtype == torch.bfloat16  # the gradient comes back in the student's dtype
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("signed", [False, True], ids=["abs", "signed"])
 def test_dead_channels(device, signed):
     # sigma = 0: sig = eps, so the clone error of a dead channel is scaled by 1 / eps.
@@ -119,7 +115,7 @@ def test_dead_channels(device, signed):
     assert torch.isfinite(loss) and all(torch.isfinite(gr).all() for gr in grads)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_return_weights(device):
     layers = [make_layer((3, 4, 5, 5), device=device), make_layer((3, 11), device=device, seed=1)]
     t, s, g, mu, sigma = unzip(layers)
@@ -141,7 +137,7 @@ def test_return_weights(device):
     assert all(x.grad is not None for x in s)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("backend", ["native", "reference"])
 def test_no_gradient_to_teacher_inputs(device, backend):
     t, s, g, mu, sigma = make_layer((2, 3, 4, 4), device=device)
@@ -178,7 +174,7 @@ def test_reference_gradcheck(signed):
                                     fast_mode=True)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_gradient_scales_with_upstream_gradient(device):
     # On CUDA, grad_loss is read on the device by the backward kernel.
     layers = [make_layer((3, 4, 3, 3), device=device), make_layer((3, 6), seed=1, device=device)]
@@ -196,62 +192,69 @@ def test_gradient_scales_with_upstream_gradient(device):
 
 # Not float16: weights of ~2e-6 give gradients below float16's normal range, whose rounding
 # alone exceeds the 1e-2 tolerance (bfloat16 keeps float32's exponent range).
-@cuda_kernels
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_row_of_many_tiles(dtype):
+def test_cuda_row_of_many_tiles(device, dtype):
     # 524,288 elements: 32 tiles merged by the row's last block.
-    layers = [make_cuda_layer((1, 8, 256, 256), dtype), make_cuda_layer((1, 7), dtype, seed=1)]
+    layers = [make_layer((1, 8, 256, 256), dtype, device=device),
+              make_layer((1, 7), dtype, seed=1, device=device)]
     assert_matches_reference(layers, TOL[dtype], tau=5.0)
 
 
-@cuda_kernels
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_cuda_misaligned_storage(dtype, channels_last):
-    layers = [make_cuda_layer((3, 8, 6, 6), dtype, misaligned=True, channels_last=channels_last),
-              make_cuda_layer((2, 64, 16, 17), dtype, seed=1, misaligned=True),
-              make_cuda_layer((3, 8, 4, 4), dtype, seed=2)]
+def test_cuda_misaligned_storage(device, dtype, channels_last):
+    layers = [make_layer((3, 8, 6, 6), dtype, device=device, misaligned=True,
+                         channels_last=channels_last),
+              make_layer((2, 64, 16, 17), dtype, seed=1, device=device, misaligned=True),
+              make_layer((3, 8, 4, 4), dtype, seed=2, device=device)]
     assert layers[0][0].data_ptr() % 16 != 0
     assert_matches_reference(layers, TOL[dtype], tau=5.0)
 
 
-@cuda_kernels
-def test_cuda_more_layers_than_one_launch_holds():
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
+def test_cuda_more_layers_than_one_launch_holds(device):
     # 400 layers exceed the 384 descriptors of one launch: the second launch must share the
     # arrival counters and the loss.
-    layers = [make_cuda_layer((2, 3 + i % 5, 2, 2) if i % 3 else (2, 1 + i % 7), seed=i)
-              for i in range(400)]
-    layers[7] = make_cuda_layer((2, 64, 32, 32), seed=7)  # a multi-tile row in the first launch
-    layers[390] = make_cuda_layer((1, 64, 32, 33), seed=390)  # and in the second
+    layers = [make_layer((2, 3 + i % 5, 2, 2) if i % 3 else (2, 1 + i % 7), seed=i,
+                         device=device) for i in range(400)]
+    # A multi-tile row in the first launch and one in the second.
+    layers[7] = make_layer((2, 64, 32, 32), seed=7, device=device)
+    layers[390] = make_layer((1, 64, 32, 33), seed=390, device=device)
     assert_matches_reference(layers, 1e-4, tau=5.0)
 
 
-@cuda_kernels
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_cuda_matches_cpu_kernel(dtype, channels_last):
+def test_cuda_matches_cpu_kernel(device, dtype, channels_last):
     shapes = [(3, 16, 9, 9), (3, 64, 32, 33), (3, 5, 1, 1), (3, 17, 2, 3)]
-    layers = [make_cuda_layer(shape, dtype, seed=i, channels_last=channels_last)
-              for i, shape in enumerate(shapes)] + [make_cuda_layer((3, 10), dtype, seed=9)]
+    layers = [make_layer(shape, dtype, seed=i, channels_last=channels_last, device=device)
+              for i, shape in enumerate(shapes)]
+    layers.append(make_layer((3, 10), dtype, seed=9, device=device))
     t, s, g, mu, sigma = unzip(layers)
     loss, grads = native(t, s, g, mu, sigma, tau=5.0)
     cpu = [[x.detach().cpu() for x in part] for part in (t, s, g, mu, sigma)]
-    loss_cpu, grads_cpu = native(*cpu, tau=5.0)
+    with cpu_kernels():
+        loss_cpu, grads_cpu = native(*cpu, tau=5.0)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(loss, loss_cpu) < tol
     for gr, ref in zip(grads, grads_cpu):
         assert rel_err(gr, ref) < tol
     # The row statistics the backward consumes agree too.
     _, stats = torch.ops.bdfast.medic_clone_loss(t, s, g, mu, sigma, 5.0, 1e-5, False)
-    _, stats_cpu = torch.ops.bdfast.medic_clone_loss(*cpu, 5.0, 1e-5, False)
+    with cpu_kernels():
+        _, stats_cpu = torch.ops.bdfast.medic_clone_loss(*cpu, 5.0, 1e-5, False)
     assert rel_err(stats, stats_cpu) < 1e-5
 
 
-@cuda_kernels
-def test_cuda_is_deterministic():
-    layers = [make_cuda_layer((4, 64, 32, 32), torch.bfloat16),
-              make_cuda_layer((4, 32, 16, 16), torch.bfloat16, seed=1, channels_last=True),
-              make_cuda_layer((4, 10), torch.bfloat16, seed=2)]
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
+def test_cuda_is_deterministic(device):
+    layers = [make_layer((4, 64, 32, 32), torch.bfloat16, device=device),
+              make_layer((4, 32, 16, 16), torch.bfloat16, seed=1, device=device,
+                         channels_last=True),
+              make_layer((4, 10), torch.bfloat16, seed=2, device=device)]
     t, s, g, mu, sigma = unzip(layers)
     first = native(t, s, g, mu, sigma, tau=5.0)
     for _ in range(3):
@@ -260,13 +263,13 @@ def test_cuda_is_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
 
 
-@cuda_kernels
+@gpu_only
 def test_cuda_under_graph_capture():
     # No host synchronisation and no host-side state: a captured forward + backward replays
     # on new student values and gives exactly what an eager call gives.
-    layers = [make_cuda_layer((4, 16, 32, 32)),
-              make_cuda_layer((4, 8, 5, 5), torch.bfloat16, seed=1),
-              make_cuda_layer((4, 10), seed=2)]
+    layers = [make_layer((4, 16, 32, 32), device=CUDA),
+              make_layer((4, 8, 5, 5), torch.bfloat16, seed=1, device=CUDA),
+              make_layer((4, 10), seed=2, device=CUDA)]
     t, s, g, mu, sigma = unzip(layers)
     s_static = [x.detach().clone() for x in s]
     upstream = torch.ones((), device=CUDA)
@@ -315,6 +318,6 @@ def test_every_cpu_instruction_set_matches_reference(isa):
                           env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert used == isa
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "cpu and not instruction_set"],
+                          "-k", "cpu and not instruction_set and not cuda"],
                          env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-4000:]

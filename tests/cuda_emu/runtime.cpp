@@ -1,0 +1,553 @@
+// The scheduler of the CPU execution layer (see runtime.h): worker threads that run blocks, and
+// within a block one fiber per CUDA thread, with warp and block synchronisation.
+//
+// Under ThreadSanitizer this file is compiled without instrumentation (its bookkeeping moves
+// between fibers in ways only the schedule orders) and with BDFAST_EMU_TSAN, which tells TSan
+// about the fibers and about the happens-before edges a GPU guarantees: a launch's start and
+// end, every barrier and every warp exchange. Everything else between two CUDA threads is
+// unordered for TSan, so a missing __syncthreads shows as a race on shared memory. Under
+// AddressSanitizer (__SANITIZE_ADDRESS__) the fibers' stack switches are announced to ASan.
+#include "runtime.h"
+
+#include <pthread.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define BDFAST_EMU_ASAN 1
+#endif
+#if defined(BDFAST_EMU_TSAN)
+#include <sanitizer/tsan_interface.h>
+#endif
+
+namespace bdfast_emu {
+
+thread_local const ThreadCoordinates* current_coordinates = nullptr;
+
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxThreadsPerBlock = 1024;
+constexpr size_t kMaxDynamicShared = 48 * 1024;  // what a block gets without an opt-in
+// Kernel parameters are copied onto each fiber's stack (medic's descriptors take 30 KiB), and
+// sanitizers grow frames: 512 KiB is mapped, of which a fiber touches only what it uses.
+constexpr size_t kStackBytes = 512 * 1024;
+
+thread_local cudaError_t last_error = cudaSuccess;
+
+[[noreturn]] void fail(const std::string& message) {
+  std::fprintf(stderr, "bdfast CUDA emulation: %s\n", message.c_str());
+  std::fflush(stderr);
+  std::abort();
+}
+
+void tsan_release(const void* token) {
+#if defined(BDFAST_EMU_TSAN)
+  __tsan_release(const_cast<void*>(token));
+#else
+  (void)token;
+#endif
+}
+
+void tsan_acquire(const void* token) {
+#if defined(BDFAST_EMU_TSAN)
+  __tsan_acquire(const_cast<void*>(token));
+#else
+  (void)token;
+#endif
+}
+
+// A fiber stack with an inaccessible guard page below it (an overflow faults at once).
+struct Stack {
+  char* base = nullptr;  // the guard page
+  char* bottom() const { return base + page(); }
+  static size_t page() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+
+  Stack() {
+    void* p = mmap(nullptr, kStackBytes + page(), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) fail("cannot map a fiber stack");
+    base = static_cast<char*>(p);
+    mprotect(base, page(), PROT_NONE);
+  }
+  ~Stack() { munmap(base, kStackBytes + page()); }
+  Stack(const Stack&) = delete;
+  Stack& operator=(const Stack&) = delete;
+};
+
+enum class State : uint8_t { kRunnable, kAtBarrier, kAtWarp, kExited };
+
+struct Block;
+
+// One CUDA thread.
+struct Fiber {
+  ucontext_t context;
+  Stack* stack = nullptr;
+  ThreadCoordinates coordinates;
+  Block* block = nullptr;
+  int lane = 0, warp = 0;
+  State state = State::kRunnable;
+  // Block barrier: the predicate brought and the block-wide AND handed back.
+  int predicate = 0, barrier_result = 0;
+  unsigned barrier_generation = 0;
+  // Warp exchange: mask, value and source lane brought, value handed back.
+  unsigned warp_mask = 0;
+  uint64_t exchange_value = 0, exchange_result = 0;
+  int exchange_source = -1;
+  unsigned warp_generation = 0;
+#if defined(BDFAST_EMU_TSAN)
+  void* tsan_fiber = nullptr;
+#endif
+};
+
+// Per worker thread: the fibers and stacks it reuses from block to block.
+struct WorkerFibers {
+  std::vector<std::unique_ptr<Stack>> stacks;
+  std::vector<Fiber> fibers;
+#if defined(BDFAST_EMU_TSAN)
+  std::vector<void*> tsan_fibers;
+#endif
+
+  ~WorkerFibers() {
+#if defined(BDFAST_EMU_TSAN)
+    for (void* f : tsan_fibers) __tsan_destroy_fiber(f);
+#endif
+  }
+};
+
+struct WarpState {
+  int live = 0;     // lanes that have not returned
+  int waiting = 0;  // lanes inside warp_exchange
+  unsigned generation = 0;
+  char tsan_tokens[2] = {};  // happens-before of alternate generations
+};
+
+// The block a worker is running.
+struct Block {
+  const std::function<void()>* body = nullptr;
+  std::vector<Fiber*> fibers;
+  std::vector<Fiber*> runnable;
+  std::vector<WarpState> warps;
+  int live = 0, at_barrier = 0;
+  unsigned barrier_generation = 0;
+  char barrier_tokens[2] = {};
+  std::vector<unsigned char> dynamic_shared;
+  std::mt19937_64 rng;
+  ucontext_t worker_context;
+  const void* launch_token = nullptr;  // TSan: the launch's start and end
+#if defined(BDFAST_EMU_TSAN)
+  void* worker_tsan_fiber = nullptr;
+#endif
+#if defined(BDFAST_EMU_ASAN)
+  const void* worker_stack_bottom = nullptr;
+  size_t worker_stack_size = 0;
+#endif
+};
+
+thread_local Block* current_block = nullptr;
+thread_local Fiber* current_fiber = nullptr;
+
+// Switches from the running context to `to` (a fiber, or the worker when to is null).
+// `exiting`: the running fiber never resumes.
+void switch_to(ucontext_t* from, Fiber* to, bool exiting) {
+  Block& block = *current_block;
+#if defined(BDFAST_EMU_ASAN)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &fake_stack,
+                                 to ? to->stack->bottom() : block.worker_stack_bottom,
+                                 to ? kStackBytes : block.worker_stack_size);
+#else
+  (void)exiting;
+#endif
+#if defined(BDFAST_EMU_TSAN)
+  __tsan_switch_to_fiber(to ? to->tsan_fiber : block.worker_tsan_fiber,
+                         __tsan_switch_to_fiber_no_sync);
+#endif
+  Fiber* self = current_fiber;
+  current_fiber = to;
+  current_coordinates = to ? &to->coordinates : nullptr;
+  swapcontext(from, to ? &to->context : &block.worker_context);
+  // Resumed.
+  current_fiber = self;
+  current_coordinates = self ? &self->coordinates : nullptr;
+#if defined(BDFAST_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+
+std::string describe_states(const Block& block) {
+  std::string out;
+  for (const Fiber* f : block.fibers) {
+    const char* what = f->state == State::kAtBarrier ? "__syncthreads"
+                       : f->state == State::kAtWarp  ? "a warp shuffle"
+                       : f->state == State::kExited  ? nullptr
+                                                     : "runnable";
+    if (what) out += " thread " + std::to_string(f->coordinates.thread_idx.x) + ": " + what + ";";
+    if (out.size() > 400) return out + " ...";
+  }
+  return out;
+}
+
+// Gives the worker to another runnable fiber of the block; returns when this fiber is runnable
+// again and scheduled. `exiting`: it never is.
+void yield(Fiber* self, bool exiting) {
+  Block& block = *current_block;
+  if (block.runnable.empty()) {
+    if (block.live == 0) {
+      switch_to(&self->context, nullptr, exiting);
+      return;
+    }
+    fail("deadlock in block " + std::to_string(self->coordinates.block_idx.x) +
+         ": no thread can go on;" + describe_states(block));
+  }
+  const size_t pick = block.rng() % block.runnable.size();
+  Fiber* next = block.runnable[pick];
+  block.runnable[pick] = block.runnable.back();
+  block.runnable.pop_back();
+  if (next != self) switch_to(&self->context, next, exiting);
+}
+
+void make_runnable(Block& block, Fiber* f) {
+  f->state = State::kRunnable;
+  block.runnable.push_back(f);
+}
+
+// Releases the barrier once every live thread waits at it.
+void complete_barrier_if_ready(Block& block) {
+  if (block.at_barrier == 0 || block.at_barrier != block.live) return;
+  int all = 1;
+  for (Fiber* f : block.fibers)
+    if (f->state == State::kAtBarrier) all = all && f->predicate;
+  for (Fiber* f : block.fibers) {
+    if (f->state != State::kAtBarrier) continue;
+    f->barrier_result = all;
+    make_runnable(block, f);
+  }
+  block.at_barrier = 0;
+  ++block.barrier_generation;
+}
+
+unsigned lanes_of(const Block& block, int warp) {
+  const int first = warp * kWarpSize;
+  const int count = std::min<int>(kWarpSize, static_cast<int>(block.fibers.size()) - first);
+  return count == kWarpSize ? ~0u : (1u << count) - 1;
+}
+
+// Completes the warp's exchange once every lane of the mask waits in it.
+void complete_exchange_if_ready(Block& block, int warp) {
+  WarpState& w = block.warps[warp];
+  if (w.waiting == 0) return;
+  Fiber** lanes = block.fibers.data() + warp * kWarpSize;
+  unsigned mask = 0;
+  for (int l = 0; l < kWarpSize; ++l) {
+    if (!(lanes_of(block, warp) >> l & 1u)) break;
+    if (lanes[l]->state != State::kAtWarp) continue;
+    if (mask == 0) mask = lanes[l]->warp_mask;
+    if (lanes[l]->warp_mask != mask)
+      fail("lanes of warp " + std::to_string(warp) + " shuffle with different masks");
+  }
+  for (int l = 0; l < kWarpSize; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    if (!(lanes_of(block, warp) >> l & 1u))
+      fail("a shuffle mask names lane " + std::to_string(l) + ", which the block does not have");
+    if (lanes[l]->state == State::kExited)
+      fail("a shuffle of warp " + std::to_string(warp) + " waits for lane " + std::to_string(l) +
+           ", which has returned");
+    if (lanes[l]->state != State::kAtWarp) return;  // not there yet
+  }
+  for (int l = 0; l < kWarpSize; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    Fiber* f = lanes[l];
+    const int source = f->exchange_source < 0 ? l : f->exchange_source;
+    if (!(mask >> source & 1u))
+      fail("lane " + std::to_string(l) + " reads lane " + std::to_string(source) +
+           ", which is not in the shuffle's mask");
+    f->exchange_result = lanes[source]->exchange_value;
+    make_runnable(block, f);
+    --w.waiting;
+  }
+  ++w.generation;
+}
+
+void fiber_entry(unsigned hi, unsigned lo) {
+  Fiber* self = reinterpret_cast<Fiber*>((static_cast<uintptr_t>(hi) << 32) | lo);
+  Block& block = *self->block;
+#if defined(BDFAST_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
+#endif
+  tsan_acquire(block.launch_token);
+  (*block.body)();
+  tsan_release(static_cast<const char*>(block.launch_token) + 1);
+  self->state = State::kExited;
+  --block.live;
+  WarpState& w = block.warps[self->warp];
+  --w.live;
+  complete_exchange_if_ready(block, self->warp);
+  complete_barrier_if_ready(block);
+  yield(self, true);
+  fail("an exited fiber was resumed");
+}
+
+WorkerFibers& worker_fibers() {
+  static thread_local WorkerFibers fibers;
+  return fibers;
+}
+
+void run_block(const std::function<void()>& body, dim3 grid, dim3 dim, size_t smem,
+               uint3 block_idx, uint64_t seed, const void* launch_token) {
+  const int threads = static_cast<int>(dim.x * dim.y * dim.z);
+  WorkerFibers& pool = worker_fibers();
+  while (static_cast<int>(pool.stacks.size()) < threads)
+    pool.stacks.push_back(std::make_unique<Stack>());
+  if (static_cast<int>(pool.fibers.size()) < threads) pool.fibers.resize(threads);
+#if defined(BDFAST_EMU_TSAN)
+  while (static_cast<int>(pool.tsan_fibers.size()) < threads)
+    pool.tsan_fibers.push_back(__tsan_create_fiber(0));
+#endif
+
+  Block block;
+  block.body = &body;
+  block.rng.seed(seed);
+  block.live = threads;
+  block.launch_token = launch_token;
+  block.warps.resize((threads + kWarpSize - 1) / kWarpSize);
+  block.dynamic_shared.assign(smem, 0xff);
+#if defined(BDFAST_EMU_TSAN)
+  block.worker_tsan_fiber = __tsan_get_current_fiber();
+#endif
+#if defined(BDFAST_EMU_ASAN)
+  pthread_attr_t attributes;
+  void* worker_stack = nullptr;
+  pthread_getattr_np(pthread_self(), &attributes);
+  pthread_attr_getstack(&attributes, &worker_stack, &block.worker_stack_size);
+  pthread_attr_destroy(&attributes);
+  block.worker_stack_bottom = worker_stack;
+#endif
+  block.fibers.resize(threads);
+  for (int i = 0; i < threads; ++i) {
+    Fiber& f = pool.fibers[i];
+    f = Fiber{};
+    f.stack = pool.stacks[i].get();
+    f.block = &block;
+    f.coordinates = {{i % dim.x, i / dim.x % dim.y, i / (dim.x * dim.y)}, block_idx, dim, grid};
+    f.lane = i % kWarpSize;
+    f.warp = i / kWarpSize;
+#if defined(BDFAST_EMU_TSAN)
+    f.tsan_fiber = pool.tsan_fibers[i];
+#endif
+#if defined(BDFAST_EMU_ASAN)
+    // A finished fiber's frames left their redzones poisoned on the reused stack.
+    __asan_unpoison_memory_region(f.stack->bottom(), kStackBytes);
+#endif
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack->bottom();
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = nullptr;
+    const auto address = reinterpret_cast<uintptr_t>(&f);
+    makecontext(&f.context, reinterpret_cast<void (*)()>(fiber_entry), 2,
+                static_cast<unsigned>(address >> 32), static_cast<unsigned>(address));
+    block.fibers[i] = &f;
+    block.warps[f.warp].live += 1;
+    block.runnable.push_back(&f);
+  }
+
+  current_block = &block;
+  const size_t pick = block.rng() % block.runnable.size();
+  Fiber* first = block.runnable[pick];
+  block.runnable[pick] = block.runnable.back();
+  block.runnable.pop_back();
+  switch_to(&block.worker_context, first, false);
+  current_block = nullptr;
+}
+
+// One launch being run by the pool.
+struct Grid {
+  const std::function<void()>* body;
+  dim3 grid, block;
+  size_t smem;
+  std::vector<uint32_t> order;  // the blocks, shuffled
+  uint64_t seed;
+  std::atomic<size_t> next{0};
+  size_t workers_done = 0;
+  char tsan_tokens[2] = {};
+};
+
+class Pool {
+ public:
+  void configure(int workers, uint64_t seed) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    workers_wanted_ = std::max(1, workers);
+    seed_ = seed;
+  }
+
+  cudaError_t run(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+    std::lock_guard<std::mutex> one_launch_at_a_time(launch_mutex_);
+    Grid g;
+    g.body = &body;
+    g.grid = grid;
+    g.block = block;
+    g.smem = smem;
+    int workers;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      g.seed = seed_ ? seed_ + launches_ : std::random_device{}() ^ (launches_ << 32);
+      ++launches_;
+      workers = workers_wanted_;
+      while (static_cast<int>(threads_.size()) < workers)
+        threads_.emplace_back([this, index = threads_.size()] { work(index); });
+    }
+    const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+    g.order.resize(blocks);
+    for (uint64_t i = 0; i < blocks; ++i) g.order[i] = static_cast<uint32_t>(i);
+    std::mt19937_64 rng(g.seed);
+    std::shuffle(g.order.begin(), g.order.end(), rng);
+    tsan_release(g.tsan_tokens);
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      grid_ = &g;
+      active_workers_ = workers;
+      ++generation_;
+      wake_.notify_all();
+      done_.wait(lock, [&] { return g.workers_done == static_cast<size_t>(workers); });
+      grid_ = nullptr;
+    }
+    tsan_acquire(g.tsan_tokens + 1);
+    return cudaSuccess;
+  }
+
+ private:
+  void work(size_t index) {
+    uint64_t seen = 0;
+    for (;;) {
+      Grid* g;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen && index < active_workers_; });
+        seen = generation_;
+        g = grid_;
+      }
+      for (size_t i; (i = g->next.fetch_add(1)) < g->order.size();) {
+        const uint32_t b = g->order[i];
+        const uint3 idx{b % g->grid.x, b / g->grid.x % g->grid.y, b / (g->grid.x * g->grid.y)};
+        run_block(*g->body, g->grid, g->block, g->smem, idx, g->seed * 1000003u + b,
+                  g->tsan_tokens);
+      }
+      std::unique_lock<std::mutex> lock(mutex_);
+      if (++g->workers_done == active_workers_) done_.notify_all();
+    }
+  }
+
+  std::mutex launch_mutex_, mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> threads_;
+  Grid* grid_ = nullptr;
+  size_t active_workers_ = 0;
+  uint64_t generation_ = 0, launches_ = 0, seed_ = 0;
+  int workers_wanted_ = 2;
+};
+
+Pool& pool() {
+  // Never destroyed: its workers wait for work until the process ends.
+  static Pool* p = new Pool;
+  return *p;
+}
+
+}  // namespace
+
+cudaError_t run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes,
+                     const std::function<void()>& body) {
+  const uint64_t threads = static_cast<uint64_t>(block.x) * block.y * block.z;
+  cudaError_t error = cudaSuccess;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 ||
+      grid.x > 2147483647u || threads == 0 || threads > kMaxThreadsPerBlock || block.z > 64)
+    error = cudaErrorInvalidConfiguration;
+  else if (dynamic_shared_bytes > kMaxDynamicShared)
+    error = cudaErrorInvalidValue;
+  if (error != cudaSuccess) {
+    if (last_error == cudaSuccess) last_error = error;
+    return error;
+  }
+  if (current_block) fail("a kernel launched a kernel");
+  return pool().run(grid, block, dynamic_shared_bytes, body);
+}
+
+void configure(int workers, uint64_t seed) { pool().configure(workers, seed); }
+
+void* dynamic_shared_memory() {
+  if (!current_block) fail("dynamic shared memory used outside a kernel");
+  return current_block->dynamic_shared.data();
+}
+
+int lane_id() { return current_fiber->lane; }
+
+int block_barrier(int pred) {
+  Fiber* self = current_fiber;
+  if (!self) fail("__syncthreads outside a kernel");
+  Block& block = *current_block;
+  const unsigned generation = block.barrier_generation;
+  tsan_release(block.barrier_tokens + (generation & 1));
+  self->state = State::kAtBarrier;
+  self->predicate = pred != 0;
+  ++block.at_barrier;
+  complete_barrier_if_ready(block);
+  yield(self, false);  // also when this thread completed the barrier: any waiter may go first
+  tsan_acquire(block.barrier_tokens + (generation & 1));
+  return self->barrier_result;
+}
+
+uint64_t warp_exchange(unsigned mask, uint64_t value, int source) {
+  Fiber* self = current_fiber;
+  if (!self) fail("warp shuffle outside a kernel");
+  Block& block = *current_block;
+  if (!(mask >> self->lane & 1u))
+    fail("lane " + std::to_string(self->lane) + " shuffles with a mask that excludes it");
+  WarpState& w = block.warps[self->warp];
+  const unsigned generation = w.generation;
+  tsan_release(w.tsan_tokens + (generation & 1));
+  self->state = State::kAtWarp;
+  self->warp_mask = mask;
+  self->exchange_value = value;
+  self->exchange_source = source;
+  ++w.waiting;
+  complete_exchange_if_ready(block, self->warp);
+  yield(self, false);
+  tsan_acquire(w.tsan_tokens + (generation & 1));
+  return self->exchange_result;
+}
+
+}  // namespace bdfast_emu
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t error = bdfast_emu::last_error;
+  bdfast_emu::last_error = cudaSuccess;
+  return error;
+}
+
+const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+  }
+  return "unknown error";
+}
+
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) {
+  std::memset(ptr, value, count);
+  return cudaSuccess;
+}

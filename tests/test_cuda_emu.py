@@ -1,0 +1,99 @@
+"""The CPU execution layer that runs the CUDA kernels in the tests (tests/cuda_emu): CUDA's
+execution model where bdfast's kernels rely on it, checked with small probe kernels, and its
+16-bit conversions against CUDA's own."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import emulated_cuda
+
+emulated_cuda.load()
+probe = torch.ops.bdfast_emu
+
+CUDA_SUCCESS, CUDA_INVALID_VALUE, CUDA_INVALID_CONFIGURATION = 0, 1, 9
+
+
+def test_half_and_bfloat16_conversions_are_cudas():
+    # Every half and bfloat16 value, and float32 values around every rounding boundary, against
+    # the toolkit's own host implementation of the conversions (built where the toolkit is).
+    mismatches = probe.conversion_mismatches()
+    if mismatches == -1:
+        pytest.skip("CUDA's cuda_fp16.h was not found when the emulation was built")
+    assert mismatches == 0
+
+
+def test_half_and_bfloat16_conversions_round_like_torch():
+    # Independent of the toolkit: torch's CPU conversions also round to nearest even. The
+    # emulated gaussian_kl reads 16-bit inputs through the emulation's conversions.
+    x = torch.tensor([1 + 2 ** -11, 1 + 3 * 2 ** -11, 65519.0, 65520.0, 2 ** -25, 2 ** -24 * 1.5,
+                      6e-8, -7.3e-6, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 3.4e38, float("inf")])
+    for dtype in (torch.float16, torch.bfloat16):
+        ones = torch.ones_like(x)
+        with emulated_cuda.active():
+            # KL(N(0, 1) || N(0, v)) with v rounded by the kernel: 0.5 (ln v + 1 / v - 1).
+            emulated = torch.ops.bdfast.gaussian_kl(ones * 0, ones, ones * 0,
+                                                    x.abs().to(dtype), 0.0)
+        expected = torch.ops.bdfast.gaussian_kl(ones * 0, ones, ones * 0, x.abs().to(dtype), 0.0)
+        assert torch.equal(emulated.isnan(), expected.isnan())
+        torch.testing.assert_close(emulated, expected, rtol=1e-6, atol=0, equal_nan=True)
+
+
+def test_returned_threads_leave_barriers_and_shuffles():
+    out = probe.probe_early_exit()
+    assert out[:32].tolist() == [sum(range(1, 33))] * 32
+    assert out[32:].tolist() == [6] * 32
+
+
+def test_a_shuffle_waits_for_its_warp_only():
+    out = probe.probe_warp_local_shuffle()
+    assert out[:32].tolist() == [sum(range(32))] * 32
+    assert out[32:].tolist() == list(range(32, 256))
+
+
+def test_shuffle_widths():
+    out = probe.probe_width().tolist()
+    lanes = range(32)
+    assert out[:32] == [10 * (i ^ 1) for i in lanes]
+    assert out[32:64] == [10 * ((i & ~7) + 3) for i in lanes]
+    assert out[64:] == [10 * (i ^ 8) if (i ^ 8) <= (i | 7) else 10 * i for i in lanes]
+
+
+@pytest.mark.parametrize("odd_one", [-1, 0, 255])
+def test_syncthreads_and(odd_one):
+    assert probe.probe_syncthreads_and(odd_one).tolist() == [int(odd_one == -1)] * 4
+
+
+def test_shared_memory_is_per_block():
+    assert probe.probe_static_shared(24).tolist() == list(range(24))
+    assert probe.probe_dynamic_shared(12).tolist() == [1] * 12
+
+
+def test_several_blocks_run_at_once():
+    # The "last block to arrive merges" paths need concurrent arrivals.
+    assert probe.probe_concurrency(6) >= 2
+
+
+@pytest.mark.parametrize("blocks, threads, shared, error", [
+    (0, 32, 0, CUDA_INVALID_CONFIGURATION),
+    (1, 0, 0, CUDA_INVALID_CONFIGURATION),
+    (1, 1025, 0, CUDA_INVALID_CONFIGURATION),
+    (1, 32, 48 * 1024 + 4, CUDA_INVALID_VALUE),
+])
+def test_bad_launch_configurations_fail_as_on_a_gpu(blocks, threads, shared, error):
+    assert probe.probe_launch_error(blocks, threads, shared) == error
+
+
+def test_a_deadlock_stops_the_process_with_a_message():
+    code = ("import emulated_cuda, torch; emulated_cuda.load(); "
+            "torch.ops.bdfast_emu.probe_deadlock()")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode != 0
+    assert "bdfast CUDA emulation: deadlock in block 0" in run.stderr
+    assert "thread 0: __syncthreads" in run.stderr and "a warp shuffle" in run.stderr
