@@ -250,6 +250,30 @@ def test_cuda_matches_cpu_kernel(device, dtype, channels_last):
 
 
 @pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_non_finite_inputs_match_cpu_kernel(device, bad, channels_last):
+    # A non-finite teacher value, gradient and student value, each in one row (the second one of
+    # two tiles): the loss is NaN, and exactly the gradients the CPU kernel makes non-finite are.
+    layers = [make_layer((3, 6, 5, 5), device=device, channels_last=channels_last),
+              make_layer((3, 70, 16, 16), seed=1, device=device, channels_last=channels_last),
+              make_layer((3, 9), seed=2, device=device)]
+    with torch.no_grad():
+        layers[0][0][1, 2, 0, 0] = bad
+        layers[1][2][0, 69, 15, 15] = bad
+        layers[2][1][2, 4] = bad
+    t, s, g, mu, sigma = unzip(layers)
+    loss, grads = native(t, s, g, mu, sigma, tau=5.0)
+    with cpu_kernels():
+        loss_cpu, grads_cpu = native(t, s, g, mu, sigma, tau=5.0)
+    assert torch.isnan(loss) and torch.isnan(loss_cpu)
+    for gr, ref in zip(grads, grads_cpu):
+        assert torch.equal(gr.isfinite(), ref.isfinite())
+        assert rel_err(gr.nan_to_num(0, 0, 0), ref.nan_to_num(0, 0, 0)) < 1e-5
+        assert gr.isfinite().any()
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
 def test_cuda_is_deterministic(device):
     layers = [make_layer((4, 64, 32, 32), torch.bfloat16, device=device),
               make_layer((4, 32, 16, 16), torch.bfloat16, seed=1, device=device,

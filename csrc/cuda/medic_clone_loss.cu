@@ -146,7 +146,9 @@ struct ThreadStats {
   float sum_a = 0.f, sum_p = 0.f, weighted = 0.f;
 };
 
-// Folds one step of N elements into st; absent elements carry x = -inf and e2 = 0.
+// Folds one step of N elements, at least one of them present, into st; absent elements carry
+// x = -inf and e2 = 0. fmaxf passes over NaN, so a NaN x leaves the maxima alone and reaches the
+// sums through its exponential: the row's loss is NaN, as on the CPU.
 template <int N>
 __device__ __forceinline__ void absorb(ThreadStats& st, const float (&xa)[N], const float (&xp)[N],
                                        const float (&e2)[N]) {
@@ -156,7 +158,6 @@ __device__ __forceinline__ void absorb(ThreadStats& st, const float (&xa)[N], co
     step_a = fmaxf(step_a, xa[k]);
     step_p = fmaxf(step_p, xp[k]);
   }
-  if (step_a == -kInf) return;  // no element of this thread in this step
   const float new_a = fmaxf(st.max_a, step_a), new_p = fmaxf(st.max_p, step_p);
   if (new_a > st.max_a || new_p > st.max_p) {
     // exp2(-inf) = 0 clears the sums on the first step.
@@ -187,7 +188,10 @@ __device__ __forceinline__ void forward_tile(const MedicLaunch& P, const Tile& t
   const T* t = static_cast<const T*>(L.t) + tile.base;
   const T* s = static_cast<const T*>(L.s) + tile.base;
   const T* g = static_cast<const T*>(L.g) + tile.base;
-  for (int32_t step = tile.begin; step < tile.end; step += kStep) {
+  // A thread's first pack of a step is its lowest element there: once that is past the tile's
+  // end, so is the rest of its work.
+  for (int32_t step = tile.begin; step + static_cast<int32_t>(threadIdx.x) * VEC < tile.end;
+       step += kStep) {
     float xa[kN], xp[kN], e2[kN];
 #pragma unroll
     for (int j = 0; j < kPacks; ++j) {
