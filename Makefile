@@ -64,14 +64,19 @@ test: venv cuda-emu
 
 # The emulated CUDA tests under ASan + UBSan, then under TSan (shared-memory races between the
 # threads of a block, as compute-sanitizer's racecheck finds them). Every finding is fatal.
-SANITIZE_RUN = $(BIN)/python -m pytest $(EMU_TESTS) -q -p no:cacheprovider -k emu
+# -s: a finding ends the process, and pytest's capture would swallow its report. libstdc++ is
+# preloaded after the sanitizer's runtime so that it can intercept C++ exceptions (python
+# itself does not link libstdc++).
+SANITIZE_RUN = $(BIN)/python -m pytest $(EMU_TESTS) -q -s -p no:cacheprovider -k emu
+LIBSTDCXX = $$(gcc -print-file-name=libstdc++.so.6)
 sanitize-cuda: venv
 	$(call emu-build,build/cuda-emu-asan,-DBDFAST_SANITIZE=address$(,)undefined)
-	BDFAST_CUDA_EMU_LIBRARY=build/cuda-emu-asan/libbdfast_cuda_emu.so \
-		LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 $(SANITIZE_RUN)
+	BDFAST_CUDA_EMU_LIBRARY=build/cuda-emu-asan/libbdfast_cuda_emu.so ASAN_OPTIONS=detect_leaks=0 \
+		LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $(LIBSTDCXX)" $(SANITIZE_RUN)
 	$(call emu-build,build/cuda-emu-tsan,-DBDFAST_SANITIZE=thread)
-	BDFAST_CUDA_EMU_LIBRARY=build/cuda-emu-tsan/libbdfast_cuda_emu.so OMP_NUM_THREADS=1 \
-		LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" TSAN_OPTIONS=halt_on_error=1 $(SANITIZE_RUN)
+	BDFAST_CUDA_EMU_LIBRARY=build/cuda-emu-tsan/libbdfast_cuda_emu.so BDFAST_TEST_THREADS=1 \
+		TSAN_OPTIONS=halt_on_error=1 LD_PRELOAD="$$(gcc -print-file-name=libtsan.so) $(LIBSTDCXX)" \
+		$(SANITIZE_RUN)
 
 # Line coverage (gcov) of csrc/cuda's kernels under the emulated CUDA tests.
 coverage-cuda: venv

@@ -11,8 +11,8 @@
 
 #include <pthread.h>
 #include <sys/mman.h>
-#include <ucontext.h>
 #include <unistd.h>
+#include <ucontext.h>
 
 #include <algorithm>
 #include <atomic>
@@ -72,6 +72,111 @@ void tsan_acquire(const void* token) {
 #endif
 }
 
+// ---- Execution contexts -----------------------------------------------------------------------
+// On x86-64 a context is a stack pointer: a switch pushes the callee-saved registers and the
+// floating-point control words on the running stack, saves its pointer and pops the target's.
+// No system call and no signal mask, unlike swapcontext, which under ASan also clears the shadow
+// of the whole target stack at every switch (a sanitized run crawled). Elsewhere, or with
+// BDFAST_EMU_UCONTEXT defined: ucontext.
+#if defined(__x86_64__) && !defined(BDFAST_EMU_UCONTEXT)
+#define BDFAST_EMU_X86_64_SWITCH 1
+
+struct Context {
+  void* sp = nullptr;
+};
+
+extern "C" void bdfast_emu_switch(void** save_sp, void* load_sp);
+extern "C" void bdfast_emu_fiber_start();
+asm(R"(
+  .text
+  .p2align 4
+  .hidden bdfast_emu_switch
+  .type bdfast_emu_switch, @function
+bdfast_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size bdfast_emu_switch, .-bdfast_emu_switch
+
+  .p2align 4
+  .hidden bdfast_emu_fiber_start
+  .type bdfast_emu_fiber_start, @function
+bdfast_emu_fiber_start:
+  movq %r12, %rdi
+  callq *%r13
+  ud2
+  .size bdfast_emu_fiber_start, .-bdfast_emu_fiber_start
+)");
+
+// A context on a fresh stack that, switched to, calls entry(argument) with the floating-point
+// control words of the calling thread.
+void make_context(Context& c, char* stack_bottom, size_t stack_bytes, void (*entry)(void*),
+                  void* argument) {
+  const auto top = reinterpret_cast<uintptr_t>(stack_bottom + stack_bytes) & ~uintptr_t{15};
+  auto* frame = reinterpret_cast<uint64_t*>(top - 64);  // 16-byte aligned after the final ret
+  uint32_t mxcsr;
+  uint16_t fpu_control;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpu_control));
+  frame[0] = mxcsr | static_cast<uint64_t>(fpu_control) << 32;
+  frame[1] = frame[2] = 0;                                         // r15, r14
+  frame[3] = reinterpret_cast<uint64_t>(entry);                    // r13
+  frame[4] = reinterpret_cast<uint64_t>(argument);                 // r12
+  frame[5] = frame[6] = 0;                                         // rbx, rbp
+  frame[7] = reinterpret_cast<uint64_t>(&bdfast_emu_fiber_start);  // where the switch returns
+  c.sp = frame;
+}
+
+void swap_context(Context& save, const Context& load) { bdfast_emu_switch(&save.sp, load.sp); }
+
+#else
+
+struct Context {
+  ucontext_t uc;
+  void (*entry)(void*) = nullptr;
+  void* argument = nullptr;
+};
+
+void context_start(unsigned hi, unsigned lo) {
+  const auto* c = reinterpret_cast<const Context*>(static_cast<uintptr_t>(hi) << 32 | lo);
+  c->entry(c->argument);
+}
+
+void make_context(Context& c, char* stack_bottom, size_t stack_bytes, void (*entry)(void*),
+                  void* argument) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack_bottom;
+  c.uc.uc_stack.ss_size = stack_bytes;
+  c.uc.uc_link = nullptr;
+  c.entry = entry;
+  c.argument = argument;
+  const auto address = reinterpret_cast<uintptr_t>(&c);
+  makecontext(&c.uc, reinterpret_cast<void (*)()>(context_start), 2,
+              static_cast<unsigned>(address >> 32), static_cast<unsigned>(address));
+}
+
+void swap_context(Context& save, const Context& load) { swapcontext(&save.uc, &load.uc); }
+
+#endif
+
 // A fiber stack with an inaccessible guard page below it (an overflow faults at once).
 struct Stack {
   char* base = nullptr;  // the guard page
@@ -96,7 +201,7 @@ struct Block;
 
 // One CUDA thread.
 struct Fiber {
-  ucontext_t context;
+  Context context;
   Stack* stack = nullptr;
   ThreadCoordinates coordinates;
   Block* block = nullptr;
@@ -117,6 +222,11 @@ struct Fiber {
 
 // Per worker thread: the fibers and stacks it reuses from block to block.
 struct WorkerFibers {
+  // The shared memory a worker's blocks use in turn passes from one block to the next, as an SM
+  // hands it on: for TSan, every thread of a block happens before every thread of the worker's
+  // next block. (So TSan checks global memory only between blocks that ran on different
+  // workers.)
+  char handoff = 0;
   std::vector<std::unique_ptr<Stack>> stacks;
   std::vector<Fiber> fibers;
 #if defined(BDFAST_EMU_TSAN)
@@ -148,8 +258,9 @@ struct Block {
   char barrier_tokens[2] = {};
   std::vector<unsigned char> dynamic_shared;
   std::mt19937_64 rng;
-  ucontext_t worker_context;
+  Context worker_context;
   const void* launch_token = nullptr;  // TSan: the launch's start and end
+  const void* worker_token = nullptr;  // TSan: the worker hands its shared memory on
 #if defined(BDFAST_EMU_TSAN)
   void* worker_tsan_fiber = nullptr;
 #endif
@@ -164,7 +275,7 @@ thread_local Fiber* current_fiber = nullptr;
 
 // Switches from the running context to `to` (a fiber, or the worker when to is null).
 // `exiting`: the running fiber never resumes.
-void switch_to(ucontext_t* from, Fiber* to, bool exiting) {
+void switch_to(Context& from, Fiber* to, bool exiting) {
   Block& block = *current_block;
 #if defined(BDFAST_EMU_ASAN)
   void* fake_stack = nullptr;
@@ -181,7 +292,7 @@ void switch_to(ucontext_t* from, Fiber* to, bool exiting) {
   Fiber* self = current_fiber;
   current_fiber = to;
   current_coordinates = to ? &to->coordinates : nullptr;
-  swapcontext(from, to ? &to->context : &block.worker_context);
+  swap_context(from, to ? to->context : block.worker_context);
   // Resumed.
   current_fiber = self;
   current_coordinates = self ? &self->coordinates : nullptr;
@@ -209,7 +320,7 @@ void yield(Fiber* self, bool exiting) {
   Block& block = *current_block;
   if (block.runnable.empty()) {
     if (block.live == 0) {
-      switch_to(&self->context, nullptr, exiting);
+      switch_to(self->context, nullptr, exiting);
       return;
     }
     fail("deadlock in block " + std::to_string(self->coordinates.block_idx.x) +
@@ -219,7 +330,7 @@ void yield(Fiber* self, bool exiting) {
   Fiber* next = block.runnable[pick];
   block.runnable[pick] = block.runnable.back();
   block.runnable.pop_back();
-  if (next != self) switch_to(&self->context, next, exiting);
+  if (next != self) switch_to(self->context, next, exiting);
 }
 
 void make_runnable(Block& block, Fiber* f) {
@@ -284,15 +395,17 @@ void complete_exchange_if_ready(Block& block, int warp) {
   ++w.generation;
 }
 
-void fiber_entry(unsigned hi, unsigned lo) {
-  Fiber* self = reinterpret_cast<Fiber*>((static_cast<uintptr_t>(hi) << 32) | lo);
+void fiber_entry(void* fiber) {
+  Fiber* self = static_cast<Fiber*>(fiber);
   Block& block = *self->block;
 #if defined(BDFAST_EMU_ASAN)
   __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
 #endif
   tsan_acquire(block.launch_token);
+  tsan_acquire(block.worker_token);
   (*block.body)();
   tsan_release(static_cast<const char*>(block.launch_token) + 1);
+  tsan_release(block.worker_token);
   self->state = State::kExited;
   --block.live;
   WarpState& w = block.warps[self->warp];
@@ -325,6 +438,7 @@ void run_block(const std::function<void()>& body, dim3 grid, dim3 dim, size_t sm
   block.rng.seed(seed);
   block.live = threads;
   block.launch_token = launch_token;
+  block.worker_token = &pool.handoff;
   block.warps.resize((threads + kWarpSize - 1) / kWarpSize);
   block.dynamic_shared.assign(smem, 0xff);
 #if defined(BDFAST_EMU_TSAN)
@@ -354,24 +468,20 @@ void run_block(const std::function<void()>& body, dim3 grid, dim3 dim, size_t sm
     // A finished fiber's frames left their redzones poisoned on the reused stack.
     __asan_unpoison_memory_region(f.stack->bottom(), kStackBytes);
 #endif
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = f.stack->bottom();
-    f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = nullptr;
-    const auto address = reinterpret_cast<uintptr_t>(&f);
-    makecontext(&f.context, reinterpret_cast<void (*)()>(fiber_entry), 2,
-                static_cast<unsigned>(address >> 32), static_cast<unsigned>(address));
+    make_context(f.context, f.stack->bottom(), kStackBytes, fiber_entry, &f);
     block.fibers[i] = &f;
     block.warps[f.warp].live += 1;
     block.runnable.push_back(&f);
   }
 
   current_block = &block;
+  tsan_release(block.worker_token);
   const size_t pick = block.rng() % block.runnable.size();
   Fiber* first = block.runnable[pick];
   block.runnable[pick] = block.runnable.back();
   block.runnable.pop_back();
-  switch_to(&block.worker_context, first, false);
+  switch_to(block.worker_context, first, false);
+  tsan_acquire(block.worker_token);
   current_block = nullptr;
 }
 

@@ -137,8 +137,13 @@ inline void __syncthreads() { ::bdfast_emu::block_barrier(1); }
 inline int __syncthreads_and(int pred) { return ::bdfast_emu::block_barrier(pred); }
 inline int __syncthreads_or(int pred) { return !::bdfast_emu::block_barrier(!pred); }
 
-// Orders this thread's memory accesses for every other thread of the device.
-inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+// Orders this thread's memory accesses for every other thread of the device. TSan does not
+// model fences; under it the acquire-release atomics below carry the ordering it checks.
+inline void __threadfence() {
+#if !defined(__SANITIZE_THREAD__)
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#endif
+}
 
 namespace bdfast_emu {
 template <typename T>
