@@ -103,7 +103,8 @@ def backend_info() -> Dict[str, object]:
     the extension), ``cuda_device`` (a GPU is visible to torch), ``torch`` and ``torch_cuda``
     (versions), ``cuda_archs`` (the architectures the CUDA kernels were built for) and ``why``
     (backend name -> reason it is unavailable; ``cuda_kernel_image`` when a visible GPU is not
-    covered by ``cuda_archs``, so that ``backend="auto"`` uses the reference there).
+    covered by ``cuda_archs``, so that ``backend="auto"`` uses the reference there; ``selftest``
+    when a CUDA kernel failed its automatic self-check, see :mod:`bdfast.selftest`).
     """
     native_cpu = all(has_kernel(op, "cpu") for op in OPS)
     native_cuda = all(has_kernel(op, "cuda") for op in OPS)
@@ -126,6 +127,9 @@ def backend_info() -> Dict[str, object]:
         problems = [p for p in problems if p is not None]
         if problems:
             why["cuda_kernel_image"] = "; ".join(problems)
+    from bdfast import selftest  # it imports the ops, which import this module
+    if selftest.gpu_failures():
+        why["selftest"] = "; ".join(selftest.gpu_failures())
     cpu_isa = _C.cpu_isa() if _C is not None else None
     return {"native_cpu": native_cpu, "native_cuda": native_cuda, "cpu_isa": cpu_isa,
             "cuda_device": cuda_device, "cuda_archs": cuda_arch_list(),

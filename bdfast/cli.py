@@ -1,4 +1,4 @@
-"""The ``bdfast`` command line: ``demo``, ``clean``, ``bench`` and ``info``.
+"""The ``bdfast`` command line: ``demo``, ``clean``, ``bench``, ``info`` and ``selftest``.
 
 Every user error (missing file, unimportable factory, data that does not fit the model, a
 checkpoint that does not fit the architecture, an unknown or invalid option, a device that is
@@ -365,7 +365,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     import bdfast
     print(json.dumps(bdfast.backend_info(), indent=2))
+    print("Run `bdfast selftest` to check every compiled op against the reference on this "
+          "machine's devices.", file=sys.stderr)
     return 0
+
+
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from bdfast import selftest
+    devices = args.device or selftest.available_devices()
+    if not devices:
+        raise UsageError("no device has compiled kernels for every op (see `bdfast info`)")
+    checks = selftest.run(devices)
+    print(selftest.format_table(checks))
+    failed = [c for c in checks if not c.passed]
+    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
 
 
 # ----------------------------------------------------------------------------- parser
@@ -437,6 +451,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="which compiled backends are usable here, and why not")
     info.set_defaults(run=_cmd_info)
+
+    selftest = sub.add_parser(
+        "selftest", help="check every compiled op against the reference on each device",
+        description="Runs each compiled op (medic_clone_loss with its backward, "
+                    "histogram_entropy, gaussian_kl, layer_outliers) on small awkward inputs "
+                    "and compares it with the float64 reference. Prints a table and exits 1 if "
+                    "any check fails.")
+    selftest.add_argument("--device", action="append", metavar="DEVICE",
+                          help="check this device only, e.g. cuda:1 (repeatable; default: the "
+                               "CPU and every GPU the kernels were built for)")
+    selftest.set_defaults(run=_cmd_selftest)
     return parser
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU verification of bdfast on a lent machine (no internet): build, GPU tests, compute-sanitizer
-# memcheck and racecheck over every kernel, then the benchmarks. Fits in 10 minutes on an H100.
+# GPU verification of bdfast on a lent machine (no internet): build, bdfast selftest, GPU tests,
+# compute-sanitizer memcheck and racecheck over every kernel, then the benchmarks. Fits in 10 minutes on an H100.
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh        # $OUT defaults to ./gpu-check
 #
@@ -59,6 +59,8 @@ print(info)
 assert info['native_cuda'] and info['cuda_device'], info['why']
 "
 cat "$OUT/backends.log" >> "$SUMMARY" && rm -f "$OUT/backends.log"
+step selftest 60 "$PY" -m bdfast selftest
+cat "$OUT/selftest.log" >> "$SUMMARY" && rm -f "$OUT/selftest.log"
 step pytest_gpu 200 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider
 for tool in memcheck racecheck; do
   # Only bdfast's kernels are instrumented (kns: kernel-name substring), which keeps the run

@@ -17,7 +17,8 @@ def use_native(op: str, backend: str, device: torch.device) -> bool:
     """Decide whether ``op`` on ``device`` runs the compiled kernel or the reference.
 
     ``"auto"`` takes the kernel when one is compiled for the device (on a GPU: for its
-    architecture, else it warns once and uses the reference), ``"reference"`` never does, and
+    architecture, and once it has passed its self-check there, see :mod:`bdfast.selftest`;
+    otherwise it warns once and uses the reference), ``"reference"`` never does, and
     ``"native"`` insists, failing with a sentence that says how to get the kernel.
     """
     if backend not in BACKENDS:
@@ -34,6 +35,10 @@ def use_native(op: str, backend: str, device: torch.device) -> bool:
                                    f"{problem}, or use backend='auto'.")
             _extension.warn_no_image_once(device, problem)
             return False
+        if backend == "auto":
+            from bdfast import selftest  # imports the ops, which import this module
+            if selftest.gpu_problem(op, device) is not None:
+                return False
     if backend == "native" and not available:
         if not _extension.loaded():
             reason = "the compiled extension bdfast._C is not loaded"
