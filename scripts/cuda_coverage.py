@@ -29,8 +29,8 @@ def kernel_file(path: str) -> bool:
 def line_counts(build_dir: str) -> Dict[str, Dict[int, int]]:
     """{kernel source: {line: executions}}, summed over every object that includes it."""
     counts: Dict[str, Dict[int, int]] = {}
-    notes = [os.path.join(d, f) for d, _, files in os.walk(build_dir) for f in files
-             if f.endswith(".gcda")]
+    notes = [os.path.abspath(os.path.join(d, f)) for d, _, files in os.walk(build_dir)
+             for f in files if f.endswith(".gcda")]
     if not notes:
         sys.exit(f"no .gcda files under {build_dir}: run the emulated tests with this build first")
     with tempfile.TemporaryDirectory() as out:
