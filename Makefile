@@ -46,14 +46,13 @@ cuda-build: venv
 
 # csrc/cuda (host code and kernels) compiled as C++ for the tests' CPU execution layer
 # (tests/cuda_emu): no GPU or nvcc needed. `make test` runs every CUDA op test on it.
-TORCH_CMAKE_PREFIX = $$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')
 EMU_TESTS := tests/test_ops_medic.py tests/test_ops_histogram.py tests/test_ops_kl_outliers.py \
 	tests/test_ops_errors.py tests/test_cuda_emu.py
 # $(call emu-build,DIR,CMAKE OPTIONS): configures once, then builds incrementally.
 define emu-build
-	test -f $(1)/build.ninja || cmake -S . -B $(1) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(BIN))/ninja \
-		-DCMAKE_PREFIX_PATH="$(TORCH_CMAKE_PREFIX)" -DBDFAST_CUDA_EMULATION=ON $(2) >/dev/null
-	cmake --build $(1) --target bdfast_cuda_emu -j $(MAX_JOBS)
+	test -f $(1)/build.ninja || cmake -S tests/cuda_emu -B $(1) -G Ninja \
+		-DCMAKE_MAKE_PROGRAM=$(abspath $(BIN))/ninja -DPython_EXECUTABLE=$(abspath $(BIN))/python $(2) >/dev/null
+	cmake --build $(1) -j $(MAX_JOBS)
 endef
 
 cuda-emu: venv
