@@ -205,7 +205,7 @@ struct Fiber {
   Stack* stack = nullptr;
   ThreadCoordinates coordinates;
   Block* block = nullptr;
-  int lane = 0, warp = 0;
+  int linear = 0, lane = 0, warp = 0;  // thread index in the block, lane, warp
   State state = State::kRunnable;
   // Block barrier: the predicate brought and the block-wide AND handed back.
   int predicate = 0, barrier_result = 0;
@@ -258,6 +258,11 @@ struct Block {
   char barrier_tokens[2] = {};
   std::vector<unsigned char> dynamic_shared;
   std::mt19937_64 rng;
+  // Half the blocks run the runnable fiber of highest priority (a random order of the threads),
+  // so that some warps race ahead of others as far as the barriers let them: that is how a
+  // missing __syncthreads shows in the results. The other half pick uniformly at random.
+  bool by_priority = false;
+  std::vector<uint32_t> priority;  // per thread
   Context worker_context;
   const void* launch_token = nullptr;  // TSan: the launch's start and end
   const void* worker_token = nullptr;  // TSan: the worker hands its shared memory on
@@ -314,6 +319,22 @@ std::string describe_states(const Block& block) {
   return out;
 }
 
+// Removes and returns the runnable fiber to run next (see Block::by_priority).
+Fiber* take_runnable(Block& block) {
+  size_t pick = 0;
+  if (block.by_priority) {
+    const auto rank = [&](size_t i) { return block.priority[block.runnable[i]->linear]; };
+    for (size_t i = 1; i < block.runnable.size(); ++i)
+      if (rank(i) > rank(pick)) pick = i;
+  } else {
+    pick = block.rng() % block.runnable.size();
+  }
+  Fiber* next = block.runnable[pick];
+  block.runnable[pick] = block.runnable.back();
+  block.runnable.pop_back();
+  return next;
+}
+
 // Gives the worker to another runnable fiber of the block; returns when this fiber is runnable
 // again and scheduled. `exiting`: it never is.
 void yield(Fiber* self, bool exiting) {
@@ -326,10 +347,7 @@ void yield(Fiber* self, bool exiting) {
     fail("deadlock in block " + std::to_string(self->coordinates.block_idx.x) +
          ": no thread can go on;" + describe_states(block));
   }
-  const size_t pick = block.rng() % block.runnable.size();
-  Fiber* next = block.runnable[pick];
-  block.runnable[pick] = block.runnable.back();
-  block.runnable.pop_back();
+  Fiber* next = take_runnable(block);
   if (next != self) switch_to(self->context, next, exiting);
 }
 
@@ -436,6 +454,12 @@ void run_block(const std::function<void()>& body, dim3 grid, dim3 dim, size_t sm
   Block block;
   block.body = &body;
   block.rng.seed(seed);
+  block.by_priority = block.rng() & 1;
+  if (block.by_priority) {
+    block.priority.resize(threads);
+    for (int i = 0; i < threads; ++i) block.priority[i] = static_cast<uint32_t>(i);
+    std::shuffle(block.priority.begin(), block.priority.end(), block.rng);
+  }
   block.live = threads;
   block.launch_token = launch_token;
   block.worker_token = &pool.handoff;
@@ -459,6 +483,7 @@ void run_block(const std::function<void()>& body, dim3 grid, dim3 dim, size_t sm
     f.stack = pool.stacks[i].get();
     f.block = &block;
     f.coordinates = {{i % dim.x, i / dim.x % dim.y, i / (dim.x * dim.y)}, block_idx, dim, grid};
+    f.linear = i;
     f.lane = i % kWarpSize;
     f.warp = i / kWarpSize;
 #if defined(BDFAST_EMU_TSAN)
@@ -476,10 +501,7 @@ void run_block(const std::function<void()>& body, dim3 grid, dim3 dim, size_t sm
 
   current_block = &block;
   tsan_release(block.worker_token);
-  const size_t pick = block.rng() % block.runnable.size();
-  Fiber* first = block.runnable[pick];
-  block.runnable[pick] = block.runnable.back();
-  block.runnable.pop_back();
+  Fiber* first = take_runnable(block);
   switch_to(block.worker_context, first, false);
   tsan_acquire(block.worker_token);
   current_block = nullptr;

@@ -6,8 +6,10 @@
 //  - A launch runs its blocks on a small pool of worker threads, several blocks at once, in a
 //    shuffled order, and returns when all are done (a launch on one stream is ordered anyway).
 //  - Within a block, every CUDA thread is a fiber with its own stack, run cooperatively on the
-//    block's worker in a random order (seeded per launch). A fiber runs until it reaches a
-//    barrier, a warp shuffle or its end.
+//    block's worker. A fiber runs until it reaches a barrier, a warp shuffle or its end; then
+//    the next runnable fiber is picked at random in half the blocks, and in the other half by a
+//    random priority, which lets some warps race ahead of the others as far as the barriers
+//    allow (the schedules are seeded per launch).
 //  - __shared__ variables are per block: `static thread_local`, because a worker runs one block
 //    at a time and fibers never move between workers. Dynamic shared memory is a fresh buffer
 //    per block, filled with 0xff bytes so that reading it before writing shows.
