@@ -209,12 +209,10 @@ struct Fiber {
   State state = State::kRunnable;
   // Block barrier: the predicate brought and the block-wide AND handed back.
   int predicate = 0, barrier_result = 0;
-  unsigned barrier_generation = 0;
   // Warp exchange: mask, value and source lane brought, value handed back.
   unsigned warp_mask = 0;
   uint64_t exchange_value = 0, exchange_result = 0;
   int exchange_source = -1;
-  unsigned warp_generation = 0;
 #if defined(BDFAST_EMU_TSAN)
   void* tsan_fiber = nullptr;
 #endif
@@ -241,7 +239,6 @@ struct WorkerFibers {
 };
 
 struct WarpState {
-  int live = 0;     // lanes that have not returned
   int waiting = 0;  // lanes inside warp_exchange
   unsigned generation = 0;
   char tsan_tokens[2] = {};  // happens-before of alternate generations
@@ -426,8 +423,6 @@ void fiber_entry(void* fiber) {
   tsan_release(block.worker_token);
   self->state = State::kExited;
   --block.live;
-  WarpState& w = block.warps[self->warp];
-  --w.live;
   complete_exchange_if_ready(block, self->warp);
   complete_barrier_if_ready(block);
   yield(self, true);
@@ -495,7 +490,6 @@ void run_block(const std::function<void()>& body, dim3 grid, dim3 dim, size_t sm
 #endif
     make_context(f.context, f.stack->bottom(), kStackBytes, fiber_entry, &f);
     block.fibers[i] = &f;
-    block.warps[f.warp].live += 1;
     block.runnable.push_back(&f);
   }
 
