@@ -73,17 +73,17 @@ __global__ void dynamic_shared_kernel(int* out) {
   if (threadIdx.x == 0) out[blockIdx.x] = before == -1 && scratch[kThreads - 1] == blockIdx.x;
 }
 
-// Blocks in flight at once: each block enters, waits (up to two seconds) for another block to
-// be inside too, and records the most it saw.
+// Blocks in flight at once: each block enters and, until two blocks have been inside together
+// (or two seconds have passed), waits for another block to come in; `most` is the most seen.
 __global__ void concurrency_kernel(unsigned* inside, unsigned* most) {
   if (threadIdx.x != 0) return;
-  const unsigned now = atomicAdd(inside, 1u) + 1;
-  atomicMax(most, now);
+  atomicMax(most, atomicAdd(inside, 1u) + 1);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-  while (__atomic_load_n(inside, __ATOMIC_ACQUIRE) < 2 &&
-         std::chrono::steady_clock::now() < deadline)
+  while (__atomic_load_n(most, __ATOMIC_ACQUIRE) < 2 &&
+         std::chrono::steady_clock::now() < deadline) {
     std::this_thread::yield();
-  atomicMax(most, __atomic_load_n(inside, __ATOMIC_ACQUIRE));
+    atomicMax(most, __atomic_load_n(inside, __ATOMIC_ACQUIRE));
+  }
   atomicAdd(inside, ~0u);  // - 1
 }
 
