@@ -126,3 +126,52 @@ def test_opcheck_every_op():
     for op, args in cases:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+# Calls every kernel refuses (csrc/checks.h); the fake kernels must refuse them too, or a
+# compiled graph would carry shapes the real op never returns.
+def _medic_layer(batch=2, channels=3):
+    return (torch.ones(batch, channels, 2, 2),) * 3 + (torch.ones(channels),) * 2
+
+
+def _medic(*layers):
+    t, s, g, mu, sigma = (list(part) for part in zip(*layers))
+    return torch.ops.bdfast.medic_clone_loss(t, s, g, mu, sigma, 5.0, 1e-5, False)
+
+
+def _medic_backward(row_stats):
+    t, s, g, mu, sigma = (list(part) for part in zip(_medic_layer()))
+    return torch.ops.bdfast.medic_clone_loss_backward(torch.ones(()), t, s, g, mu, sigma,
+                                                      row_stats, 5.0, 1e-5, False)
+
+
+REFUSED = {
+    "gaussian_kl lengths 5 and 7": lambda: torch.ops.bdfast.gaussian_kl(
+        torch.ones(5), torch.ones(7), torch.ones(5), torch.ones(5), 1e-5),
+    "gaussian_kl 2-D": lambda: torch.ops.bdfast.gaussian_kl(*[torch.ones(2, 3)] * 4, 1e-5),
+    "histogram_entropy 1-D x": lambda: torch.ops.bdfast.histogram_entropy(
+        torch.ones(6), torch.tensor([0, 6]), 0.01, False),
+    "histogram_entropy int32 offsets": lambda: torch.ops.bdfast.histogram_entropy(
+        torch.randn(4, 6), torch.tensor([0, 6], dtype=torch.int32), 0.01, False),
+    "layer_outliers 2-D scores": lambda: torch.ops.bdfast.layer_outliers(
+        torch.ones(2, 3), torch.tensor([0, 6]), 3.0, False),
+    "layer_outliers one offset": lambda: torch.ops.bdfast.layer_outliers(
+        torch.ones(6), torch.tensor([0]), 3.0, False),
+    "medic s of another shape": lambda: _medic(
+        (torch.ones(2, 3, 2, 2), torch.ones(2, 3, 2, 3), torch.ones(2, 3, 2, 2), torch.ones(3),
+         torch.ones(3))),
+    "medic mu of another length": lambda: _medic(
+        _medic_layer()[:3] + (torch.ones(4), torch.ones(3))),
+    "medic lists of two lengths": lambda: torch.ops.bdfast.medic_clone_loss(
+        *[[x] for x in _medic_layer()[:4]], [], 5.0, 1e-5, False),
+    "medic backward row_stats of one row": lambda: _medic_backward(torch.ones(1, 4)),
+}
+
+
+@pytest.mark.parametrize("call", REFUSED.values(), ids=REFUSED.keys())
+def test_fake_kernels_refuse_what_the_kernels_refuse(call):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with pytest.raises(RuntimeError):
+        call()
+    with FakeTensorMode(), pytest.raises(RuntimeError):
+        call()

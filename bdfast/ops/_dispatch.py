@@ -113,3 +113,16 @@ def check_offsets(offsets, k: int, device: torch.device, name: str = "offsets") 
             raise ValueError(f"{name} must start at 0, never decrease and end at {k} (the number "
                              f"of packed columns), got {host.tolist()}")
     return offsets.to(device=device, dtype=torch.int64).contiguous()
+
+
+def fake_check(condition, message: str) -> None:
+    """A fake (meta) kernel's check of what the real kernel checks (csrc/checks.h): under
+    torch.compile and FakeTensorMode the call then fails as the real op would, instead of
+    returning a made-up shape."""
+    torch._check(condition, lambda: message)
+
+
+def fake_check_offsets(offsets: Tensor, op: str) -> None:
+    fake_check(offsets.dim() == 1 and offsets.shape[0] >= 2 and offsets.dtype == torch.int64,
+               f"{op}: offsets must be a 1-D int64 tensor [L+1], got shape "
+               f"{list(offsets.shape)} and dtype {offsets.dtype}")

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from bdfast import _extension, reference
 from bdfast.ops._dispatch import (FLOAT_DTYPES, check_same_device, check_scalar, check_tensor,
-                                  use_native)
+                                  fake_check, use_native)
 
 _NAMES = ("mu_p", "var_p", "mu_q", "var_q")
 
@@ -35,4 +35,8 @@ def gaussian_kl(mu_p: Tensor, var_p: Tensor, mu_q: Tensor, var_q: Tensor, *, eps
 if _extension.loaded():
     @torch.library.register_fake("bdfast::gaussian_kl")
     def _(mu_p, var_p, mu_q, var_q, eps):
+        fake_check(mu_p.dim() == 1 and var_p.shape == mu_p.shape and mu_q.shape == mu_p.shape
+                   and var_q.shape == mu_p.shape,
+                   "gaussian_kl: mu_p, var_p, mu_q and var_q must be 1-D tensors of the same "
+                   f"length, got shapes {[list(v.shape) for v in (mu_p, var_p, mu_q, var_q)]}")
         return mu_p.new_empty(mu_p.shape, dtype=torch.float32)

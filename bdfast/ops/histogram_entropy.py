@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from bdfast import _extension, reference
-from bdfast.ops._dispatch import check_offsets, check_scalar, check_tensor, use_native
+from bdfast.ops._dispatch import (FLOAT_DTYPES, check_offsets, check_scalar, check_tensor,
+                                  fake_check, fake_check_offsets, use_native)
 
 
 def histogram_entropy(x: Tensor, offsets: Optional[Tensor] = None, *, step: float = 0.01,
@@ -44,4 +45,9 @@ def histogram_entropy(x: Tensor, offsets: Optional[Tensor] = None, *, step: floa
 if _extension.loaded():
     @torch.library.register_fake("bdfast::histogram_entropy")
     def _(x, offsets, step, reference_compat):
+        fake_check(x.dim() == 2, f"histogram_entropy: x must be a 2-D tensor [N, K], got shape "
+                                 f"{list(x.shape)}")
+        fake_check(x.dtype in FLOAT_DTYPES, "histogram_entropy: x must be float32, float16 or "
+                                            f"bfloat16, got {x.dtype}")
+        fake_check_offsets(offsets, "histogram_entropy")
         return x.new_empty((x.shape[1],), dtype=torch.float32)

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from bdfast import _extension, reference
-from bdfast.ops._dispatch import FLOAT_DTYPES, check_offsets, check_tensor, use_native
+from bdfast.ops._dispatch import (FLOAT_DTYPES, check_offsets, check_tensor, fake_check,
+                                  fake_check_offsets, use_native)
 
 DIRECTIONS = ("low", "high")
 
@@ -46,5 +47,11 @@ def layer_outliers(scores: Tensor, offsets: Optional[Tensor] = None, *, u: float
 if _extension.loaded():
     @torch.library.register_fake("bdfast::layer_outliers")
     def _(scores, offsets, u, high):
+        fake_check(scores.dim() == 1, "layer_outliers: scores must be a 1-D tensor [K], got "
+                                      f"shape {list(scores.shape)}")
+        fake_check(scores.dtype in FLOAT_DTYPES + (torch.float64,),
+                   "layer_outliers: scores must be float32, float64, float16 or bfloat16, got "
+                   f"{scores.dtype}")
+        fake_check_offsets(offsets, "layer_outliers")
         return (scores.new_empty(scores.shape, dtype=torch.bool),
                 scores.new_empty((offsets.shape[0] - 1,), dtype=torch.float64))

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from bdfast import _extension, reference
 from bdfast.ops._dispatch import (FLOAT_DTYPES, check_same_device, check_scalar, check_tensor,
-                                  use_native)
+                                  fake_check, use_native)
 
 _NAMES = ("t", "s", "g", "mu", "sigma")
 
@@ -108,13 +108,37 @@ def _same_kernel_layout(*tensors: Tensor) -> bool:
 
 
 if _extension.loaded():
+    def _fake_check_layers(t, s, g, mu, sigma):
+        """The shape and dtype checks of csrc/checks.h; returns the number of rows."""
+        fake_check(len(t) > 0 and len(s) == len(g) == len(mu) == len(sigma) == len(t),
+                   "medic_clone_loss: t, s, g, mu and sigma must be non-empty lists of equal "
+                   "length")
+        for layer, (t_l, s_l, g_l, mu_l, sigma_l) in enumerate(zip(t, s, g, mu, sigma)):
+            fake_check(t_l.dim() >= 2 and s_l.shape == t_l.shape and g_l.shape == t_l.shape,
+                       f"medic_clone_loss: t, s and g of layer {layer} must have one shape "
+                       "[B, C, *spatial]")
+            fake_check(t_l.dtype in FLOAT_DTYPES and s_l.dtype == g_l.dtype == t_l.dtype,
+                       f"medic_clone_loss: t, s and g of layer {layer} must have one dtype of "
+                       "float32, float16 or bfloat16")
+            fake_check(mu_l.shape == sigma_l.shape == (t_l.shape[1],)
+                       and mu_l.dtype == sigma_l.dtype == torch.float32,
+                       f"medic_clone_loss: mu and sigma of layer {layer} must be float32 vectors "
+                       "of length C")
+        return sum(t_l.shape[0] for t_l in t)
+
     @torch.library.register_fake("bdfast::medic_clone_loss")
     def _(t, s, g, mu, sigma, tau, eps, signed_scores):
-        rows = sum(t_l.shape[0] for t_l in t)
+        rows = _fake_check_layers(t, s, g, mu, sigma)
         return s[0].new_empty((), dtype=torch.float32), s[0].new_empty((rows, 4), dtype=torch.float32)
 
     @torch.library.register_fake("bdfast::medic_clone_loss_backward")
     def _(grad_loss, t, s, g, mu, sigma, row_stats, tau, eps, signed_scores):
+        rows = _fake_check_layers(t, s, g, mu, sigma)
+        fake_check(grad_loss.numel() == 1, "medic_clone_loss_backward: grad_loss must hold one "
+                                           f"value, got shape {list(grad_loss.shape)}")
+        fake_check(row_stats.shape == (rows, 4) and row_stats.dtype == torch.float32,
+                   f"medic_clone_loss_backward: row_stats must be the forward's float32 "
+                   f"[{rows}, 4] tensor, got {row_stats.dtype} {list(row_stats.shape)}")
         return [torch.empty_like(s_l) for s_l in s]
 
     def _setup_context(ctx, inputs, output):
