@@ -83,6 +83,8 @@ def medic_clone_loss(t: Sequence[Tensor], s: Sequence[Tensor], g: Sequence[Tenso
         t, s, g: per-layer lists of teacher activations, student activations and teacher
             gradients, each [B, C_l, *spatial_l].
         mu, sigma: per-layer lists of per-channel statistics [C_l].
+        tau: the softmax temperature of :func:`medic_importance`; 5 is the paper's (MEDIC's
+            defense itself defaults to 20, see :func:`bdfast.medic_clone`).
 
     Returns:
         The scalar ``sum_l (1/B) sum_b sum_i w_i ((t_i - s_i) / (sigma_c + eps))^2``, with w from

@@ -25,7 +25,9 @@ def medic_clone_loss(t: Sequence[Tensor], s: Sequence[Tensor], g: Sequence[Tenso
         s: student activations, same shapes; the only input that receives a gradient.
         g: gradients of the teacher's per-sample loss w.r.t. ``t``, same shapes.
         mu, sigma: per-channel mean and std of each teacher layer over the clean set, [C_l].
-        tau: softmax temperature; eps: added to sigma (both finite in float32, eps > 0).
+        tau: softmax temperature; eps: added to sigma (both finite in float32, eps > 0). The
+            op's default tau is the paper's 5; :func:`bdfast.medic_clone` passes its own
+            default, 20, chosen on the efficacy matrix (see its docstring).
         signed: use signed deviations and gradients (the released code) instead of absolute.
         backend: "auto" (compiled kernel when available), "native" or "reference".
         return_weights: also return the per-layer importance w (materialised, for inspection).
