@@ -187,7 +187,7 @@ class Medic:
 
 
 class MedicStep:
-    """The loss of one MEDIC training step (Algorithm 1, lines 4-7), as a ``training.fit`` step.
+    """The loss of one MEDIC training step (Algorithm 1, lines 4-7), as a ``distill.fit`` step.
 
     ``step(net, x, y, epoch) -> loss``: one teacher forward with the hooked outputs t in the
     autograd graph; g = d CE_teacher / d t by ``torch.autograd.grad`` (per-sample: CE summed

@@ -25,7 +25,6 @@ docs/medic.md for the memory per image.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -34,10 +33,9 @@ from torch import Tensor
 
 from bdfast._utils import is_channels_last
 
-__all__ = ["CACHE_MODES", "CACHE_DTYPES", "TeacherCache", "fingerprints", "default_budget",
+__all__ = ["CACHE_DTYPES", "TeacherCache", "fingerprints", "default_budget",
            "resolve_cache_dtype"]
 
-CACHE_MODES = ("auto", True, False)
 CACHE_DTYPES = ("auto", torch.float32, torch.bfloat16, torch.float16)
 CacheSpec = Union[str, bool]
 _DTYPE_NAMES = ("float32", "bfloat16", "float16")
