@@ -12,7 +12,7 @@ endif
 , := ,
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.cuh csrc/cuda/*.h)
 
-.PHONY: venv data build cuda-build cuda-emu test test-gpu sanitize-cuda coverage-cuda bench bench-run \
+.PHONY: venv data build cuda-build cuda-emu lint test test-gpu sanitize-cuda coverage-cuda bench bench-run \
 	demo margin efficacy ctest clean
 
 venv: $(VENV)/.installed
@@ -57,6 +57,9 @@ endef
 
 cuda-emu: venv
 	$(call emu-build,build/cuda-emu,)
+
+lint: venv
+	$(BIN)/ruff check bdfast tests benchmarks scripts setup.py
 
 test: venv cuda-emu
 	$(BIN)/python -m pytest tests -q

@@ -117,8 +117,8 @@ def backend_info() -> Dict[str, object]:
         if not native_cpu:
             why["native_cpu"] = "the extension was built without CPU kernels for every op"
         if not native_cuda:
-            why["native_cuda"] = ("the extension was built without CUDA kernels (torch without CUDA "
-                                  "or nvcc not found at build time); " + REBUILD_HINT)
+            why["native_cuda"] = ("the extension was built without CUDA kernels (torch without "
+                                  "CUDA or nvcc not found at build time); " + REBUILD_HINT)
     if not cuda_device:
         why["cuda_device"] = "torch sees no CUDA device"
     if native_cuda and cuda_device:

@@ -251,7 +251,8 @@ def check_not_tensor(loader: Any, what: str = "loader") -> None:
                         "wrap the tensor with bdfast.data.tensor_loader(x)")
 
 
-def iter_batches(loader: Iterable, what: str = "loader") -> Iterator[Tuple[Tensor, Optional[Tensor]]]:
+def iter_batches(loader: Iterable,
+                 what: str = "loader") -> Iterator[Tuple[Tensor, Optional[Tensor]]]:
     """Iterate ``(x, y or None)`` over a loader, failing clearly if it yields nothing."""
     empty = True
     for batch in loader:

@@ -250,7 +250,8 @@ def _forward_order(model: nn.Module, layers: Mapping[str, nn.Module],
     return list(order.items())
 
 
-def _prefix_ratios(layers: Mapping[str, nn.Module], ratios: Mapping[str, float]) -> Dict[str, float]:
+def _prefix_ratios(layers: Mapping[str, nn.Module],
+                   ratios: Mapping[str, float]) -> Dict[str, float]:
     checked = {}
     for prefix, p in ratios.items():
         if not isinstance(prefix, str):

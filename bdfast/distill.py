@@ -54,7 +54,8 @@ def resolve_amp(amp: AmpSpec, device: torch.device) -> Optional[torch.dtype]:
         return None
     if amp in (torch.float16, torch.bfloat16):
         return amp
-    raise ValueError(f"amp must be 'auto', True, False, torch.bfloat16 or torch.float16, got {amp!r}")
+    raise ValueError("amp must be 'auto', True, False, torch.bfloat16 or torch.float16, "
+                     f"got {amp!r}")
 
 
 def check_loader(loader: Iterable, what: str = "loader") -> None:

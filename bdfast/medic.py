@@ -140,7 +140,8 @@ class Medic:
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
         if student is not None and not isinstance(student, nn.Module):
-            raise TypeError(f"student must be a torch.nn.Module or None, got {type(student).__name__}")
+            raise TypeError("student must be a torch.nn.Module or None, got "
+                            f"{type(student).__name__}")
         check_loader(loader)
         clock = time.perf_counter()
         home = resolve_device(None, teacher)
@@ -386,14 +387,16 @@ def _student(source: nn.Module, names: Sequence[str], *, fresh: bool) -> nn.Modu
                     what = f"module {name!r}" if name else "the model itself"
                     raise TypeError(f"{what} ({type(module).__name__}) has parameters but no "
                                     "reset_parameters(), so MEDIC cannot re-initialise it; pass a "
-                                    "freshly initialised model of the same architecture as student=")
+                                    "freshly initialised model of the same architecture as "
+                                    "student=")
                 module.reset_parameters()  # BatchNorm's also resets its running statistics
             elif callable(getattr(module, "reset_running_stats", None)):
                 module.reset_running_stats()  # norm layers without affine parameters
     else:
         missing = [n for n in names if n not in dict(model.named_modules())]
         if missing:
-            raise ValueError(f"student must have the teacher's hooked layers, but lacks {missing[:5]}")
+            raise ValueError("student must have the teacher's hooked layers, but lacks "
+                             f"{missing[:5]}")
     disable_inplace(model)
     return model.requires_grad_(True).train()
 
@@ -410,8 +413,9 @@ def _teacher_cache(cfg: MedicConfig, loader: Iterable,
         return None
     budget = cfg.cache_budget if cfg.cache_budget is not None else default_budget(device)
     batches = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    return TeacherCache(cfg.cache_teacher, budget=budget, dtype=resolve_cache_dtype(cfg.cache_dtype),
-                        batches=batches, rescale=cfg.reference_compat)
+    return TeacherCache(cfg.cache_teacher, budget=budget,
+                        dtype=resolve_cache_dtype(cfg.cache_dtype), batches=batches,
+                        rescale=cfg.reference_compat)
 
 
 def _memory_format(spec: Union[str, bool], t_model: nn.Module, s_model: nn.Module,

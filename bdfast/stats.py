@@ -19,7 +19,8 @@ class ChannelMoments:
     """
 
     def __init__(self) -> None:
-        self.count: Optional[Tensor] = None   # [C] float64 (a count per channel keeps merges simple)
+        # [C] float64 (a count per channel keeps merges simple)
+        self.count: Optional[Tensor] = None
         self.mean: Optional[Tensor] = None    # [C] float64
         self.m2: Optional[Tensor] = None      # [C] float64
 

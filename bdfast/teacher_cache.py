@@ -129,7 +129,8 @@ class TeacherCache:
         self.hits = 0
         self.reason = ""
         self._weights: Optional[Tuple[Tensor, Tensor]] = None
-        self._chunks: List[List[Tensor]] = []  # epoch 1: [keys, check, labels, t..., g...] per batch
+        # Epoch 1: [keys, check, labels, t..., g...] per batch.
+        self._chunks: List[List[Tensor]] = []
         self._table: List[Tensor] = []
         self._layers = 0
         self._out_dtypes: List[torch.dtype] = []
@@ -162,7 +163,8 @@ class TeacherCache:
             self._nhwc = [is_channels_last(v) for v in (*t, *g)]
             self.bytes_per_image = self._row_bytes()
             if self.batches is not None:
-                if self.dtype is None and self.batches * len(x) * self.bytes_per_image > self.budget:
+                needed = self.batches * len(x) * self.bytes_per_image
+                if self.dtype is None and needed > self.budget:
                     self._narrow = True
                     self.bytes_per_image = self._row_bytes()
                 self._check_budget(self.batches * len(x), estimate=True)

@@ -151,7 +151,7 @@ def run_variant(case_data, variant: str, epochs: int):
         cache = variant.startswith("cache")
         options = dict(epochs=epochs, seed=SEED, progress=False, amp=False,
                        reference_compat=True, augment=augment,
-                       cache_teacher=True if cache else False)
+                       cache_teacher=bool(cache))
         if cache:
             options["cache_dtype"] = DTYPES[variant]
         if variant == "cache-nchw":
@@ -198,7 +198,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeat", type=int, default=1, help="runs of each variant, in turn")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "medic_run.json")
+    parser.add_argument("--out", type=Path,
+                        default=ROOT / "benchmarks" / "results" / "medic_run.json")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench_medic_run")
     args = parser.parse_args(argv)
     cases, variants = args.cases.split(","), args.variants.split(",")

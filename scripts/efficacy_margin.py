@@ -17,8 +17,9 @@ capability that took effect is read back from the worker and shown. Results are 
 ``--results`` (JSON lines) as they arrive and reused by a later run with the same sources, so an
 interrupted run resumes; trained lab models are cached in ``--cache`` likewise.
 
-    python scripts/efficacy_margin.py                       # the full matrix (~4 min a variant, 2 cores)
-    python scripts/efficacy_margin.py --cases dde mbns -j 2 # a subset, two workers at a time
+    python scripts/efficacy_margin.py                        # the full matrix (~4 min a variant,
+                                                             # 2 cores)
+    python scripts/efficacy_margin.py --cases dde mbns -j 2  # a subset, two workers at a time
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def worker(args: argparse.Namespace) -> None:
             teachers[key] = model
         start = time.perf_counter()
         before, after = case.run(digits, teachers[key], args.seed)
-        print(json.dumps({"case": case.name, "key": case.key, "seed": args.seed, "threads": args.threads,
+        print(json.dumps({"case": case.name, "key": case.key, "seed": args.seed,
+                          "threads": args.threads,
                           "isa": args.isa, "capability": capability,
                           "before": before, "after": after,
                           "margin": case.margin(before, after),
@@ -140,7 +142,8 @@ def table(rows: List[dict], cases, seeds, threads, isas) -> str:
                 [case.name, str(seed), before]
                 + [(fmt(c) + ("" if c["margin"] >= 0 else " **x**")) if c else "" for c in cells])
                 + " |")
-    lines += ["", "| case | bound | worst variant | ACC / ASR there | margin |", "|---|---|---|---|---:|"]
+    lines += ["", "| case | bound | worst variant | ACC / ASR there | margin |",
+              "|---|---|---|---|---:|"]
     for case in cases:
         mine = [r for r in rows if r["key"] == case.key]
         if not mine:

@@ -56,7 +56,8 @@ def test_every_image_is_a_window_of_its_padded_self(device, dtype, shape, paddin
 
 
 def test_draws_cover_every_offset_and_flip_and_a_seed_reproduces_them():
-    x = (torch.arange(16 * 16, dtype=torch.float32) + 1).reshape(1, 1, 16, 16).expand(400, 1, 16, 16)
+    x = (torch.arange(16 * 16, dtype=torch.float32) + 1).reshape(1, 1, 16, 16)
+    x = x.expand(400, 1, 16, 16)
     out = RandomCrop(flip=True, seed=3)(x)
     seen = {which_crop(o, x[0], 2, True) for o in out}
     # 2-pixel padding: 5 x 5 offsets, each mirrored or not; symmetric windows don't occur here.
@@ -122,7 +123,9 @@ def test_defenses_take_augment_and_reject_bad_values(small, defense):
     plain = defense(teacher, loader, **options)
     cropped = defense(teacher, loader, augment="crop", **options)
     again = defense(teacher, loader, augment="crop", **options)
-    state = lambda m: torch.cat([p.flatten() for p in m.state_dict().values() if p.is_floating_point()])
+    def state(m):
+        return torch.cat([p.flatten() for p in m.state_dict().values() if p.is_floating_point()])
+
     assert not torch.equal(state(plain), state(cropped))
     assert torch.equal(state(cropped), state(again))
     with pytest.raises(ValueError, match="augment must be"):

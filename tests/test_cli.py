@@ -371,16 +371,19 @@ def test_no_best_defense_is_named_for_an_attack_that_did_not_implant(tmp_path):
     assert set(best) == {"badnets"} and best["badnets"].defense == "medic"
     paths = write_report(str(tmp_path), rows_as_dicts(rows), {"quick": False}, {},
                          {a: r.__dict__ for a, r in best.items()}, implanted_asr=IMPLANTED_ASR)
-    report = json.loads(open(paths["json"]).read())
+    with open(paths["json"]) as f:
+        report = json.load(f)
     assert report["best"] == {"badnets": "medic"}
     assert report["not_implanted"] == {"sig": 0.02}
-    assert "sig: none named" in open(paths["markdown"]).read()
+    with open(paths["markdown"]) as f:
+        assert "sig: none named" in f.read()
 
 
 def test_demo_run_times_are_the_same_in_the_readme_and_the_help():
     from bdfast.cli import build_parser
     from bdfast.demo import FULL_RUN_SECONDS, QUICK_RUN_SECONDS
-    readme = open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")).read()
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")) as f:
+        readme = f.read()
     demo = build_parser()._subparsers._group_actions[0].choices["demo"]
     help_text = " ".join(demo.format_help().split())
     for seconds in (FULL_RUN_SECONDS, QUICK_RUN_SECONDS):

@@ -33,7 +33,8 @@ def test_cli_demo_and_readme_use_the_registry():
     subcommands = cli.build_parser()._subparsers._group_actions[0].choices
     clean = next(a for a in subcommands["clean"]._actions if a.dest == "method")
     assert tuple(clean.choices) == defenses.names()
-    assert demo.DEFENSES == ("none", "finetune") + defenses.names()
+    registered = ("none", "finetune") + defenses.names()
+    assert registered == demo.DEFENSES
     assert set(demo.DEFENSE_RUNNERS) == set(demo.DEFENSES)
     readme = (ROOT / "README.md").read_text()
     for defense in defenses.DEFENSES.values():

@@ -107,9 +107,9 @@ def test_functional_inplace_relu_is_detected_and_handled():
 
 def test_module_run_twice_is_a_clear_error():
     model = Twice()
-    with pytest.raises(RuntimeError, match="'conv' ran twice in one forward pass"):
-        with Tap(model, ["conv"]):
-            model(torch.randn(2, 2, 3, 3))
+    with pytest.raises(RuntimeError, match="'conv' ran twice in one forward pass"), \
+            Tap(model, ["conv"]):
+        model(torch.randn(2, 2, 3, 3))
 
 
 def test_teacher_statistics_match_a_direct_float64_computation():

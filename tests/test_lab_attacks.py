@@ -53,7 +53,7 @@ def test_blended_formula_and_seeded_pattern():
     x = torch.rand(4, 3, 16, 16)
     attack = attacks.get("blended")
     p = attack.pattern(3, 16, 16)
-    assert p.shape == (3, 16, 16) and 0 <= float(p.min()) and float(p.max()) < 1
+    assert p.shape == (3, 16, 16) and float(p.min()) >= 0 and float(p.max()) < 1
     assert float(p.std()) > 0.2  # a real random pattern, not a constant
     torch.testing.assert_close(attack.apply(x), 0.8 * x + 0.2 * p)
     assert torch.equal(attacks.get("blended").pattern(3, 16, 16), p)
@@ -101,7 +101,7 @@ def test_apply_keeps_dtype_range_and_input(name, dtype):
     out = attacks.get(name).apply(x)
     assert out.dtype == dtype and out.shape == x.shape and out.data_ptr() != x.data_ptr()
     assert torch.equal(x, before)  # never in place
-    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
     ref = attacks.get(name).apply(x.float())
     tol = 1e-6 if dtype == torch.float64 else 2e-2
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=0)

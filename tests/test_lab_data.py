@@ -23,7 +23,7 @@ def test_splits_shapes_dtypes_ranges(digits):
     for x, y in (digits.train, digits.clean, digits.test):
         assert x.dtype == torch.float32 and y.dtype == torch.int64
         assert x.shape[1:] == (1, 16, 16) and y.shape == (len(x),)
-        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+        assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
         assert set(y.tolist()) == set(range(10))
     assert digits.num_classes == 10 and digits.size == 16
 
@@ -48,7 +48,7 @@ def test_split_sizes_and_partition_of_the_real_data():
 def test_split_is_stratified(digits):
     all_counts = np.bincount(np.concatenate([s[1].numpy() for s in
                                              (digits.train, digits.clean, digits.test)]))
-    for x, y in (digits.train, digits.clean, digits.test):
+    for _, y in (digits.train, digits.clean, digits.test):
         counts = np.bincount(y.numpy(), minlength=10)
         expected = all_counts * len(y) / all_counts.sum()
         assert np.all(np.abs(counts - expected) <= 1.5), (counts, expected)

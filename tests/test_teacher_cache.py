@@ -24,7 +24,8 @@ def small(digits):
 
 
 class Rebatched:
-    """Re-iterable: epoch e yields a fresh permutation of the images in batches of ``sizes[e % 2]``."""
+    """Re-iterable: epoch e yields a fresh permutation of the images in batches of
+    ``sizes[e % 2]``."""
 
     def __init__(self, x, y, sizes=(16, 12), augment=False):
         self.x, self.y, self.sizes, self.augment, self.epoch = x, y, sizes, augment, 0

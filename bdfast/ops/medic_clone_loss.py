@@ -1,4 +1,4 @@
-"""``medic_clone_loss``: MEDIC's importance weights and weighted clone loss for all layers at once."""
+"""``medic_clone_loss``: MEDIC's importance weights and weighted clone loss, all layers at once."""
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple, Union
@@ -131,7 +131,8 @@ if _extension.loaded():
     @torch.library.register_fake("bdfast::medic_clone_loss")
     def _(t, s, g, mu, sigma, tau, eps, signed_scores):
         rows = _fake_check_layers(t, s, g, mu, sigma)
-        return s[0].new_empty((), dtype=torch.float32), s[0].new_empty((rows, 4), dtype=torch.float32)
+        return (s[0].new_empty((), dtype=torch.float32),
+                s[0].new_empty((rows, 4), dtype=torch.float32))
 
     @torch.library.register_fake("bdfast::medic_clone_loss_backward")
     def _(grad_loss, t, s, g, mu, sigma, row_stats, tau, eps, signed_scores):
