@@ -1,5 +1,5 @@
 """DDE: prune the BN channels whose activation distribution has a Discrepantly low Differential
-Entropy on the (poisoned) training set (DDE/MBNS paper, Sec. 4.2 and 4.4; SPEC 5.2).
+Entropy on the (poisoned) training set (DDE/MBNS paper, Sec. 4.2 and 4.4; docs/pruning.md).
 
 On a backdoor neuron the poisoned samples form a second mode, and a standardised two-mode
 mixture has less entropy than the (entropy-maximising) Gaussian of a benign neuron. So:
@@ -41,7 +41,7 @@ def dde_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0,
             AUTO_U_GRID`) and keeps the smallest whose pruning costs at most ``acc_budget`` of
             clean accuracy on ``val_loader``; the report's ``sweep`` records every u tried.
         step: histogram bin width in standardised units.
-        reference_compat: use the released code's histogram estimator (SPEC 5.3) instead of the
+        reference_compat: use the released code's histogram estimator (docs/ops.md) instead of the
             paper's differential entropy ``-sum p ln(p / step)``.
         max_samples: use at most this many images (default: all the loader yields).
         val_loader: clean images held out from ``loader`` (``x`` or ``(x, y)``), needed by

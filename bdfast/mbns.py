@@ -1,5 +1,5 @@
 """MBNS: prune the BN channels whose running statistics Mismatch the statistics of clean data
-(DDE/MBNS paper, Sec. 4.3 and 4.4; SPEC 5.1).
+(DDE/MBNS paper, Sec. 4.3 and 4.4; docs/pruning.md).
 
 A model trained on poisoned data records, in each BN layer, the mean and variance of the
 clean+poisoned mixture. On a backdoor neuron the poisoned samples pull these far from what

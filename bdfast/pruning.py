@@ -1,5 +1,5 @@
 """The machinery DDE and MBNS share: find the BatchNorm layers, reduce their inputs over a loader,
-prune channels and report (SPEC section 5).
+prune channels and report (docs/pruning.md).
 
 Both defenses score every BN channel from the BN's *input* (the conv output before
 normalisation), flag per-layer outliers with ``ops.layer_outliers`` and prune a channel by
@@ -219,7 +219,7 @@ def layer_offsets(model: nn.Module, names: Sequence[str], device: torch.device) 
 
 
 def check_finite(finite: Tensor, offsets: Tensor, names: Sequence[str]) -> None:
-    """Stop before pruning if a BN layer's inputs were NaN or infinite (SPEC section 9).
+    """Stop before pruning if a BN layer's inputs were NaN or infinite (docs/pruning.md, "Errors").
 
     ``finite`` is bool [K] over the packed channels of the layers delimited by ``offsets``.
     """
@@ -387,7 +387,7 @@ def report(method: str, score: str, options: Dict[str, Any], samples: int,
 
 
 class ChannelStatistic(abc.ABC):
-    """The plug-in of one pruning method (SPEC section 5): what it reduces from each BN layer's
+    """The plug-in of one pruning method (docs/pruning.md): what it reduces from each BN layer's
     input, and how it turns that into one score per channel. :func:`prune_outliers` calls
     :meth:`start`, :meth:`update` for every batch and BN layer, :meth:`finish`, then
     :meth:`score`."""

@@ -27,7 +27,7 @@ def compare(out, ref) -> float:
 
 
 def released_loop(x: torch.Tensor, offsets, step: float) -> torch.Tensor:
-    """The authors' estimator as a plain per-bin loop (the SPEC §5.3 "[released code]").
+    """The authors' estimator as a plain per-bin loop (``reference_compat=True`` in docs/ops.md).
 
     Standardisation uses the correctly rounded float32 mean and standard deviation: torch's own
     float32 column sums depend on the CPU's vector width, which moves a value across a bin edge

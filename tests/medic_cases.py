@@ -1,6 +1,6 @@
 """Inputs and checks shared by the CPU and CUDA parity tests of ``medic_clone_loss``.
 
-SPEC §2 tolerances, as relative errors of the whole output: < 1e-4 for float32 inputs and
+The tolerances of docs/ops.md, as relative errors of the whole output: < 1e-4 for float32 inputs and
 < 1e-2 for 16-bit inputs, whose reference is evaluated in float64 on the same rounded values.
 The loss is compared as a scalar and the student gradient layer by layer.
 """

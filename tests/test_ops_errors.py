@@ -1,4 +1,5 @@
-"""Bad input to the ops fails with one clear sentence naming the argument (SPEC §9).
+"""Bad input to the ops fails with one clear sentence naming the argument
+(docs/ops.md, "Bad input").
 
 The "meta" device stands in for a second device, so the device checks run without a GPU.
 """

@@ -1,7 +1,7 @@
-"""``histogram_entropy``: both estimators of SPEC §5.3 against independent transcriptions, on
+"""``histogram_entropy``: both estimators of docs/ops.md against independent transcriptions, on
 the CPU and CUDA kernels, and the CUDA kernel against the CPU kernel and against itself.
 
-- The default estimator against a float64 NumPy computation written here from the SPEC, and
+- The default estimator against a float64 NumPy computation written here from docs/ops.md, and
   against a float64 evaluation of :func:`bdfast.reference.histogram_entropy`.
 - ``reference_compat=True`` against a plain transcription of the authors' per-bin loop, and
   against :func:`bdfast.reference.histogram_entropy`.
@@ -28,7 +28,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def numpy_default(x: torch.Tensor, step: float) -> np.ndarray:
-    """SPEC §5.3 default estimator, one column at a time, in float64 NumPy."""
+    """docs/ops.md's default estimator, one column at a time, in float64 NumPy."""
     x = x.double().numpy()
     n, k = x.shape
     h = np.full(k, np.nan)

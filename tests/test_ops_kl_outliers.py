@@ -35,7 +35,7 @@ def bn_statistics(k, *, seed=0, dtype=torch.float32, device="cpu"):
 
 
 def kl_formula(mu_p, var_p, mu_q, var_q, eps=1e-5):
-    """SPEC §2.3 written out with math, one element at a time (float64)."""
+    """docs/ops.md's gaussian_kl written out with math, one element at a time (float64)."""
     out = []
     for a, va, b, vb in zip(*(v.double().tolist() for v in (mu_p, var_p, mu_q, var_q))):
         va, vb = max(va, eps), max(vb, eps)
@@ -110,8 +110,9 @@ def test_cuda_gaussian_kl_floors_mixes_dtypes_and_propagates_nan(device):
 
 
 def outlier_rule(scores, offsets, u, direction):
-    """SPEC §2.4 written out in plain Python (statistics module, float64): the mask and the
-    per-layer thresholds (NaN for a layer with fewer than 2 finite scores)."""
+    """docs/ops.md's layer_outliers rule written out in plain Python (statistics module,
+    float64): the mask and the per-layer thresholds (NaN for a layer with fewer than 2 finite
+    scores)."""
     import statistics
     values = scores.double().tolist()
     mask = [False] * len(values)

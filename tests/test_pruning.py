@@ -1,4 +1,4 @@
-"""DDE and MBNS (SPEC section 5): scores against a direct float64 computation, planted backdoor
+"""DDE and MBNS (docs/pruning.md): scores against a direct float64 computation, planted backdoor
 channels, what pruning changes, the report, bad input and torch.distributed (what they do to the
 lab's backdoored models is in test_efficacy.py)."""
 from __future__ import annotations
@@ -70,7 +70,7 @@ def images(n=120, seed=1):
 
 
 def entropy64(col: np.ndarray, step: float) -> float:
-    """SPEC 5.3 default estimator of one column in float64 (NaN for a constant column)."""
+    """docs/ops.md's default estimator of one column in float64 (NaN for a constant column)."""
     if col.std(ddof=1) == 0:
         return math.nan
     y = (col - col.mean()) / col.std(ddof=1)

@@ -1,4 +1,4 @@
-// CPU kernel of histogram_entropy: histogram entropy of every packed neuron (DDE, SPEC 5.3).
+// CPU kernel of histogram_entropy: histogram entropy of every packed neuron (DDE, docs/ops.md).
 //
 // X [N, K] is row-major, so a column is strided by K. Each task copies a tile of up to 16
 // adjacent columns (one cache line of float32 per row) into a column-major float32 scratch

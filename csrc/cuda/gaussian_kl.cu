@@ -1,5 +1,5 @@
 // CUDA kernel of gaussian_kl: closed-form KL(N(mu_p, var_p) || N(mu_q, var_q)) over packed [K]
-// vectors (MBNS, SPEC 2.3), one grid-stride launch. Like the CPU kernel, it computes in float64
+// vectors (MBNS, docs/ops.md), one grid-stride launch. Like the CPU kernel, it computes in float64
 // when any input is float64 and in float32 otherwise; each input is read in its own dtype, so
 // mixed dtypes need no conversion kernels.
 #include <algorithm>

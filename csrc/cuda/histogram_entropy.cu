@@ -1,4 +1,4 @@
-// CUDA kernels of histogram_entropy (DDE, SPEC 5.3); the semantics mirror
+// CUDA kernels of histogram_entropy (DDE, docs/ops.md); the semantics mirror
 // csrc/cpu/histogram_entropy.cpp.
 //
 // One block per column of X [N, K]. The block reads its column (strided by K; neighbouring

@@ -1,4 +1,4 @@
-// CUDA kernel of layer_outliers: the per-layer mean +/- u * std rule of DDE and MBNS (SPEC 2.4),
+// CUDA kernel of layer_outliers: the per-layer mean +/- u * std rule of DDE and MBNS (docs/ops.md),
 // one launch with one block per layer. The block takes the mean and the unbiased standard
 // deviation of the layer's finite scores in float64 (a sum, then squared deviations, reduced in
 // a fixed order) and writes the layer's mask and threshold. NaN is never flagged, and a layer with

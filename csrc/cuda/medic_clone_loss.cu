@@ -1,6 +1,6 @@
 // CUDA kernels of medic_clone_loss: MEDIC importance (eqs. 2-4) and weighted clone loss (eq. 1)
 // over every (layer, sample) row of every hooked layer, one launch for the forward and one for
-// the backward (SPEC 2.1; the semantics mirror csrc/cpu/medic_clone_loss.cpp).
+// the backward (docs/ops.md; the semantics mirror csrc/cpu/medic_clone_loss.cpp).
 //
 // Work is cut into tiles: up to kMedicTile consecutive elements of one row, one block each, so a
 // long row spreads over many SMs and a batch of short rows still fills the GPU. Tiles are

@@ -1,7 +1,7 @@
 // C++ tests of the CPU kernels (run by ctest; see CMakeLists.txt).
 //
 // Each kernel is called directly, without the dispatcher or Python, on small tensors and checked
-// against a plain loop written here from SPEC section 2 and 5.3. The program prints one line per
+// against a plain loop written here from docs/ops.md. The program prints one line per
 // check and exits non-zero if any fails, so it also serves as the driver for sanitizer builds.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -65,7 +65,7 @@ struct MedicRef {
   std::vector<std::vector<double>> grad;  // per layer, contiguous order
 };
 
-// SPEC 2.1 in double: per (layer, sample) row, the two softmaxes, w = sqrt(a p), the weighted
+// medic_clone_loss (docs/ops.md) in double: per (layer, sample) row, the two softmaxes, w = sqrt(a p), the weighted
 // squared error, and d loss / d s = -(2 / B) w e / sig.
 MedicRef medic_loop(const std::vector<at::Tensor>& t, const std::vector<at::Tensor>& s,
                     const std::vector<at::Tensor>& g, const std::vector<at::Tensor>& mu,
@@ -171,7 +171,7 @@ void test_medic(at::ScalarType dtype, bool channels_last, bool sgn, double tau) 
 
 // ---- histogram_entropy -----------------------------------------------------------------------
 
-// SPEC 5.3 default estimator, column by column, in double with a map of bin counts.
+// The default histogram estimator (docs/ops.md), column by column, in double with a map of bin counts.
 std::vector<double> entropy_default_loop(const at::Tensor& x, double step) {
   const int64_t n = x.size(0), k = x.size(1);
   const auto v = values(x);
@@ -279,7 +279,7 @@ void test_histogram(at::ScalarType dtype) {
 
 // ---- gaussian_kl and layer_outliers ----------------------------------------------------------
 
-// SPEC 2.3 in double, element by element.
+// gaussian_kl (docs/ops.md) in double, element by element.
 std::vector<double> kl_loop(const at::Tensor& mu_p, const at::Tensor& var_p,
                             const at::Tensor& mu_q, const at::Tensor& var_q, double eps) {
   const auto a = values(mu_p), va = values(var_p), b = values(mu_q), vb = values(var_q);
