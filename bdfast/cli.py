@@ -484,6 +484,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("bdfast: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a failure inside a defense or the demo, not bad input
+        if os.environ.get("BDFAST_TRACEBACK", "0") not in ("", "0"):
+            raise
+        print(f"bdfast {args.command}: failed: {type(error).__name__}: {_one_line(error)} (set "
+              "BDFAST_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

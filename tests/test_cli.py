@@ -1,6 +1,7 @@
 """The command line: a --quick demo end to end, clean round trips, and every bad-input path."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import bdfast
+from bdfast import defenses
 from bdfast.cli import main
 from bdfast.models import digits_cnn
 
@@ -407,3 +409,21 @@ def test_python_m_bdfast_is_the_same_command():
     result = subprocess.run([sys.executable, "-m", "bdfast", "--help"], capture_output=True,
                             text=True, check=True)
     assert "demo" in result.stdout and "clean" in result.stdout
+
+
+def test_a_failing_defense_is_one_line_not_a_traceback(files, capsys, monkeypatch, tmp_path):
+    def broken(model, loader):
+        raise RuntimeError("CUDA error: an illegal memory access\nwas encountered")
+
+    monkeypatch.setitem(defenses.DEFENSES, "mbns",
+                        dataclasses.replace(defenses.get("mbns"), run=broken))
+    out = tmp_path / "never.pt"
+    code, _ = _clean(files, "mbns", out=out)
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert ("bdfast clean: failed: RuntimeError: CUDA error: an illegal memory access was "
+            "encountered (set BDFAST_TRACEBACK=1") in err
+    assert not out.exists()
+    monkeypatch.setenv("BDFAST_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        _clean(files, "mbns", out=out)
