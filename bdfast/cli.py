@@ -385,7 +385,7 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    from bdfast.demo import ATTACKS, DEFENSES, FULL_RUN_SECONDS, QUICK_RUN_SECONDS
+    from bdfast.demo import ATTACKS, DEMO_DEFENSES, FULL_RUN_SECONDS, QUICK_RUN_SECONDS
     parser = argparse.ArgumentParser(
         prog="bdfast",
         description="Remove backdoors from PyTorch image classifiers (MEDIC, BCU, DDE, MBNS).",
@@ -402,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="bdfast-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--attacks", nargs="+", choices=ATTACKS, metavar="ATTACK",
                       help=f"attacks to run (default: all of {', '.join(ATTACKS)})")
-    demo.add_argument("--defenses", nargs="+", choices=DEFENSES, metavar="DEFENSE",
-                      help=f"defenses to run (default: all of {', '.join(DEFENSES)})")
+    demo.add_argument("--defenses", nargs="+", choices=DEMO_DEFENSES, metavar="DEFENSE",
+                      help=f"defenses to run (default: all of {', '.join(DEMO_DEFENSES)})")
     demo.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     demo.add_argument("--seed", type=int, default=0, help="seed of data split, poisoning and "
                       "training (default: %(default)s)")

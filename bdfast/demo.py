@@ -25,7 +25,7 @@ from bdfast.trainer import train
 
 ATTACKS = ("badnets", "blended", "sig", "wanet")
 # The two baselines, then every library defense.
-DEFENSES = ("none", "finetune") + defense_table.names()
+DEMO_DEFENSES = ("none", "finetune") + defense_table.names()
 
 # Measured wall times, in seconds, of `bdfast demo` and `bdfast demo --quick` (all attacks and
 # defenses, seed 0, start to finish) on the 2-core CPU machine of the README's table; the quick
@@ -40,7 +40,7 @@ class DemoConfig:
     """Budgets of one demo run. ``quick()`` is a smoke-test version of the same run."""
 
     attacks: Sequence[str] = ATTACKS
-    defenses: Sequence[str] = DEFENSES
+    defenses: Sequence[str] = DEMO_DEFENSES
     seed: int = 0
     poison_rate: float = 0.1
     attack_epochs: int = 30
@@ -140,7 +140,7 @@ def run_demo(cfg: DemoConfig, *, show_progress: bool = True,
     the rows so far after each defense, so that an interrupted run keeps what it measured.
     """
     attack_names = _check_names(cfg.attacks, ATTACKS, "attacks")
-    defense_names = _check_names(cfg.defenses, DEFENSES, "defenses")
+    defense_names = _check_names(cfg.defenses, DEMO_DEFENSES, "defenses")
     device = resolve_device(cfg.device)
     data = load_digits(seed=cfg.seed)
     rows: List[DemoRow] = []

@@ -54,7 +54,8 @@ def write_chart(rows: Sequence[dict], path: str, quick: bool = False) -> Optiona
         ax.set_title(metric.upper())
         ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
-    axes[1].legend(loc="upper right", fontsize=8)
+    # Beside the plots: inside, it covered the last attack's bars.
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="defense")
     title = ("bdfast demo: digits CNN, clean accuracy (higher is better) and attack success "
              "(lower is better)")
     if quick:

@@ -34,8 +34,8 @@ def test_cli_demo_and_readme_use_the_registry():
     clean = next(a for a in subcommands["clean"]._actions if a.dest == "method")
     assert tuple(clean.choices) == defenses.names()
     registered = ("none", "finetune") + defenses.names()
-    assert registered == demo.DEFENSES
-    assert set(demo.DEFENSE_RUNNERS) == set(demo.DEFENSES)
+    assert registered == demo.DEMO_DEFENSES
+    assert set(demo.DEFENSE_RUNNERS) == set(demo.DEMO_DEFENSES)
     readme = (ROOT / "README.md").read_text()
     for defense in defenses.DEFENSES.values():
         assert f"`bdfast.{defense.run.__name__}(model, loader)`" in readme
