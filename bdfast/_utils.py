@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import numbers
 import random
-from collections import OrderedDict
 from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
@@ -174,42 +172,6 @@ def split_batch(batch: Any, what: str = "loader") -> Tuple[Tensor, Optional[Tens
         return batch[0], y
     raise TypeError(f"{what} must yield tensors x or tuples (x, y) of tensors, "
                     f"got {type(batch).__name__}")
-
-
-# The per-module dicts of the hooks that run in a forward or backward pass.
-_PASS_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
-               "_backward_hooks")
-
-
-@contextlib.contextmanager
-def hooks_set_aside(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block no module of ``model`` has forward or backward hooks; the user's hooks
-    are put back afterwards.
-
-    A defense runs a model many times (statistics, every training step); a user's hook (a
-    logger, a feature extractor) must not fire there. Hooks that the block registers itself
-    are removed with their handles as usual.
-    """
-    saved = []
-    for module in model.modules():
-        for attr in _PASS_HOOKS:
-            hooks = getattr(module, attr, None)
-            if hooks:
-                saved.append((module, attr, hooks))
-                setattr(module, attr, OrderedDict())
-    try:
-        yield model
-    finally:
-        for module, attr, hooks in saved:
-            setattr(module, attr, hooks)
-
-
-def copy_without_hooks(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` without its forward and backward hooks (see
-    :func:`hooks_set_aside`); the model itself keeps them."""
-    with hooks_set_aside(model):
-        return copy.deepcopy(model)
 
 
 @contextlib.contextmanager

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bdfast._utils import (check_logits, check_number, copy_without_hooks, eval_mode,
-                           iter_batches, model_input_errors, resolve_device, seed_everything)
+from bdfast._utils import (check_logits, check_number, eval_mode, iter_batches,
+                           model_input_errors, resolve_device, seed_everything)
 from bdfast.augment import AugmentSpec, RandomCrop, resolve_augment
-from bdfast.hooks import CONV, LINEAR
+from bdfast.hooks import CONV, LINEAR, copy_without_hooks
 from bdfast.distill import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
 
 __all__ = ["bcu_cleanse", "bcu_ratios", "partial_reinit", "ADAPTIVE_RATIOS"]

@@ -1,12 +1,16 @@
-"""Finding the layers a defense looks at, and capturing their activations with forward hooks.
+"""Finding the layers a defense looks at, capturing their activations with forward hooks, and
+keeping the user's own hooks out of a defense's passes.
 
 Every defense works on copies of the user's model; the helpers here never change a model's
 weights. :func:`disable_inplace` only flips ``inplace`` flags, and only on the copies.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import warnings
-from typing import Callable, Dict, Iterable, List, Sequence, Tuple, Union
+from collections import OrderedDict
+from typing import Callable, Dict, Iterable, Iterator, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -169,3 +173,38 @@ def warn_inplace(names: Sequence[str], what: str) -> None:
                       "they are cloned in the hook, which costs memory and time.",
                       RuntimeWarning, stacklevel=3)
 
+
+# The per-module dicts of the hooks that run in a forward or backward pass.
+_PASS_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+               "_backward_hooks")
+
+
+@contextlib.contextmanager
+def hooks_set_aside(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block no module of ``model`` has forward or backward hooks; the user's hooks
+    are put back afterwards.
+
+    A defense runs a model many times (statistics, every training step); a user's hook (a
+    logger, a feature extractor) must not fire there. Hooks that the block registers itself
+    are removed with their handles as usual.
+    """
+    saved = []
+    for module in model.modules():
+        for attr in _PASS_HOOKS:
+            hooks = getattr(module, attr, None)
+            if hooks:
+                saved.append((module, attr, hooks))
+                setattr(module, attr, OrderedDict())
+    try:
+        yield model
+    finally:
+        for module, attr, hooks in saved:
+            setattr(module, attr, hooks)
+
+
+def copy_without_hooks(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without its forward and backward hooks (see
+    :func:`hooks_set_aside`); the model itself keeps them."""
+    with hooks_set_aside(model):
+        return copy.deepcopy(model)

@@ -34,11 +34,10 @@ from torch import Tensor, nn
 from bdfast import ops
 from bdfast.ops import BACKENDS
 from bdfast.augment import AugmentSpec, RandomCrop, resolve_augment
-from bdfast._utils import (check_logits, check_number, copy_without_hooks, distributed,
-                           eval_mode, iter_batches, model_input_errors, resolve_device,
-                           seed_everything)
-from bdfast.hooks import (LayerSpec, Tap, disable_inplace, find_inplace_overwrites, select_layers,
-                          warn_inplace)
+from bdfast._utils import (check_logits, check_number, distributed, eval_mode, iter_batches,
+                           model_input_errors, resolve_device, seed_everything)
+from bdfast.hooks import (LayerSpec, Tap, copy_without_hooks, disable_inplace,
+                          find_inplace_overwrites, select_layers, warn_inplace)
 from bdfast.stats import ChannelMoments
 from bdfast.distill import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
 from bdfast.teacher_cache import (CacheSpec, TeacherCache, default_budget, resolve_cache_dtype)

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from bdfast import ops
 from bdfast._utils import (check_images, check_not_tensor, check_number, check_pixel_range,
-                           copy_without_hooks, eval_mode, hooks_set_aside, iter_batches,
-                           model_input_errors, progress as _progress, resolve_device)
-from bdfast.hooks import BATCHNORM, CONV
+                           eval_mode, iter_batches, model_input_errors, progress as _progress,
+                           resolve_device)
+from bdfast.hooks import BATCHNORM, CONV, copy_without_hooks, hooks_set_aside
 
 __all__ = ["PruneResult", "ChannelStatistic", "prune_outliers", "AUTO_U_GRID",
            "DEFAULT_ACC_BUDGET"]

@@ -54,7 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_medic_step import released_step  # noqa: E402
 
 from bdfast import attacks, models  # noqa: E402
-from bdfast._utils import copy_without_hooks, seed_everything  # noqa: E402
+from bdfast._utils import seed_everything  # noqa: E402
+from bdfast.hooks import copy_without_hooks  # noqa: E402
 from bdfast.augment import RandomCrop  # noqa: E402
 from bdfast.data import load_digits, tensor_loader  # noqa: E402
 from bdfast.hooks import disable_inplace, select_layers  # noqa: E402
