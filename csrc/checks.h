@@ -99,6 +99,22 @@ inline void check_medic_backward(const at::Tensor& grad_loss, const at::Tensor& 
 // ---------------------------------------------------------------------------------------------
 // histogram_entropy
 
+// The reference_compat grid of a layer holds at most this many bins (the CPU kernel stores one
+// float32 edge per bin: 64 MiB); bdfast.reference.MAX_COMPAT_BINS is the same.
+constexpr int64_t kMaxCompatBins = int64_t(1) << 24;
+
+// Fails, as the reference does, when the reference_compat grid of `layer` (from gmin to gmax in
+// standardised units) would need more than kMaxCompatBins bins; returns its float32 span in
+// steps, int((gmax - gmin) / step) as the released code computes it.
+inline double checked_compat_span(float gmin, float gmax, double step, int64_t layer) {
+  const double span = (gmax - gmin) / static_cast<float>(step);
+  TORCH_CHECK_VALUE(span <= static_cast<double>(kMaxCompatBins), "histogram_entropy: step ",
+                    step, " needs ", span, " bins for layer ", layer,
+                    " of the reference_compat estimator, more than the ", kMaxCompatBins,
+                    " allowed; use a larger step");
+  return span;
+}
+
 // Checks that x is a float32/float16/bfloat16 matrix [N, K] and step a positive bin width.
 inline void check_histogram_input(const at::Tensor& x, double step) {
   TORCH_CHECK(x.dim() == 2, "histogram_entropy: x must be a 2-D tensor [N, K], got shape ",

@@ -15,7 +15,7 @@ import torch
 import bdfast
 import medic_cases
 from bdfast import _extension, ops
-from devices import CUDA, CUDA_DEVICES, gpu_only
+from devices import CUDA, CUDA_DEVICES, cpu_kernels, gpu_only
 
 NATIVE_CPU = bdfast.backend_info()["native_cpu"]
 needs_kernels = pytest.mark.skipif(not NATIVE_CPU, reason="the compiled CPU kernels are missing")
@@ -264,6 +264,23 @@ def test_histogram_compat_bin_count_is_bounded(backend):
     x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="more than the 16777216 allowed"):
         ops.histogram_entropy(x, step=1e-8, reference_compat=True, backend=backend)
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES, indirect=True)
+def test_cuda_histogram_compat_bin_count_is_bounded_like_the_cpu(device):
+    # The CUDA kernel needs no edge per bin, but the op refuses what the CPU kernel and the
+    # reference refuse, with the same sentence (layer 0 is empty, layer 1 too wide).
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    offsets = torch.tensor([0, 0, 4])
+    with pytest.raises(ValueError, match="bins for layer 1 .* more than the 16777216") as gpu:
+        ops.histogram_entropy(x.to(device), offsets, step=1e-8, reference_compat=True,
+                              backend="native")
+    with cpu_kernels(), pytest.raises(ValueError) as cpu:
+        ops.histogram_entropy(x, offsets, step=1e-8, reference_compat=True, backend="native")
+    assert str(gpu.value).split("\n")[0] == str(cpu.value).split("\n")[0]
+    # The same columns at a step the grid holds.
+    ops.histogram_entropy(x.to(device), offsets, step=1e-6, reference_compat=True,
+                          backend="native")
 
 
 @needs_kernels

@@ -29,9 +29,6 @@ constexpr int64_t kScratchBytes = int64_t(1) << 20;
 // Beyond this many bins a dense count buffer would be mostly empty, so counts come from sorting
 // the column's bin indices instead (only a tiny step on a wide column gets there).
 constexpr int64_t kMaxDenseBins = int64_t(1) << 20;
-// The reference_compat grid holds one float32 edge per bin: at most this many (64 MiB), which
-// a step of 1e-6 on a million standardised samples still fits. bdfast.reference has the same.
-constexpr int64_t kMaxCompatBins = int64_t(1) << 24;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
@@ -157,14 +154,7 @@ Grid make_grid(float gmin, float gmax, double step, int64_t layer) {
   grid.origin = gmin;
   grid.inv_step = 1.0 / step;
   // int((max - min) / step) on float32 tensors: a float32 subtraction and division, truncated.
-  const double span = (gmax - gmin) / static_cast<float>(step);
-  // The grid stores one edge per bin. The reference has the same limit and sentence, and
-  // raises the same ValueError.
-  TORCH_CHECK_VALUE(span <= static_cast<double>(kMaxCompatBins), "histogram_entropy: step ",
-                    step, " needs ", span, " bins for layer ", layer,
-                    " of the reference_compat estimator, more than the ", kMaxCompatBins,
-                    " allowed; use a larger step");
-  const int64_t num_bins = checked_bins(span);
+  const int64_t num_bins = checked_bins(checked_compat_span(gmin, gmax, step, layer));
   grid.edges.resize(num_bins + 1);
   // `min + b * step`: the Python float b * step is rounded to float32, then added in float32.
   for (int64_t b = 0; b <= num_bins; ++b)

@@ -237,14 +237,17 @@ cudaError_t launch_histogram_own_grid(const HistogramArgs& a, cudaStream_t strea
   });
 }
 
-cudaError_t launch_histogram_layer_grid(const HistogramArgs& a, cudaStream_t stream) {
-  cudaError_t err = cudaMemsetAsync(a.layer_keys, 0, 2 * a.num_layers * sizeof(uint32_t), stream);
+cudaError_t launch_histogram_layer_moments(const HistogramArgs& a, cudaStream_t stream) {
+  const cudaError_t err =
+      cudaMemsetAsync(a.layer_keys, 0, 2 * a.num_layers * sizeof(uint32_t), stream);
   if (err != cudaSuccess) return err;
-  err = dispatch(a.dtype, [&](auto* tag) {
+  return dispatch(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     BDFAST_LAUNCH(layer_moments_kernel<T>, static_cast<unsigned>(a.k), kThreads, 0, stream)(a);
   });
-  if (err != cudaSuccess) return err;
+}
+
+cudaError_t launch_histogram_layer_counts(const HistogramArgs& a, cudaStream_t stream) {
   const size_t smem = a.window * sizeof(int);
   return dispatch(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;

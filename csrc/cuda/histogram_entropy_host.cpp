@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -16,6 +17,14 @@
 #include "ops.h"
 
 namespace bdfast::cuda {
+namespace {
+
+// The float behind a key of common.cuh's ordered_key (its from_ordered_key, on the host).
+float float_of_ordered_key(uint32_t key) {
+  return std::bit_cast<float>((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+}  // namespace
 
 at::Tensor histogram_entropy(const at::Tensor& x_in, const at::Tensor& offsets, double step,
                              bool reference_compat) {
@@ -59,7 +68,20 @@ at::Tensor histogram_entropy(const at::Tensor& x_in, const at::Tensor& offsets, 
   auto layer_keys = at::empty({2 * args.num_layers}, x.options().dtype(at::kInt));
   args.column_stats = reinterpret_cast<float4*>(column_stats.data_ptr<float>());
   args.layer_keys = reinterpret_cast<uint32_t*>(layer_keys.data_ptr<int32_t>());
-  C10_CUDA_CHECK(launch_histogram_layer_grid(args, stream));
+  C10_CUDA_CHECK(launch_histogram_layer_moments(args, stream));
+  // The CPU kernel and the reference refuse a grid of more than kMaxCompatBins bins; so does
+  // this op, on a host copy of the layers' extremes (one synchronisation, as for the offsets),
+  // except while a CUDA graph is captured, which cannot synchronise.
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    const auto keys = layer_keys.to(at::kCPU);
+    const auto* key = reinterpret_cast<const uint32_t*>(keys.data_ptr<int32_t>());
+    for (int64_t l = 0; l < args.num_layers; ++l) {
+      if (key[2 * l] == 0) continue;  // no valid column in the layer
+      checked_compat_span(-float_of_ordered_key(key[2 * l]), float_of_ordered_key(key[2 * l + 1]),
+                          step, l);
+    }
+  }
+  C10_CUDA_CHECK(launch_histogram_layer_counts(args, stream));
   return out;
 }
 

@@ -94,10 +94,12 @@ struct HistogramArgs {
 // a block gets without an opt-in, and small enough for several blocks per SM).
 constexpr int32_t kHistogramMaxWindow = 8192;
 
-// Default estimator: one launch. reference_compat: a moments launch (which also reduces each
-// layer's grid extremes on the device) and a histogram launch, after clearing layer_keys.
+// Default estimator: one launch. reference_compat: a moments launch, after clearing layer_keys,
+// which also reduces each layer's grid extremes on the device (the host may check them), then a
+// histogram launch.
 cudaError_t launch_histogram_own_grid(const HistogramArgs& args, cudaStream_t stream);
-cudaError_t launch_histogram_layer_grid(const HistogramArgs& args, cudaStream_t stream);
+cudaError_t launch_histogram_layer_moments(const HistogramArgs& args, cudaStream_t stream);
+cudaError_t launch_histogram_layer_counts(const HistogramArgs& args, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // gaussian_kl
