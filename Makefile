@@ -69,22 +69,22 @@ test: venv cuda-emu
 # -s: a finding ends the process, and pytest's capture would swallow its report. libstdc++ is
 # preloaded after the sanitizer's runtime so that it can intercept C++ exceptions (python
 # itself does not link libstdc++).
-SANITIZE_RUN = $(BIN)/python -m pytest $(EMU_TESTS) -q -s -p no:cacheprovider -k emu
+EMU_RUN = $(BIN)/python -m pytest $(EMU_TESTS) -q -s -p no:cacheprovider -k emu
 LIBSTDCXX = $$(gcc -print-file-name=libstdc++.so.6)
 sanitize-cuda: venv
 	$(call emu-build,build/cuda-emu-asan,-DBDFAST_SANITIZE=address$(,)undefined)
 	BDFAST_CUDA_EMU_LIBRARY=build/cuda-emu-asan/libbdfast_cuda_emu.so ASAN_OPTIONS=detect_leaks=0 \
-		LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $(LIBSTDCXX)" $(SANITIZE_RUN)
+		LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $(LIBSTDCXX)" $(EMU_RUN)
 	$(call emu-build,build/cuda-emu-tsan,-DBDFAST_SANITIZE=thread)
 	BDFAST_CUDA_EMU_LIBRARY=build/cuda-emu-tsan/libbdfast_cuda_emu.so BDFAST_TEST_THREADS=1 \
 		TSAN_OPTIONS=halt_on_error=1 LD_PRELOAD="$$(gcc -print-file-name=libtsan.so) $(LIBSTDCXX)" \
-		$(SANITIZE_RUN)
+		$(EMU_RUN)
 
 # Line coverage (gcov) of csrc/cuda's kernels under the emulated CUDA tests.
 coverage-cuda: venv
 	$(call emu-build,build/cuda-emu-coverage,-DBDFAST_COVERAGE=ON)
 	find build/cuda-emu-coverage -name '*.gcda' -delete
-	BDFAST_CUDA_EMU_LIBRARY=build/cuda-emu-coverage/libbdfast_cuda_emu.so $(SANITIZE_RUN)
+	BDFAST_CUDA_EMU_LIBRARY=build/cuda-emu-coverage/libbdfast_cuda_emu.so $(EMU_RUN)
 	$(BIN)/python scripts/cuda_coverage.py build/cuda-emu-coverage
 
 test-gpu: venv

@@ -1,4 +1,4 @@
-"""Metrics of a backdoor defense all fractions in [0, 1].
+"""Metrics of a backdoor defense, all fractions in [0, 1].
 
 - ACC: share of the clean test images ``(x, y)`` classified as ``y``.
 - ASR (attack success rate): the attack's trigger is applied to every test image whose true label

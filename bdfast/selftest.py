@@ -192,7 +192,6 @@ def gpu_problem(op: str, device: torch.device) -> Optional[str]:
     else a sentence saying how it failed; warns once when it fails."""
     if os.environ.get("BDFAST_SKIP_SELFTEST", "0") not in ("", "0"):
         return None
-    op = "medic_clone_loss" if op == "medic_clone_loss_backward" else op
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (op, f"cuda:{index}")
     if key not in _gpu_checked:

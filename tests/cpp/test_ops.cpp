@@ -65,8 +65,8 @@ struct MedicRef {
   std::vector<std::vector<double>> grad;  // per layer, contiguous order
 };
 
-// medic_clone_loss (docs/ops.md) in double: per (layer, sample) row, the two softmaxes, w = sqrt(a p), the weighted
-// squared error, and d loss / d s = -(2 / B) w e / sig.
+// medic_clone_loss (docs/ops.md) in double: per (layer, sample) row, the two softmaxes,
+// w = sqrt(a p), the weighted squared error, and d loss / d s = -(2 / B) w e / sig.
 MedicRef medic_loop(const std::vector<at::Tensor>& t, const std::vector<at::Tensor>& s,
                     const std::vector<at::Tensor>& g, const std::vector<at::Tensor>& mu,
                     const std::vector<at::Tensor>& sigma, double tau, double eps, bool sgn) {
@@ -171,7 +171,8 @@ void test_medic(at::ScalarType dtype, bool channels_last, bool sgn, double tau) 
 
 // ---- histogram_entropy -----------------------------------------------------------------------
 
-// The default histogram estimator (docs/ops.md), column by column, in double with a map of bin counts.
+// The default histogram estimator (docs/ops.md), column by column, in double with a map of bin
+// counts.
 std::vector<double> entropy_default_loop(const at::Tensor& x, double step) {
   const int64_t n = x.size(0), k = x.size(1);
   const auto v = values(x);

@@ -148,7 +148,8 @@ int64_t launch_error(int64_t blocks, int64_t threads, int64_t shared_bytes) {
   std::vector<int> dummy(1024);
   cudaGetLastError();
   BDFAST_LAUNCH(warp_local_shuffle_kernel, static_cast<unsigned>(blocks),
-                static_cast<unsigned>(threads), static_cast<size_t>(shared_bytes), nullptr)(dummy.data());
+                static_cast<unsigned>(threads), static_cast<size_t>(shared_bytes),
+                nullptr)(dummy.data());
   return cudaGetLastError();
 }
 

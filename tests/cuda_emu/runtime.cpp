@@ -521,7 +521,7 @@ class Pool {
     seed_ = seed;
   }
 
-  cudaError_t run(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  void run(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
     std::lock_guard<std::mutex> one_launch_at_a_time(launch_mutex_);
     Grid g;
     g.body = &body;
@@ -553,7 +553,6 @@ class Pool {
       grid_ = nullptr;
     }
     tsan_acquire(g.tsan_tokens + 1);
-    return cudaSuccess;
   }
 
  private:
@@ -609,7 +608,8 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes,
     return error;
   }
   if (current_block) fail("a kernel launched a kernel");
-  return pool().run(grid, block, dynamic_shared_bytes, body);
+  pool().run(grid, block, dynamic_shared_bytes, body);
+  return cudaSuccess;
 }
 
 void configure(int workers, uint64_t seed) { pool().configure(workers, seed); }

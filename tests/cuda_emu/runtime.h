@@ -150,7 +150,8 @@ inline void __threadfence() {
 namespace bdfast_emu {
 template <typename T>
 inline uint64_t to_bits(T v) {
-  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shuffle of an 8-byte value at most");
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>,
+                "shuffle of an 8-byte value at most");
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   return bits;
@@ -297,7 +298,8 @@ inline float half_bits_to_float(uint16_t h) {
   const uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
   if (exponent == 0x1fu)  // infinity keeps its sign; a NaN becomes the canonical 0x7fffffff
     return std::bit_cast<float>(mantissa ? 0x7fffffffu : sign | 0x7f800000u);
-  if (exponent != 0) return std::bit_cast<float>(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  if (exponent != 0)
+    return std::bit_cast<float>(sign | ((exponent + 112u) << 23) | (mantissa << 13));
   const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;  // exact: 10 bits
   return sign ? -magnitude : magnitude;
 }

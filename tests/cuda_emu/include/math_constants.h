@@ -1,3 +1,4 @@
-// Stands in for CUDA's <math_constants.h> when csrc/cuda is compiled for the CPU emulation (../runtime.h).
+// Stands in for CUDA's <math_constants.h> when csrc/cuda is compiled for the CPU emulation
+// (../runtime.h).
 #pragma once
 #include "../runtime.h"
