@@ -44,18 +44,21 @@ class RandomCrop:
     ``padding`` defaults to ``max(1, round(min(H, W) / 8))``: 4 pixels on 32 x 32 images (the
     CIFAR recipe), 2 on 16 x 16. ``seed`` seeds the CPU generator that draws the offsets and
     flips; ``None`` draws that seed from torch's global RNG (which the defenses' own ``seed``
-    sets).
+    sets). ``generator`` draws from a CPU generator the caller shares instead (the lab's trainer
+    draws its batch order from the same one).
     """
 
     def __init__(self, *, flip: bool, padding: Optional[int] = None,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, generator: Optional[torch.Generator] = None):
         if padding is not None and (isinstance(padding, bool) or not isinstance(padding, int)
                                     or padding < 0):
             raise ValueError(f"padding must be None or an int >= 0, got {padding!r}")
         self.flip, self.padding = flip, padding
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()))
-        self.generator = torch.Generator().manual_seed(seed)
+        if generator is None:
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, ()))
+            generator = torch.Generator().manual_seed(seed)
+        self.generator = generator
 
     @classmethod
     def from_spec(cls, augment: AugmentSpec, seed: Optional[int] = None) -> Optional["RandomCrop"]:

@@ -10,30 +10,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdfast._utils import progress as _progress
+from bdfast.augment import RandomCrop
 from bdfast._utils import (check_finite_parameters, check_labelled_images, check_number,
                            resolve_device, seed_everything)
 
-__all__ = ["train", "random_shift"]
-
-
-def random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Each image of ``x [B, C, H, W]`` shifted by its own random (dy, dx) in
-    ``[-max_shift, max_shift]``, zero-filled at the border (pad + random crop, one gather).
-
-    Zero fill matches the digits' black background; no flip, as digits are not symmetric.
-    """
-    if max_shift == 0:
-        return x
-    b, _, h, w = x.shape
-    offsets = torch.randint(0, 2 * max_shift + 1, (2, b), generator=generator).to(x.device)
-    padded = F.pad(x, (max_shift,) * 4)
-    rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # [B, H]
-    cols = offsets[1, :, None] + torch.arange(w, device=x.device)  # [B, W]
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    # Advanced indexing puts the indexed dims first: [B, H, W, C] -> back to [B, C, H, W].
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
-    # Convolutions on the permuted (non-contiguous) result run several times slower on the CPU.
-    return out.permute(0, 3, 1, 2).contiguous()
+__all__ = ["train"]
 
 
 def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 30, lr: float = 0.015,
@@ -75,6 +56,10 @@ def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 30, lr: float
         generator.seed()
     else:
         generator.manual_seed(seed)
+    # Shifts only, zero-filled: the digits' background is black and they are not symmetric.
+    # The offsets come from the generator of the batch order, so a seed fixes both.
+    shift = RandomCrop(flip=False, padding=max_shift, generator=generator) \
+        if augment and max_shift > 0 else None
     device = resolve_device(device, model)
     model.to(device)
     model.train()
@@ -97,8 +82,8 @@ def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 30, lr: float
             idx = order[step * batch_size:(step + 1) * batch_size]
             xb = x[idx.to(x.device)].to(device, non_blocking=True)
             yb = y[idx.to(y.device)].to(device, non_blocking=True)
-            if augment:
-                xb = random_shift(xb, max_shift, generator)
+            if shift is not None:
+                xb = shift(xb)
             loss = F.cross_entropy(model(xb), yb)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the training loss became {loss.item()} at epoch "

@@ -138,3 +138,13 @@ def test_medic_clone_is_medic_config_with_a_typed_signature():
     options = {n: p.default for n, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
     config = {f.name: f.default for f in fields(MedicConfig)}
     assert {n: v for n, v in options.items() if n != "student"} == config
+
+
+def test_a_shared_generator_is_drawn_from():
+    x = torch.rand(6, 1, 16, 16)
+    shared = torch.Generator().manual_seed(3)
+    crop = RandomCrop(flip=True, generator=shared)
+    assert crop.generator is shared
+    assert torch.equal(crop(x), RandomCrop(flip=True, seed=3)(x))
+    # The next draw continues the shared stream.
+    assert not torch.equal(crop(x), RandomCrop(flip=True, seed=3)(x))

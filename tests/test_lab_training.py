@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdfast import attacks, metrics, models
-from bdfast.trainer import random_shift, train
+from bdfast.augment import RandomCrop
+from bdfast.trainer import train
 
 PATTERN = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
 # Uneven class counts, so that every expected fraction below is a distinct, non-trivial number.
@@ -98,7 +99,12 @@ def test_der():
         metrics.der(before, {"acc": 0.9})
 
 
-def test_random_shift_moves_each_image_by_at_most_max_shift_without_flipping():
+def random_shift(x, max_shift, generator):
+    """The trainer's augmentation: shifts of at most ``max_shift`` pixels, no flips."""
+    return RandomCrop(flip=False, padding=max_shift, generator=generator)(x)
+
+
+def test_the_trainers_shift_moves_each_image_by_at_most_max_shift_without_flipping():
     g = torch.Generator().manual_seed(0)
     x = torch.zeros(500, 1, 16, 16)
     x[:, 0, 5, 3] = 1.0
