@@ -125,40 +125,28 @@ def dde_activations(device, seed=0):
     return x, torch.tensor(offsets, device=device)
 
 
-@pytest.mark.parametrize("variant", ["native", "per-bin loop"])
-def bench_histogram_entropy_compat(benchmark, device, sync, variant):
-    """``reference_compat=True`` against the released code's per-bin loop (the reference)."""
+@pytest.mark.parametrize("estimator, variant", [
+    ("compat", "native"), ("compat", "per-bin loop"), ("default", "native"),
+    ("default", "reference")])
+def bench_histogram_entropy(benchmark, device, sync, estimator, variant):
+    """Both estimators; ``reference_compat=True`` against the released code's per-bin loop (the
+    reference)."""
     _require_native("histogram_entropy", variant, device)
     x, offsets = dde_activations(device)
-    _tag(benchmark, "histogram_entropy", "compat 500x4800", device, variant)
+    _tag(benchmark, "histogram_entropy", f"{estimator} 500x4800", device, variant)
+    compat = estimator == "compat"
+    backend = "native" if variant == "native" else "reference"
 
     def run():
-        if variant == "native":
-            h = ops.histogram_entropy(x, offsets, reference_compat=True, backend="native")
-        else:
-            h = reference.histogram_entropy(x, offsets, reference_compat=True)
+        h = ops.histogram_entropy(x, offsets, reference_compat=compat, backend=backend)
         sync()
         return h
 
-    if variant == "native":
-        benchmark(run)
-    else:  # about one bin per 0.01 standard deviations and layer: seconds per call
+    if variant == "per-bin loop":  # about one bin per 0.01 standard deviations: seconds a call
         benchmark.pedantic(run, rounds=1 if device.type == "cpu" else 3, iterations=1,
                            warmup_rounds=0 if device.type == "cpu" else 1)
-
-
-@pytest.mark.parametrize("variant", ["native", "reference"])
-def bench_histogram_entropy_default(benchmark, device, sync, variant):
-    _require_native("histogram_entropy", variant, device)
-    x, offsets = dde_activations(device)
-    _tag(benchmark, "histogram_entropy", "default 500x4800", device, variant)
-
-    def run():
-        h = ops.histogram_entropy(x, offsets, backend=variant)
-        sync()
-        return h
-
-    benchmark(run)
+    else:
+        benchmark(run)
 
 
 def bn_statistics(device, seed=0):
