@@ -238,7 +238,6 @@ def _one_line(error: BaseException) -> str:
 def _cmd_clean(args: argparse.Namespace) -> int:
     import bdfast
     from bdfast import attacks
-    from bdfast.data import tensor_loader
     from bdfast.metrics import evaluate
 
     # Everything that can be checked without running the defense is checked first, so that a
@@ -259,8 +258,6 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UsageError(f"--out folder does not exist: {out_dir}")
-    if defense.trains:
-        options["seed"] = args.seed
 
     model = _load_factory(args.arch)
     _load_weights(model, args.weights)
@@ -285,25 +282,22 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         model = model.to(args.device)
         options.setdefault("device", args.device)
 
-    use_labels = defense.uses_labels and y is not None
-    loader = tensor_loader(x, y if use_labels else None, batch_size=args.batch_size,
-                           shuffle=defense.trains, seed=args.seed)
+    data = {"clean" if defense.data == "clean" else "train": (x, y)}
     try:
         before = evaluate(model, *evaluation) if evaluation else None
-        start = time.perf_counter()
-        result = defense.run(model, loader, **options)
+        outcome = defenses.run(args.method, model, batch_size=args.batch_size, seed=args.seed,
+                               **data, **options)
     except (ValueError, TypeError, FloatingPointError) as error:
         # The defenses validate their options and data with one-sentence errors.
         raise UsageError(f"{args.method}: {_one_line(error)}") from error
-    cleaned = defenses.cleaned_model(defense, result)
-    seconds = time.perf_counter() - start
+    cleaned, seconds = outcome.model, outcome.seconds
     # Plain Python values (not their repr) so that a run can be repeated from its checkpoint,
     # and so that torch.load(..., weights_only=True) reads the whole file.
     payload = {"state_dict": {k: v.detach().cpu() for k, v in cleaned.state_dict().items()},
-               "method": args.method, "options": options, "seed": args.seed,
+               "method": args.method, "options": outcome.options, "seed": args.seed,
                "arch": args.arch, "bdfast_version": bdfast.__version__}
-    if defense.returns == "prune":
-        payload["report"] = json.loads(json.dumps(result.report, default=_jsonable))
+    if outcome.report is not None:
+        payload["report"] = json.loads(json.dumps(outcome.report, default=_jsonable))
     _save_atomically(payload, args.out)
     print(f"{args.method}: cleaned model written to {args.out} ({seconds:.1f}s)")
     if evaluation:

@@ -1,23 +1,39 @@
-"""The defenses, each described once: what it is called, what data it wants, what it returns.
+"""The defenses, each described once: what it is called, what data it wants, what it returns,
+and :func:`run`, the one place that hands each defense its data.
 
-The CLI (``bdfast clean --method``), the demo and the option parsing read this table; adding a
-defense means writing its module and one line here.
+The CLI (``bdfast clean --method``), the demo, the efficacy matrix, the acceptance cases and the
+benchmarks all run defenses through :func:`run`; adding a defense means writing its module and
+one line here. Two baselines sit beside the defenses for comparison tables (``none`` and
+``finetune``); :func:`names` leaves them out unless asked.
 """
 from __future__ import annotations
 
+import copy
 import inspect
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
-from torch import nn
+from torch import Tensor, nn
 
 from bdfast.bcu import bcu_cleanse
 from bdfast.dde import dde_prune
 from bdfast.mbns import mbns_prune
 from bdfast.medic import medic_clone
+from bdfast.data import tensor_loader
 from bdfast.pruning import PruneResult
+from bdfast.trainer import train as train_classifier
 
-__all__ = ["Defense", "DEFENSES", "names", "get", "cleaned_model", "data_help"]
+__all__ = ["Defense", "DEFENSES", "Outcome", "run", "names", "get", "cleaned_model",
+           "data_help", "DataSpec"]
+
+# Batches a defense gets when :func:`run` builds its loader from tensors: the training defenses'
+# (shuffled, seeded) and the statistics passes'.
+TRAIN_BATCH = 64
+STATISTICS_BATCH = 256
+
+# A data set for :func:`run`: a loader (used as given), images ``x [N, C, H, W]``, or ``(x, y)``.
+DataSpec = Union[Iterable, Tensor, Tuple[Tensor, Optional[Tensor]], None]
 
 
 @dataclass(frozen=True)
@@ -27,14 +43,17 @@ class Defense:
     Attributes:
         name: its name in the CLI, the demo and reports.
         run: ``run(model, loader, **options)``, the public function.
-        data: "clean" (a small clean set) or "training" (the model's own, possibly poisoned,
-            training images).
-        uses_labels: whether it reads labels from ``(x, y)`` batches (MEDIC; the others
-            ignore them or need none).
+        data: "clean" (a small clean set), "training" (the model's own, possibly poisoned,
+            training images) or "none" (the ``none`` baseline).
+        uses_labels: whether it reads labels from ``(x, y)`` batches: MEDIC trains on them,
+            MBNS's ``u="auto"`` validates on them (its statistics ignore them); BCU and DDE
+            need none.
         trains: whether it trains a model (then its loader is shuffled and seeded, and it
             takes ``seed`` and ``epochs``), or only computes statistics and prunes.
         returns: "model" (an ``nn.Module``) or "prune" (a :class:`~bdfast.PruneResult` with
             ``.model`` and ``.report``).
+        baseline: a comparison point, not a defense (hidden from :func:`names` and the CLI).
+        takes_tensors: its ``run`` takes ``(model, x, y, **options)`` instead of a loader.
     """
 
     name: str
@@ -43,6 +62,8 @@ class Defense:
     uses_labels: bool
     trains: bool
     returns: str
+    baseline: bool = False
+    takes_tensors: bool = False
 
     def options(self) -> Dict[str, inspect.Parameter]:
         """The keyword options of :attr:`run`, with their defaults and annotations."""
@@ -50,18 +71,38 @@ class Defense:
                 if p.kind is p.KEYWORD_ONLY}
 
 
+def _no_defense(model: nn.Module, *, progress: bool = True) -> nn.Module:
+    """The ``none`` baseline: the model as it is (``progress`` is accepted and unused, as the
+    baseline has no work to show)."""
+    return model
+
+
+def _finetune(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 20, lr: float = 0.01,
+              batch_size: int = TRAIN_BATCH, device: Any = None, seed: Optional[int] = None,
+              progress: bool = True) -> nn.Module:
+    """The ``finetune`` baseline: a copy of ``model`` trained on the clean set with
+    :func:`bdfast.train` (shifts, SGD, cosine schedule) at a fine-tuning learning rate."""
+    return train_classifier(copy.deepcopy(model), x, y, epochs=epochs, lr=lr,
+                            batch_size=batch_size, device=device, seed=seed, progress=progress)
+
+
 DEFENSES: Dict[str, Defense] = {d.name: d for d in (
     Defense("medic", medic_clone, data="clean", uses_labels=True, trains=True, returns="model"),
     Defense("bcu", bcu_cleanse, data="clean", uses_labels=False, trains=True, returns="model"),
     Defense("dde", dde_prune, data="training", uses_labels=False, trains=False,
             returns="prune"),
-    Defense("mbns", mbns_prune, data="clean", uses_labels=False, trains=False,
+    Defense("mbns", mbns_prune, data="clean", uses_labels=True, trains=False,
             returns="prune"),
+    Defense("none", _no_defense, data="none", uses_labels=False, trains=False,
+            returns="model", baseline=True),
+    Defense("finetune", _finetune, data="clean", uses_labels=True, trains=True,
+            returns="model", baseline=True, takes_tensors=True),
 )}
 
 
-def names() -> Tuple[str, ...]:
-    return tuple(DEFENSES)
+def names(baselines: bool = False) -> Tuple[str, ...]:
+    """The defenses' names, in the registry's order; with ``baselines``, the baselines last."""
+    return tuple(name for name, d in DEFENSES.items() if baselines or not d.baseline)
 
 
 def get(name: str) -> Defense:
@@ -76,6 +117,8 @@ def data_help() -> str:
     """One sentence per defense on the data it wants, for the CLI's help."""
     parts = []
     for d in DEFENSES.values():
+        if d.baseline:
+            continue
         what = "clean images" if d.data == "clean" else "the model's (possibly poisoned) " \
             "training images"
         parts.append(f"{d.name} wants {what}" + (" and uses y when present" if d.uses_labels
@@ -89,3 +132,94 @@ def cleaned_model(defense: Defense, result: Any) -> nn.Module:
         assert isinstance(result, PruneResult)
         return result.model
     return result
+
+
+@dataclass
+class Outcome:
+    """What :func:`run` returns.
+
+    Attributes:
+        model: the defended model (a new model unless the defense ran with ``inplace=True``).
+        report: the pruning report of DDE and MBNS (:class:`~bdfast.PruneResult`), else None.
+        options: the options the defense was called with, the ones :func:`run` added included.
+        seconds: wall time of the defense, the loaders' construction excluded.
+    """
+
+    model: nn.Module
+    report: Optional[dict]
+    options: Dict[str, Any]
+    seconds: float
+
+
+def _split(data: DataSpec) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+    """``(x, y)`` of tensor data, or None for a loader."""
+    if isinstance(data, Tensor):
+        return data, None
+    if isinstance(data, tuple) and data and isinstance(data[0], Tensor):
+        if len(data) != 2:
+            raise ValueError(f"tensor data must be x or (x, y), got a tuple of {len(data)}")
+        return data[0], data[1]
+    return None
+
+
+def _loader(data: DataSpec, *, labels: bool, batch_size: int, shuffle: bool,
+            seed: Optional[int]) -> Iterable:
+    tensors = _split(data)
+    if tensors is None:
+        return data
+    x, y = tensors
+    return tensor_loader(x, y if labels else None, batch_size=batch_size, shuffle=shuffle,
+                         seed=seed)
+
+
+def run(name: str, model: nn.Module, *, clean: DataSpec = None, train: DataSpec = None,
+        batch_size: Optional[int] = None, seed: Optional[int] = None,
+        **options: Any) -> Outcome:
+    """Run defense ``name`` on ``model`` with the data that defense wants.
+
+    Args:
+        name: a defense of :func:`names` (or a baseline, ``"none"`` or ``"finetune"``).
+        model: the suspect classifier; not modified unless ``inplace=True`` is an option.
+        clean: the defender's small clean set, for MEDIC, BCU, MBNS and fine-tuning; for DDE,
+            clean images held out for ``u="auto"`` (its ``val_loader``).
+        train: the model's own, possibly poisoned, training images, for DDE.
+        batch_size: of the loaders built from tensors (default 64 for the training defenses,
+            shuffled; 256 for the statistics passes, in order).
+        seed: seeds a training defense and its shuffling; ignored by the pruning defenses.
+        **options: the defense's own keyword options.
+
+    ``clean`` and ``train`` are a loader (used as given), images ``x [N, C, H, W]`` in [0, 1],
+    or ``(x, y)``; labels are kept only for a defense that reads them. Raises ValueError when the
+    data the defense wants is missing.
+    """
+    defense = get(name)
+    wanted = clean if defense.data == "clean" else train
+    if wanted is None and defense.data != "none":
+        flag, what = (("clean", "a small clean set") if defense.data == "clean" else
+                      ("train", "the model's (possibly poisoned) training images"))
+        raise ValueError(f"{name} needs {flag}=..., {what}")
+    if defense.trains:
+        options["seed"] = seed
+    if defense.data == "none":
+        arguments: Tuple[Any, ...] = ()
+    elif defense.takes_tensors:
+        tensors = _split(wanted)
+        if tensors is None or tensors[1] is None:
+            raise ValueError(f"{name} needs clean=(x, y) as tensors")
+        arguments = tensors
+        if batch_size is not None:
+            options["batch_size"] = batch_size
+    else:
+        size = batch_size or (TRAIN_BATCH if defense.trains else STATISTICS_BATCH)
+        arguments = (_loader(wanted, labels=defense.uses_labels, batch_size=size,
+                             shuffle=defense.trains, seed=seed),)
+        if defense.data == "training" and clean is not None and "val_loader" in defense.options():
+            options.setdefault("val_loader", _loader(clean, labels=True,
+                                                     batch_size=STATISTICS_BATCH, shuffle=False,
+                                                     seed=None))
+    start = time.perf_counter()
+    result = defense.run(model, *arguments, **options)
+    seconds = time.perf_counter() - start
+    report = result.report if isinstance(result, PruneResult) else None
+    return Outcome(model=cleaned_model(defense, result), report=report, options=options,
+                   seconds=seconds)

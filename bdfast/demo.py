@@ -5,7 +5,6 @@ Everything runs on scikit-learn's embedded handwritten digits, so nothing is dow
 """
 from __future__ import annotations
 
-import copy
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,13 +14,10 @@ import torch
 from torch import nn
 
 import bdfast
-from bdfast import attacks as attack_lib
 from bdfast import defenses as defense_table
 from bdfast._utils import progress, resolve_device, write
-from bdfast.data import Digits, load_digits, tensor_loader
+from bdfast.lab import LabModel, backdoored
 from bdfast.metrics import der, evaluate
-from bdfast.models import digits_cnn
-from bdfast.trainer import train
 
 ATTACKS = ("badnets", "blended", "sig", "wanet")
 # The two baselines, then every library defense.
@@ -82,42 +78,22 @@ class DemoRow:
     note: str = ""
 
 
-def _finetune(model: nn.Module, data: Digits, poisoned, cfg: DemoConfig, show: bool):
-    """The baseline: plain fine-tuning of a copy on the defender's clean set."""
-    student = copy.deepcopy(model)
-    x, y = data.clean
-    return train(student, x, y, epochs=cfg.finetune_epochs, lr=0.01, batch_size=cfg.batch_size,
-                 device=cfg.device, seed=cfg.seed, progress=show, **cfg.options.get("finetune", {}))
-
-
-def _library_runner(name: str) -> Callable:
-    """Runs library defense ``name`` with the data it wants (:mod:`bdfast.defenses`): the clean
-    split, or the poisoned training images the model was trained on."""
-    defense = defense_table.get(name)
-
-    def run(model: nn.Module, data: Digits, poisoned, cfg: DemoConfig, show: bool) -> nn.Module:
-        x, y = poisoned if defense.data == "training" else data.clean
-        labels = y if defense.uses_labels else None
-        options: Dict[str, object] = {"progress": show}
-        if defense.trains:
-            loader = tensor_loader(x, labels, batch_size=cfg.batch_size, shuffle=True,
-                                   seed=cfg.seed)
-            options.update(seed=cfg.seed, device=cfg.device)
-            if cfg.defense_epochs is not None:
-                options["epochs"] = cfg.defense_epochs
-        else:
-            loader = tensor_loader(x, labels, batch_size=256)
-        options.update(cfg.options.get(name, {}))
-        return defense_table.cleaned_model(defense, defense.run(model, loader, **options))
-
-    return run
-
-
-DEFENSE_RUNNERS: Dict[str, Callable] = {
-    "none": lambda model, data, poisoned, cfg, show: model,
-    "finetune": _finetune,
-    **{name: _library_runner(name) for name in defense_table.names()},
-}
+def _run_defense(name: str, lab_model: LabModel, cfg: DemoConfig, show: bool) -> nn.Module:
+    """Defense (or baseline) ``name`` with the library's defaults and the data it wants: the
+    clean split, or the poisoned training images the model was trained on."""
+    trains = defense_table.get(name).trains
+    options: Dict[str, object] = dict(cfg.options.get(name, {}))
+    if name == "finetune":
+        options.setdefault("epochs", cfg.finetune_epochs)
+    elif cfg.defense_epochs is not None and trains:
+        options.setdefault("epochs", cfg.defense_epochs)
+    if trains:
+        options.setdefault("device", cfg.device)
+    # The statistics passes keep run()'s batches of 256; the batch size is a training budget.
+    return defense_table.run(name, lab_model.model, clean=lab_model.data.clean,
+                             train=lab_model.poisoned[0],
+                             batch_size=cfg.batch_size if trains else None, seed=cfg.seed,
+                             progress=show, **options).model
 
 
 def _check_names(names: Sequence[str], known: Sequence[str], what: str) -> List[str]:
@@ -142,23 +118,19 @@ def run_demo(cfg: DemoConfig, *, show_progress: bool = True,
     attack_names = _check_names(cfg.attacks, ATTACKS, "attacks")
     defense_names = _check_names(cfg.defenses, DEMO_DEFENSES, "defenses")
     device = resolve_device(cfg.device)
-    data = load_digits(seed=cfg.seed)
     rows: List[DemoRow] = []
     for attack_name in attack_names:
-        attack = attack_lib.get(attack_name)
-        x_train, y_train, _ = attack.poison(*data.train, rate=cfg.poison_rate, seed=cfg.seed)
         start = time.perf_counter()
-        torch.manual_seed(cfg.seed)
-        backdoored = train(digits_cnn().to(device), x_train, y_train, epochs=cfg.attack_epochs,
-                           batch_size=cfg.batch_size, device=device, seed=cfg.seed,
-                           progress=show_progress)
-        before = evaluate(backdoored, *data.test, attack=attack)
+        lab_model = backdoored("digits", "digits_cnn", attack_name, cfg.seed,
+                               rate=cfg.poison_rate, epochs=cfg.attack_epochs, device=device,
+                               progress=show_progress)
+        data, attack = lab_model.data, lab_model.attack
+        before = evaluate(lab_model.model, *data.test, attack=attack)
         log(f"[{attack_name}] backdoored model: acc {before['acc']:.3f}, asr {before['asr']:.3f} "
             f"({time.perf_counter() - start:.1f}s to train)")
         for defense in progress(defense_names, enabled=show_progress, desc=f"{attack_name}"):
             start = time.perf_counter()
-            defended = DEFENSE_RUNNERS[defense](backdoored, data, (x_train, y_train), cfg,
-                                                show_progress)
+            defended = _run_defense(defense, lab_model, cfg, show_progress)
             seconds = time.perf_counter() - start
             after = evaluate(defended, *data.test, attack=attack)
             rows.append(DemoRow(attack_name, defense, after["acc"], after["asr"], after["ra"],

@@ -11,8 +11,9 @@ Cases (CPU; the clean set is the digits ``clean`` split, 270 images, batches of 
 - ``digits``: the lab's digits CNN, 1 x 16 x 16;
 - ``wrn``: WRN-16-1 on the same images resized to 32 x 32 (bilinear) and repeated to 3 channels.
 
-The teacher of each case is trained on the badnets-poisoned digits training split (rate 0.1,
-seed 0, ``bdfast.train`` defaults) and cached under ``.cache/bench_medic_run/``.
+The teacher of each case is the lab's (:func:`bdfast.lab.backdoored`): trained on the
+badnets-poisoned digits training split (rate 0.1, seed 0, ``bdfast.train`` defaults) and cached
+under ``.cache/bench_medic_run/``.
 
 Variants (every one from the same teacher, data, epochs and seed):
 
@@ -46,21 +47,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from bench_medic_step import released_step
+
+from bdfast import lab
+from bdfast._utils import seed_everything
+from bdfast.augment import RandomCrop
+from bdfast.data import tensor_loader
+from bdfast.hooks import copy_without_hooks, disable_inplace, select_layers
+from bdfast.medic import Medic, MedicConfig, _student, teacher_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_medic_step import released_step  # noqa: E402
-
-from bdfast import attacks, models  # noqa: E402
-from bdfast._utils import seed_everything  # noqa: E402
-from bdfast.hooks import copy_without_hooks  # noqa: E402
-from bdfast.augment import RandomCrop  # noqa: E402
-from bdfast.data import load_digits, tensor_loader  # noqa: E402
-from bdfast.hooks import disable_inplace, select_layers  # noqa: E402
-from bdfast.medic import Medic, MedicConfig, _student, teacher_statistics  # noqa: E402
-from bdfast.trainer import train  # noqa: E402
 
 CASES = ("digits", "wrn")
 VARIANTS = ("released", "nocache", "cache", "cache-nchw", "cache-bf16", "cache-fp16",
@@ -70,40 +67,22 @@ DTYPES = {"cache": "auto", "cache-nchw": "auto", "cache-bf16": torch.bfloat16,
 ATTACK, SEED, BATCH = "badnets", 0, 64
 
 
-def to_wrn(x):
-    """1 x 16 x 16 digits -> 3 x 32 x 32."""
-    return F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).clamp(0, 1) \
-        .repeat(1, 3, 1, 1).contiguous()
-
-
 def setup(case: str, images: int, cache_dir: Path):
     """(teacher, clean x, clean y, test x, test y, triggered test x, target labels, augment)."""
-    digits = load_digits()
-    attack = attacks.get(ATTACK, num_classes=digits.num_classes)
-    transform = to_wrn if case == "wrn" else (lambda x: x)
-    arch = "wrn16_1" if case == "wrn" else "digits_cnn"
-    x_train, y_train, _ = attack.poison(*digits.train, rate=0.1, seed=SEED)
-    x_train = transform(x_train)
-    torch.manual_seed(SEED)
-    teacher = getattr(models, arch)(num_classes=10, in_channels=x_train.shape[1])
-    path = cache_dir / f"{case}-{ATTACK}-s{SEED}-t{torch.get_num_threads()}.pt"
-    if path.exists():
-        teacher.load_state_dict(torch.load(path, weights_only=True))
-    else:
-        start = time.perf_counter()
-        train(teacher, x_train, y_train, seed=SEED, progress=False)
-        print(f"trained the {case} teacher in {time.perf_counter() - start:.0f} s", flush=True)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(teacher.state_dict(), path)
-    teacher.eval()
-    x_clean, y_clean = digits.clean
-    x_clean, y_clean = transform(x_clean[:images]), y_clean[:images]
-    x_test, y_test = digits.test
+    lab_model = lab.backdoored("digits", "wrn16_1" if case == "wrn" else "digits_cnn", ATTACK,
+                               SEED, view="rgb32" if case == "wrn" else "native",
+                               cache=cache_dir, progress=True)
+    attack, view = lab_model.attack, lab_model.view
+    x_clean, y_clean = lab_model.data.clean
+    x_test, y_test = lab_model.data.test
+    # The trigger goes on the data set's own images, then the model's view (as in training).
+    x_raw, _ = lab.lab_data("digits").test
     eligible = y_test != attack.target
-    x_trig = transform(attack.apply(x_test[eligible]))
+    x_trig = view(attack.apply(x_raw[eligible]))
     y_trig = attack.target_labels(y_test[eligible], 10)
     augment = "crop+flip" if case == "wrn" else "crop"
-    return teacher, x_clean, y_clean, transform(x_test), y_test, x_trig, y_trig, augment
+    return (lab_model.model, x_clean[:images], y_clean[:images], x_test, y_test, x_trig, y_trig,
+            augment)
 
 
 @torch.no_grad()

@@ -38,26 +38,20 @@ rows without running anything.
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
-import hashlib
 import json
-import os
 import platform
 import sys
-import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import bdfast
-from bdfast import attacks, defenses, models
-from bdfast.data import LabData, load_digits, load_fashion_mnist, tensor_loader
+from bdfast import defenses, lab
+from bdfast.data import LabData, load_fashion_mnist
 from bdfast.metrics import evaluate
-from bdfast.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -65,10 +59,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 ASR_MAX = 0.10
 MAX_ACC_DROP = 0.03
 
-DATA = ("digits", "fmnist")
+DATA = lab.DATA
 ARCHS = ("digits_cnn", "preact_resnet18", "vgg_small")
 ATTACKS = ("badnets", "blended", "wanet", "sig")
-DEFENSES = ("none", "finetune", "medic", "bcu", "dde", "mbns")
+# The baselines first, then the library's defenses, in the registry's order.
+DEFENSES = tuple(sorted(defenses.names(baselines=True), key=lambda n: not defenses.get(n).baseline))
+
+# The seeds the MEDIC and BCU defaults were chosen on; results on other seeds are held out.
+SELECTION_SEEDS = (0, 1)
+# The core runs: every data set x these nets x these attacks.
+CORE_CELLS = {(data, arch, attack) for data in DATA for arch in ("digits_cnn", "preact_resnet18")
+              for attack in ("badnets", "blended")}
 
 # A setting's lab-side option, not the defense's: how many unlabeled images BCU gets.
 UNLABELED = "unlabeled_images"
@@ -101,32 +102,8 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "dde": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
     "mbns": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
 }
-# What a cached model depends on: a change here retrains it.
-MODEL_SOURCES = ("bdfast/trainer.py", "bdfast/models.py", "bdfast/attacks.py", "bdfast/data.py")
-PREACT_WIDTH = 16
-
-
-def source_hash(paths: Iterable[str]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.encode())
-        digest.update((ROOT / path).read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def _fmnist_16(x: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(x, size=(16, 16), mode="area").clamp_(0, 1)
-
-
 def load_data(name: str) -> LabData:
-    if name == "digits":
-        return load_digits()
-    if name == "fmnist":
-        full = load_fashion_mnist(train_size=2000, clean_size=500, test_size=1000, seed=0)
-        return LabData(train=(_fmnist_16(full.train[0]), full.train[1]),
-                       clean=(_fmnist_16(full.clean[0]), full.clean[1]),
-                       test=(_fmnist_16(full.test[0]), full.test[1]), num_classes=10, size=16)
-    raise ValueError(f"unknown data set {name!r}; choose from {list(DATA)}")
+    return lab.lab_data(name)
 
 
 def unlabeled_images(data_name: str, data: LabData, count: int) -> torch.Tensor:
@@ -144,44 +121,16 @@ def unlabeled_images(data_name: str, data: LabData, count: int) -> torch.Tensor:
 def _fmnist_spare() -> torch.Tensor:
     """The fmnist lab's unused training images, shuffled; read once per process."""
     taken = {x.numpy().tobytes() for x in load_data("fmnist").train[0]}
-    rest = _fmnist_16(load_fashion_mnist(train_size=None, clean_size=500, seed=0).train[0])
+    rest = F.interpolate(load_fashion_mnist(train_size=None, clean_size=500, seed=0).train[0],
+                         size=(16, 16), mode="area").clamp_(0, 1)
     spare = torch.stack([x for x in rest if x.numpy().tobytes() not in taken])
     return spare[torch.randperm(len(spare), generator=torch.Generator().manual_seed(0))]
-
-
-def build_model(arch: str, num_classes: int, in_channels: int) -> nn.Module:
-    if arch == "preact_resnet18":
-        return models.preact_resnet18(num_classes, in_channels, width=PREACT_WIDTH)
-    return getattr(models, arch)(num_classes=num_classes, in_channels=in_channels)
-
-
-def backdoored_model(data: LabData, data_name: str, arch: str, attack_name: str, seed: int,
-                     cache: Path) -> Tuple[nn.Module, torch.Tensor]:
-    """The lab model of one cell and the poisoned training images it was trained on."""
-    attack = attacks.get(attack_name, num_classes=data.num_classes)
-    x, y, _ = attack.poison(*data.train, rate=0.1, seed=seed)
-    torch.manual_seed(seed)
-    model = build_model(arch, data.num_classes, x.shape[1])
-    threads = torch.get_num_threads()
-    path = cache / (f"{data_name}-{arch}-{attack_name}-s{seed}-t{threads}-"
-                    f"{source_hash(MODEL_SOURCES)}.pt")
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval(), x
-    start = time.perf_counter()
-    train(model, x, y, seed=seed, progress=False)
-    print(f"  trained {path.name} in {time.perf_counter() - start:.0f} s", flush=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
-    return model.eval(), x
 
 
 def resolved_options(defense: str, setting: str) -> Dict[str, Any]:
     """The setting's options with every library default of the defense written out."""
     options = dict(SETTINGS[defense][setting])
-    if defense not in defenses.DEFENSES:  # the baselines: their options are all written out
+    if defenses.get(defense).baseline:  # the baselines: their options are all written out
         return options
     # None of these changes what a run computes. The teacher cache keeps float32 rows at these
     # set sizes, so a cached run is the uncached one to float rounding (docs/medic.md).
@@ -194,34 +143,15 @@ def resolved_options(defense: str, setting: str) -> Dict[str, Any]:
 
 
 def run_defense(defense: str, options: Dict[str, Any], teacher: nn.Module, data_name: str,
-                data: LabData, x_poisoned: torch.Tensor, seed: int) -> nn.Module:
-    """The defended model, given the data a user of that defense has."""
-    x_clean, y_clean = data.clean
-    if defense == "none":
-        return teacher
-    if defense == "finetune":
-        return train(copy.deepcopy(teacher), x_clean, y_clean, seed=seed, progress=False,
-                     **options)
-    if defense == "medic":
-        loader = tensor_loader(x_clean, y_clean, batch_size=64, shuffle=True, seed=seed)
-        return bdfast.medic_clone(teacher, loader, seed=seed, progress=False, **options)
-    if defense == "bcu":
-        options = dict(options)
-        count = options.pop(UNLABELED, None)
-        x_unlabeled = x_clean if count is None else unlabeled_images(data_name, data, count)
-        loader = tensor_loader(x_unlabeled, batch_size=64, shuffle=True, seed=seed)
-        return bdfast.bcu_cleanse(teacher, loader, seed=seed, progress=False, **options)
-    if defense == "dde":
-        extra = {}
-        if options.get("u") == "auto":
-            extra["val_loader"] = tensor_loader(x_clean, y_clean, batch_size=256)
-        return bdfast.dde_prune(teacher, tensor_loader(x_poisoned, batch_size=256),
-                                progress=False, **options, **extra).model
-    if defense == "mbns":
-        # Labels are ignored by the statistics; u="auto" validates against them.
-        return bdfast.mbns_prune(teacher, tensor_loader(x_clean, y_clean, batch_size=256),
-                                 progress=False, **options).model
-    raise ValueError(f"unknown defense {defense!r}")
+                data: LabData, x_poisoned: torch.Tensor, seed: int) -> defenses.Outcome:
+    """The defense's outcome, given the data a user of that defense has: the clean set (or, for
+    a BCU setting with ``unlabeled_images``, that many unlabeled images) and the poisoned
+    training images."""
+    options = dict(options)
+    count = options.pop(UNLABELED, None)
+    clean = data.clean if count is None else unlabeled_images(data_name, data, count)
+    return defenses.run(defense, teacher, clean=clean, train=x_poisoned, seed=seed,
+                        progress=False, **options)
 
 
 def row_key(row: Dict[str, Any]) -> str:
@@ -261,22 +191,25 @@ def run(args: argparse.Namespace) -> None:
                     if not todo:
                         continue
                     print(f"{data_name} / {arch} / {attack_name} / seed {seed}", flush=True)
-                    teacher, x_poisoned = backdoored_model(data, data_name, arch, attack_name,
-                                                           seed, args.cache)
-                    attack = attacks.get(attack_name, num_classes=data.num_classes)
+                    lab_model = lab.backdoored(data_name, arch, attack_name, seed,
+                                               cache=args.cache, progress=True)
+                    teacher, attack = lab_model.model, lab_model.attack
                     before = evaluate(teacher, *data.test, attack=attack)
                     for row in todo:
-                        start = time.perf_counter()
-                        model = run_defense(row["defense"], row["options"], teacher, data_name,
-                                            data, x_poisoned, seed)
-                        seconds = time.perf_counter() - start
-                        after = evaluate(model, *data.test, attack=attack)
+                        outcome = run_defense(row["defense"], row["options"], teacher,
+                                              data_name, data, lab_model.poisoned[0], seed)
+                        seconds = outcome.seconds
+                        after = evaluate(outcome.model, *data.test, attack=attack)
                         row.update(acc_before=before["acc"], asr_before=before["asr"],
                                    acc=after["acc"], asr=after["asr"], ra=after["ra"],
                                    seconds=round(seconds, 2), meets=meets(before, after),
                                    torch=torch.__version__, cpu=platform.processor()
                                    or platform.machine(),
-                                   isa=torch.backends.cpu.get_cpu_capability())
+                                   isa=torch.backends.cpu.get_cpu_capability(),
+                                   source=lab.code_version(), teacher=lab_model.key)
+                        if outcome.report is not None and row["options"].get("u") == "auto":
+                            row.update(chosen_u=outcome.report["u"],
+                                       sweep=outcome.report["sweep"])
                         with args.results.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                         print(f"  {row['defense']:8s} {row['setting']:14s} ACC "
@@ -299,8 +232,15 @@ def _options_key(row: Dict[str, Any]) -> str:
     return json.dumps(row["options"], sort_keys=True)
 
 
+def _sample(row: Dict[str, Any]) -> str:
+    """"in" for the seeds the defaults were chosen on, "held_out" for the others."""
+    return "in" if row["seed"] in SELECTION_SEEDS else "held_out"
+
+
 def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Per defense setting: how many (cell, seed) runs meet the bound, on implanted backdoors.
+    """Per defense setting: how many (cell, seed) runs meet the bound, on implanted backdoors,
+    in sample (seeds :data:`SELECTION_SEEDS`, on which the defaults were chosen) and held out
+    (every other seed, never used to choose anything).
 
     Settings with the same options are one entry, named by all their labels ("default =
     lam3-tau10" once the library's default is that candidate). A run counts only where the
@@ -311,15 +251,15 @@ def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         if row["defense"] == "none" or row["asr_before"] < 0.5:
             continue
         key = (row["defense"], _options_key(row))
-        entry = by_options.setdefault(key, {"defense": row["defense"], "labels": set(),
-                                            "options": row["options"], "runs": set(),
-                                            "meets": set(), "worst_drop": 0.0,
-                                            "worst_asr": 0.0})
+        entry = by_options.setdefault(key, {
+            "defense": row["defense"], "labels": set(), "options": row["options"],
+            "runs": {"in": set(), "held_out": set()}, "meets": {"in": set(), "held_out": set()},
+            "worst_drop": 0.0, "worst_asr": 0.0})
         run = (row["data"], row["arch"], row["attack"], row["seed"], row["threads"])
         entry["labels"].add(row["setting"])
-        entry["runs"].add(run)
+        entry["runs"][_sample(row)].add(run)
         if row["meets"]:
-            entry["meets"].add(run)
+            entry["meets"][_sample(row)].add(run)
         entry["worst_drop"] = max(entry["worst_drop"], row["acc_before"] - row["acc"])
         entry["worst_asr"] = max(entry["worst_asr"], row["asr"])
     settings = []
@@ -328,11 +268,34 @@ def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         named = next((label for label in labels if label != "default"), "default")
         settings.append({"defense": entry["defense"], "setting": " = ".join(labels),
                          "options": SETTINGS[entry["defense"]][named] or "library defaults",
-                         "runs": len(entry["runs"]),
-                         "meets": len(entry["meets"]), "worst_drop": entry["worst_drop"],
-                         "worst_asr": entry["worst_asr"]})
+                         "runs": len(entry["runs"]["in"]), "meets": len(entry["meets"]["in"]),
+                         "held_out_runs": len(entry["runs"]["held_out"]),
+                         "held_out_meets": len(entry["meets"]["held_out"]),
+                         "worst_drop": entry["worst_drop"], "worst_asr": entry["worst_asr"]})
     settings.sort(key=lambda e: (e["defense"], -e["meets"] / max(e["runs"], 1)))
-    return {"bound": {"asr_max": ASR_MAX, "max_acc_drop": MAX_ACC_DROP}, "settings": settings}
+    return {"bound": {"asr_max": ASR_MAX, "max_acc_drop": MAX_ACC_DROP},
+            "selection_seeds": list(SELECTION_SEEDS), "settings": settings}
+
+
+def core_table(rows: List[Dict[str, Any]]) -> List[str]:
+    """The library defaults of MEDIC and BCU on the core runs, in sample and held out side by
+    side, with the machines each column was measured on."""
+    lines = ["| defense | in sample: seeds "
+             + ", ".join(map(str, SELECTION_SEEDS)) + " (the defaults were chosen here) | "
+             "held out: other seeds (never used to choose) |", "|---|---:|---:|"]
+    for defense in ("medic", "bcu"):
+        default = json.dumps(resolved_options(defense, "default"), sort_keys=True)
+        found = [r for r in rows if r["defense"] == defense and _options_key(r) == default
+                 and _cell(r) in CORE_CELLS]
+        cells = []
+        for sample in ("in", "held_out"):
+            mine = [r for r in found if _sample(r) == sample]
+            seeds = sorted({r["seed"] for r in mine})
+            isas = sorted({r.get("isa", "?") for r in mine})
+            cells.append(f"{sum(r['meets'] for r in mine)} of {len(mine)} (seeds "
+                         f"{', '.join(map(str, seeds))}; {', '.join(isas)})" if mine else "–")
+        lines.append(f"| {defense} default | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(rows: List[Dict[str, Any]]) -> str:
@@ -340,13 +303,21 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
              f"Bound: ASR <= {ASR_MAX:.2f} with ACC drop <= {MAX_ACC_DROP:.2f}. Each entry is "
              "ACC / ASR after the defense for seed 0 · seed 1 ...; **bold** where it meets the "
              "bound. `benchmarks/efficacy.py` explains the data, models and settings.", "",
+             "## The library defaults on the core runs", "",
+             "Data sets x digits CNN and PreAct-ResNet-18 x badnets and blended.", "",
+             *core_table(rows), "",
              "## Settings: runs that meet the bound (implanted backdoors only)", "",
-             "| defense | setting | options | meets / runs | worst ACC drop | worst ASR |",
-             "|---|---|---|---:|---:|---:|"]
+             "In sample: seeds " + ", ".join(map(str, SELECTION_SEEDS)) + ", the runs the "
+             "defaults were chosen on; held out: every other seed.", "",
+             "| defense | setting | options | in sample: meets of runs | held out: meets of runs "
+             "| worst ACC drop | worst ASR |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for e in summary(rows)["settings"]:
         shown = e["options"] if isinstance(e["options"], str) else f"`{json.dumps(e['options'])}`"
+        held = f"{e['held_out_meets']} of {e['held_out_runs']}" if e["held_out_runs"] else "–"
         lines.append(f"| {e['defense']} | {e['setting']} | {shown} | "
-                     f"{e['meets']} / {e['runs']} | {e['worst_drop']:.3f} | {e['worst_asr']:.3f} |")
+                     f"{e['meets']} of {e['runs']} | {held} | {e['worst_drop']:.3f} | "
+                     f"{e['worst_asr']:.3f} |")
     # One column per (defense, options): a candidate that became the default is one column.
     labels: Dict[Tuple[str, str], set] = {}
     for r in rows:

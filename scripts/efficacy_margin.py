@@ -3,7 +3,7 @@
 The lab models' weights, and so every ACC / ASR the tests check, change with the seed, torch's
 thread count and the CPU's instruction set (conv and GEMM kernels round differently on AVX2 and
 AVX-512). A bound only counts if it holds on all of them, with margin. This script runs the cases
-of ``tests/acceptance.py`` for every variant
+of :mod:`bdfast.acceptance` for every variant
 
     seed in --seeds  x  threads in --threads  x  instruction set in --isa
 
@@ -14,8 +14,9 @@ with 1 if any case misses a bound on any variant.
 ``--isa avx2`` emulates an AVX2-only CPU on an AVX-512 machine (``ATEN_CPU_CAPABILITY=avx2
 ONEDNN_MAX_CPU_ISA=AVX2`` for torch, ``BDFAST_CPU_ISA=avx2`` for bdfast's kernels); the
 capability that took effect is read back from the worker and shown. Results are appended to
-``--results`` (JSON lines) as they arrive and reused by a later run with the same sources, so an
-interrupted run resumes; trained lab models are cached in ``--cache`` likewise.
+``--results`` (JSON lines) as they arrive and reused by a later run with the same sources
+(:func:`bdfast.lab.code_version`), so an interrupted run resumes; trained lab models are cached
+in ``--cache`` by :func:`bdfast.lab.backdoored`.
 
     python scripts/efficacy_margin.py                        # the full matrix (~4 min a variant,
                                                              # 2 cores)
@@ -24,7 +25,6 @@ interrupted run resumes; trained lab models are cached in ``--cache`` likewise.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -32,35 +32,20 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import List
+
+from bdfast import lab
+from bdfast.acceptance import CASES
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 ISA_ENV = {
     "native": {},
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "BDFAST_CPU_ISA": "avx2"},
 }
-# What a lab model depends on, and what a defense result depends on besides its case's settings:
-# a change to these invalidates the cached models and results.
-MODEL_SOURCES = ["bdfast/trainer.py", "bdfast/models.py", "bdfast/attacks.py", "bdfast/data.py"]
-RESULT_SOURCES = ["bdfast", "csrc"]
-
-
-def source_hash(sources: List[str]) -> str:
-    digest = hashlib.sha256()
-    for top in sources:
-        path = ROOT / top
-        files = sorted(path.rglob("*")) if path.is_dir() else [path]
-        for f in files:
-            if f.is_file() and f.suffix in (".py", ".cpp", ".h", ".cu", ".cuh"):
-                digest.update(str(f.relative_to(ROOT)).encode())
-                digest.update(f.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def selected(patterns: List[str]):
-    from acceptance import CASES
     if not patterns:
         return CASES
     return [c for c in CASES if any(p in c.name for p in patterns)]
@@ -70,29 +55,15 @@ def selected(patterns: List[str]):
 
 def worker(args: argparse.Namespace) -> None:
     import torch
-    from acceptance import train_backdoored
-    from bdfast import models
-    from bdfast.data import load_digits
+
+    from bdfast.acceptance import lab_model
 
     torch.set_num_threads(args.threads)
-    digits = load_digits()
     capability = torch.backends.cpu.get_cpu_capability()
-    teachers: Dict[Tuple[str, str], torch.nn.Module] = {}
     for case in selected(args.cases):
-        key = (case.attack, case.arch)
-        if key not in teachers:
-            path = Path(args.cache) / f"{case.attack}-{case.arch}-{args.tag}.pt"
-            if path.exists():
-                model = getattr(models, case.arch)(num_classes=digits.num_classes)
-                model.load_state_dict(torch.load(path))
-                model.eval()
-            else:
-                model = train_backdoored(digits, case.attack, case.arch, args.seed)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(model.state_dict(), path)
-            teachers[key] = model
+        model = lab_model(case, args.seed, cache=args.cache)
         start = time.perf_counter()
-        before, after = case.run(digits, teachers[key], args.seed)
+        before, after = case.run(model, args.seed)
         print(json.dumps({"case": case.name, "key": case.key, "seed": args.seed,
                           "threads": args.threads,
                           "isa": args.isa, "capability": capability,
@@ -104,14 +75,13 @@ def worker(args: argparse.Namespace) -> None:
 # --- the driver -------------------------------------------------------------------------------
 
 def run_variant(args, seed: int, threads: int, isa: str) -> List[dict]:
-    env = dict(os.environ, **ISA_ENV[isa], PYTHONPATH=str(ROOT))
+    env = dict(os.environ, **ISA_ENV[isa])
     env.pop("OMP_NUM_THREADS", None)
     # Variants run side by side share the cores; spinning OpenMP threads would starve each
     # other. The results do not depend on it: work is split by the thread count alone.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cmd = [sys.executable, __file__, "--worker", "--seed", str(seed), "--threads", str(threads),
-           "--isa", isa, "--cache", args.cache, "--tag",
-           f"s{seed}-t{threads}-{isa}-{source_hash(MODEL_SOURCES)}"]
+           "--isa", isa, "--cache", args.cache]
     if args.cases:
         cmd += ["--cases", *args.cases]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -174,7 +144,6 @@ def main() -> int:
                         help="run nothing: print the table of the results already measured")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--tag", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.threads = args.threads[0]
@@ -182,7 +151,7 @@ def main() -> int:
         worker(args)
         return 0
 
-    tag = source_hash(RESULT_SOURCES)
+    tag = lab.code_version()
     cases = selected(args.cases)
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)

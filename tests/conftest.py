@@ -1,5 +1,5 @@
-"""Shared fixtures: the op tests' ``device``, the digits data and cached backdoored models; the
-``gpu`` marker."""
+"""Shared fixtures: the op tests' ``device``, the digits data and the lab's backdoored models
+(trained once per session); the ``gpu`` marker."""
 from __future__ import annotations
 
 import copy
@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import devices
-from acceptance import train_backdoored
-from bdfast.data import Digits, load_digits
+from bdfast import lab
+from bdfast.data import Digits
 
 
 # CPU reductions split their work by thread, so the lab models (and every ACC / ASR the
@@ -47,27 +47,30 @@ def device(request: pytest.FixtureRequest):
 
 @pytest.fixture(scope="session")
 def digits() -> Digits:
-    """``bdfast.data.load_digits()`` with its defaults (16x16, seed 0)."""
-    return load_digits()
+    """The lab's digits: ``bdfast.data.load_digits()`` with its defaults (16x16, seed 0)."""
+    return lab.lab_data("digits")
 
 
 class BackdooredModels:
-    """Callable ``(attack_name, arch="digits_cnn") -> nn.Module``: the lab model of
-    :func:`acceptance.train_backdoored` with seed 0, in eval mode. Each model is trained once
-    per session; every call returns a fresh deep copy, so a test may modify what it gets."""
+    """Callable ``(attack_name, arch="digits_cnn", data="digits", seed=0) -> lab.LabModel``:
+    :func:`bdfast.lab.backdoored`, each model trained once per session. Every call returns a
+    fresh deep copy, so a test may modify what it gets."""
 
-    def __init__(self, digits: Digits):
-        self.digits = digits
-        self.cache: Dict[Tuple[str, str], nn.Module] = {}
+    def __init__(self) -> None:
+        self.trained: Dict[Tuple[str, str, str, int], lab.LabModel] = {}
+
+    def lab_model(self, attack_name: str, arch: str = "digits_cnn", data: str = "digits",
+                  seed: int = 0) -> lab.LabModel:
+        key = (attack_name, arch, data, seed)
+        if key not in self.trained:
+            self.trained[key] = lab.backdoored(data, arch, attack_name, seed)
+        return copy.deepcopy(self.trained[key])
 
     def __call__(self, attack_name: str, arch: str = "digits_cnn") -> nn.Module:
-        key = (attack_name, arch)
-        if key not in self.cache:
-            self.cache[key] = train_backdoored(self.digits, attack_name, arch, seed=0)
-        return copy.deepcopy(self.cache[key])
+        return self.lab_model(attack_name, arch).model
 
 
 @pytest.fixture(scope="session")
-def backdoored_model(digits: Digits) -> BackdooredModels:
+def backdoored_model() -> BackdooredModels:
     """See :class:`BackdooredModels`."""
-    return BackdooredModels(digits)
+    return BackdooredModels()

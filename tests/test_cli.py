@@ -343,12 +343,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch):
 
 
 def test_interrupted_demo_keeps_the_rows_it_measured(tmp_path, monkeypatch, capsys):
-    from bdfast import demo
-
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(demo.DEFENSE_RUNNERS, "bcu", interrupt)
+    monkeypatch.setitem(defenses.DEFENSES, "bcu",
+                        dataclasses.replace(defenses.get("bcu"), run=interrupt))
     out = tmp_path / "demo"
     code = main(["demo", "--quick", "--no-progress", "--attacks", "badnets", "--defenses",
                  "none", "dde", "bcu", "mbns", "--out", str(out)])

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import bdfast
+from bdfast import defenses
 from bdfast.data import tensor_loader
 from bdfast.models import digits_cnn
 
@@ -22,19 +23,22 @@ def small(digits):
     return digits_cnn().eval(), digits.clean[0][:48], digits.clean[1][:48]
 
 
-DEFENSES = {
-    "medic": lambda model, loader: bdfast.medic_clone(model, loader, **FAST),
-    "bcu": lambda model, loader: bdfast.bcu_cleanse(model, loader, **FAST),
-    "dde": lambda model, loader: bdfast.dde_prune(model, loader, progress=False),
-    "mbns": lambda model, loader: bdfast.mbns_prune(model, loader, progress=False),
-}
+DEFENSES = defenses.names()
 
 
-@pytest.mark.parametrize("defense", sorted(DEFENSES))
+def run(defense: str, model: nn.Module, loader) -> nn.Module:
+    """``defense`` through the registry, with ``loader`` as the data it wants."""
+    declared = defenses.get(defense)
+    data = {"clean" if declared.data == "clean" else "train": loader}
+    budget = {"epochs": 1} if declared.trains else {}
+    return defenses.run(defense, model, seed=0, progress=False, **data, **budget).model
+
+
+@pytest.mark.parametrize("defense", DEFENSES)
 def test_images_in_0_255_are_refused_with_a_hint(small, defense):
     model, x, y = small
     with pytest.raises(ValueError, match="divide by 255"):
-        DEFENSES[defense](model, tensor_loader(x * 255, y, batch_size=16))
+        run(defense, model, tensor_loader(x * 255, y, batch_size=16))
 
 
 def test_train_and_evaluate_refuse_images_in_0_255(small):
@@ -55,7 +59,7 @@ def test_standardised_images_are_accepted(small):
 
 # --- the user's hooks ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("defense", sorted(DEFENSES))
+@pytest.mark.parametrize("defense", DEFENSES)
 def test_user_hooks_do_not_fire_inside_a_defense(small, defense):
     model, x, y = small
     model = copy.deepcopy(model)
@@ -65,7 +69,7 @@ def test_user_hooks_do_not_fire_inside_a_defense(small, defense):
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             module.register_forward_hook(lambda module, args, out: calls.append("conv"))
-    result = DEFENSES[defense](model, tensor_loader(x, y, batch_size=16))
+    result = run(defense, model, tensor_loader(x, y, batch_size=16))
     cleaned = getattr(result, "model", result)
     assert calls == []
     # The returned copy carries none of them; the user's model keeps all of them.
@@ -137,7 +141,7 @@ def test_broken_running_statistics_name_their_layer(small, broken, prune):
 def test_a_bare_tensor_is_not_a_loader(small, defense):
     model, x, _ = small
     with pytest.raises(TypeError, match="tensor_loader"):
-        DEFENSES[defense](model, x)
+        defenses.get(defense).run(model, x, **FAST)
 
 
 class TupleModel(nn.Module):
@@ -155,17 +159,17 @@ class TupleModel(nn.Module):
 def test_a_model_returning_a_tuple_fails_in_one_sentence(small, defense):
     model, x, y = small
     with pytest.raises(ValueError, match="one logits tensor"):
-        DEFENSES[defense](TupleModel(model), tensor_loader(x, y, batch_size=16))
+        run(defense, TupleModel(model), tensor_loader(x, y, batch_size=16))
 
 
-@pytest.mark.parametrize("defense", sorted(DEFENSES))
+@pytest.mark.parametrize("defense", DEFENSES)
 @pytest.mark.parametrize("mismatch", ["dtype", "channels", "NHWC"])
 def test_images_the_model_cannot_take_fail_in_one_sentence(small, defense, mismatch):
     model, x, y = small
     images = {"dtype": x.double(), "channels": x.repeat(1, 3, 1, 1),
               "NHWC": x.permute(0, 2, 3, 1).contiguous()}[mismatch]
     with pytest.raises(ValueError, match="the model cannot run on") as info:
-        DEFENSES[defense](model, tensor_loader(images, y, batch_size=16))
+        run(defense, model, tensor_loader(images, y, batch_size=16))
     message = str(info.value)
     assert "\n" not in message
     assert str(images.dtype) in message and str(list(images[:16].shape)) in message
