@@ -97,7 +97,7 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
             "images2000": {UNLABELED: 2000},
             "T1": {"temperature": 1.0},
             # Every conv/linear weight replaced: how low distillation alone takes ASR, whatever
-            # the ratios (docs/bcu.md, "a floor").
+            # the ratios (docs/bcu.md, "How low can any ratio go?").
             "fresh": {"ratios": "uniform:1.0", "ratio_scale": 1.0}},
     "dde": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
     "mbns": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
