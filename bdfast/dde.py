@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from bdfast import ops
 from bdfast._utils import check_number, distributed
 from bdfast.pruning import (DEFAULT_ACC_BUDGET, ChannelStatistic, PruneResult, check_options,
-                            prune_outliers, validation_batches)
+                            prune_outliers)
 
 __all__ = ["dde_prune"]
 
@@ -32,7 +32,8 @@ def dde_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0,
 
     Args:
         model: the suspect model; it must contain affine BatchNorm layers (every one is scored,
-            shortcut BNs included).
+            shortcut BNs included). A model without BatchNorm is refused before any data is
+            read, with a ValueError that points to MEDIC and BCU.
         loader: the (poisoned) training images: an iterable of batches ``x [B, C, H, W]`` or
             ``(x, y)`` (labels ignored), without augmentation.
         u: a channel is pruned when its entropy is below ``mean - u * std`` of its layer's
@@ -70,11 +71,10 @@ def dde_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0,
     if not isinstance(reference_compat, bool):
         raise TypeError(f"reference_compat must be True or False, got {reference_compat!r}")
     check_number(max_samples, "max_samples", integer=True, minimum=2, allow_none=True)
-    val_batches = None if val_loader is None else validation_batches(val_loader, "val_loader")
     options = {"u": u, "step": step, "reference_compat": reference_compat,
                "max_samples": max_samples, "acc_budget": acc_budget, "zero_bias": zero_bias}
     return prune_outliers(model, loader, SpatialMaxEntropy(step, reference_compat, max_samples),
-                          u=u, val_batches=val_batches, acc_budget=acc_budget,
+                          u=u, val_loader=val_loader, acc_budget=acc_budget,
                           zero_bias=zero_bias, inplace=inplace, device=device,
                           progress=progress, options=options, max_samples=max_samples)
 

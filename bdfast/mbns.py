@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from bdfast import ops
 from bdfast._utils import distributed
 from bdfast.pruning import (DEFAULT_ACC_BUDGET, ChannelStatistic, HeldOutHalves, PruneResult,
-                            check_options, prune_outliers, validation_batches)
+                            check_options, prune_outliers)
 from bdfast.stats import ChannelMoments
 
 __all__ = ["mbns_prune"]
@@ -32,7 +32,8 @@ def mbns_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0
 
     Args:
         model: the suspect model; it must contain affine BatchNorm layers with running
-            statistics (every one is scored, shortcut BNs included).
+            statistics (every one is scored, shortcut BNs included). A model without BatchNorm
+            is refused before any data is read, with a ValueError that points to MEDIC and BCU.
         loader: clean images: an iterable of batches ``x [B, C, H, W]`` or ``(x, y)`` (labels
             ignored). The paper finds 10 to 500 images enough.
         u: a channel is pruned when its KL is above ``mean + u * std`` of its layer's KLs.
@@ -66,11 +67,10 @@ def mbns_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0
     merged exactly, so all ranks prune the same channels.
     """
     check_options(u, zero_bias, inplace, acc_budget)
-    val_batches = None if val_loader is None else validation_batches(val_loader, "val_loader")
-    if u == "auto" and val_batches is None:
+    if u == "auto" and val_loader is None:
         loader = HeldOutHalves(loader)
     options = {"u": u, "acc_budget": acc_budget, "zero_bias": zero_bias}
-    return prune_outliers(model, loader, BatchNormKL(), u=u, val_batches=val_batches,
+    return prune_outliers(model, loader, BatchNormKL(), u=u, val_loader=val_loader,
                           acc_budget=acc_budget, zero_bias=zero_bias, inplace=inplace,
                           device=device, progress=progress, options=options)
 

@@ -7,6 +7,9 @@
 - :func:`resnet18_cifar`, :func:`preact_resnet18`, :func:`wrn16_1`: the 32x32 architectures of the
   papers. ``preact_resnet18``'s state_dict keys match BackdoorBench's PreActResNet18, so its
   checkpoints load directly.
+- :func:`gn_resnet`, :func:`convnext_lab`, :func:`plain_cnn`: small lab nets *without* BatchNorm
+  (GroupNorm, channels-first LayerNorm, no normalisation at all), on which DDE and MBNS refuse
+  to run and MEDIC and BCU must still work.
 
 Every model maps ``x [B, C, H, W]`` to logits ``[B, num_classes]``.
 """
@@ -20,7 +23,9 @@ from torch import Tensor, nn
 from bdfast._utils import check_number
 
 __all__ = ["DigitsCNN", "VGGSmall", "ResNet18CIFAR", "PreActResNet18", "WideResNet",
-           "digits_cnn", "vgg_small", "resnet18_cifar", "preact_resnet18", "wrn16_1"]
+           "GNResNet", "ConvNeXtLab", "LayerNorm2d", "PlainCNN",
+           "digits_cnn", "vgg_small", "resnet18_cifar", "preact_resnet18", "wrn16_1",
+           "gn_resnet", "convnext_lab", "plain_cnn"]
 
 
 def _check(num_classes: int, in_channels: int) -> None:
@@ -266,3 +271,161 @@ class WideResNet(nn.Module):
 def wrn16_1(num_classes: int = 10, in_channels: int = 3) -> WideResNet:
     """WRN-16-1 (MEDIC's architecture): channels 16, 16, 32, 64; two blocks per group."""
     return WideResNet(16, 1, num_classes, in_channels)
+
+
+class _SeparableBlock(nn.Module):
+    """Residual block of a depthwise 3x3 conv (carrying the stride) and a pointwise 1x1 conv:
+    gelu(gn2(pointwise(gelu(gn1(depthwise(x))))) + shortcut(x)), the shortcut a 1x1 conv +
+    GroupNorm where the shape changes, else the identity."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, groups: int):
+        super().__init__()
+        # Every conv feeds a GroupNorm, whose shift replaces the conv's bias.
+        self.depthwise = nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in,
+                                   bias=False)
+        self.gn1 = nn.GroupNorm(groups, c_in)
+        self.act1 = nn.GELU()
+        self.pointwise = nn.Conv2d(c_in, c_out, 1, bias=False)
+        self.gn2 = nn.GroupNorm(groups, c_out)
+        self.act2 = nn.GELU()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                          nn.GroupNorm(groups, c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act1(self.gn1(self.depthwise(x)))
+        out = self.gn2(self.pointwise(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class GNResNet(nn.Module):
+    """GroupNorm residual net (8 groups everywhere, GELU modules): 3x3 stem conv + GN + GELU of
+    32 channels, three stages of two depthwise-separable residual blocks (32, 64, 96 channels;
+    strides 2, 2, 1), global average pooling and ``fc``. A 16x16 image ends as a 4x4 map."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        _check(num_classes, in_channels)
+        groups = 8
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1, bias=False),
+                                  nn.GroupNorm(groups, 32), nn.GELU())
+        stages, c_in = [], 32
+        # Downsampling in the first two stages rather than the last two halves the cost of an
+        # epoch (most of it was the 16x16 stage) and still ends on a 4x4 map.
+        for c_out, stride in ((32, 2), (64, 2), (96, 1)):
+            stages.append(nn.Sequential(_SeparableBlock(c_in, c_out, stride, groups),
+                                        _SeparableBlock(c_out, c_out, 1, groups)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, in_channels, H, W]`` -> logits ``[B, num_classes]``."""
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+def gn_resnet(num_classes: int = 10, in_channels: int = 1) -> GNResNet:
+    """A small GroupNorm + GELU residual net with depthwise-separable blocks (no BatchNorm)."""
+    return GNResNet(num_classes, in_channels)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of ``x [B, C, H, W]`` at every position, as ConvNeXt's
+    channels-first LayerNorm. Input and output stay channels-first, so a forward hook sees
+    [B, C, H, W] like any conv's output; the parameters are nn.LayerNorm's ``[C]`` ones."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, C, H, W]`` -> ``[B, C, H, W]``."""
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _ConvNeXtBlock(nn.Module):
+    """ConvNeXt block: x + pw2(gelu(pw1(norm(depthwise 7x7(x))))), the pointwise layers 1x1
+    convs (C -> 4C -> C), which equal ConvNeXt's channels-last Linear layers."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = LayerNorm2d(channels)
+        self.pw1 = nn.Conv2d(channels, 4 * channels, 1)
+        self.act = nn.GELU()
+        self.pw2 = nn.Conv2d(4 * channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.pw2(self.act(self.pw1(self.norm(self.depthwise(x)))))
+
+
+class ConvNeXtLab(nn.Module):
+    """ConvNeXt-style LayerNorm net: a 2x2 stride-2 patchify stem + LayerNorm2d, three stages of
+    ConvNeXt blocks (16, 32, 64 channels; 2, 2, 1 blocks) with a LayerNorm2d + 2x2 stride-2 conv
+    downsampling before the second and third, global average pooling, a final LayerNorm and
+    ``fc``. A 16x16 image ends as a 2x2 map."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        _check(num_classes, in_channels)
+        widths, depths = (16, 32, 64), (2, 2, 1)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 2, stride=2),
+                                  LayerNorm2d(widths[0]))
+        stages, c_in = [], widths[0]
+        for c_out, depth in zip(widths, depths):
+            downsample = [] if c_out == c_in else [LayerNorm2d(c_in),
+                                                   nn.Conv2d(c_in, c_out, 2, stride=2)]
+            stages.append(nn.Sequential(*downsample, *(_ConvNeXtBlock(c_out)
+                                                       for _ in range(depth))))
+            c_in = c_out
+        self.stage1, self.stage2, self.stage3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.norm = nn.LayerNorm(c_in)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, in_channels, H, W]`` -> logits ``[B, num_classes]``."""
+        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
+        return self.fc(self.norm(self.avgpool(x).flatten(1)))
+
+
+def convnext_lab(num_classes: int = 10, in_channels: int = 1) -> ConvNeXtLab:
+    """A small ConvNeXt-style net with channels-first LayerNorms (no BatchNorm)."""
+    return ConvNeXtLab(num_classes, in_channels)
+
+
+class PlainCNN(nn.Module):
+    """No normalisation at all: 3x3 conv (with bias) + ReLU modules of 32, 32 | 48, 48 | 64
+    channels with a 2x2 max-pool after each stage, global average pooling and ``fc``. A 16x16
+    image ends as a 2x2 map."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        _check(num_classes, in_channels)
+        layers: List[nn.Module] = []
+        c_in = in_channels
+        for stage in ((32, 32), (48, 48), (64,)):
+            for c_out in stage:
+                conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+                # With no normalisation to rescale them, PyTorch's default conv init shrinks the
+                # activations about 6-fold in variance per conv + ReLU, and SGD at the lab's lr
+                # barely moves the tiny logits; He init keeps the variance through the ReLUs.
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+                layers += [conv, nn.ReLU(inplace=True)]
+                c_in = c_out
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, in_channels, H, W]`` -> logits ``[B, num_classes]``."""
+        return self.fc(self.avgpool(self.features(x)).flatten(1))
+
+
+def plain_cnn(num_classes: int = 10, in_channels: int = 1) -> PlainCNN:
+    """A small conv + ReLU net without any normalisation layer."""
+    return PlainCNN(num_classes, in_channels)

@@ -22,7 +22,7 @@ from bdfast import ops
 from bdfast._utils import (check_images, check_not_tensor, check_number, check_pixel_range,
                            eval_mode, iter_batches, model_input_errors, progress as _progress,
                            resolve_device)
-from bdfast.hooks import BATCHNORM, CONV, copy_without_hooks, hooks_set_aside
+from bdfast.hooks import BATCHNORM, CONV, NORM, copy_without_hooks, hooks_set_aside
 
 __all__ = ["PruneResult", "ChannelStatistic", "prune_outliers", "AUTO_U_GRID",
            "DEFAULT_ACC_BUDGET"]
@@ -82,9 +82,9 @@ def check_options(u: Union[float, str], zero_bias: bool, inplace: bool,
             raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def prepare(model: nn.Module, *, method: str, inplace: bool, device: Any,
-            running_stats: bool = False) -> Tuple[nn.Module, List[str], torch.device]:
-    """The model to prune (the input or a deep copy), its BN layer names and the device.
+def batchnorm_layers(model: nn.Module, *, method: str, running_stats: bool = False) -> List[str]:
+    """The names of the model's BN layers, once the model is checked to be prunable by
+    ``method``; reads no data.
 
     Every BatchNorm module counts, shortcut BNs included; each must be affine (a gamma to zero)
     and, with ``running_stats``, track running statistics (MBNS compares against them).
@@ -93,8 +93,9 @@ def prepare(model: nn.Module, *, method: str, inplace: bool, device: Any,
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     names = [n for n, m in model.named_modules() if isinstance(m, BATCHNORM)]
     if not names:
-        raise ValueError(f"model has no BatchNorm layer; {method} scores and prunes BatchNorm "
-                         "channels, so it needs a model with BatchNorm")
+        raise ValueError(f"{method} scores and prunes BatchNorm channels, but the model has no "
+                         f"BatchNorm layer{_other_norms(model)}; use bdfast.medic_clone (MEDIC) "
+                         "or bdfast.bcu_cleanse (BCU) instead, which need no BatchNorm")
     modules = dict(model.named_modules())
     for name in names:
         bn = modules[name]
@@ -114,10 +115,26 @@ def prepare(model: nn.Module, *, method: str, inplace: bool, device: Any,
                              "running_mean that is not finite, or a running_var that is negative "
                              f"or not finite), so {method} cannot use the model; nothing was "
                              "pruned")
+    return names
+
+
+def _other_norms(model: nn.Module) -> str:
+    """`` (it normalises with GroupNorm and LayerNorm)``: the classes of the model's non-BN norm
+    layers, for the no-BatchNorm error; empty when it has none."""
+    kinds = list(dict.fromkeys(type(m).__name__ for m in model.modules() if isinstance(m, NORM)))
+    if not kinds:
+        return ""
+    listed = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} and {kinds[-1]}"
+    return f" (it normalises with {listed})"
+
+
+def working_model(model: nn.Module, *, inplace: bool,
+                  device: Any) -> Tuple[nn.Module, torch.device]:
+    """The model to prune (the input, or a deep copy without its hooks) on the device."""
     device = resolve_device(device, model)
     # A copy does not take the user's hooks along: they must not fire in the statistics pass.
     work = model if inplace else copy_without_hooks(model)
-    return work.to(device), names, device
+    return work.to(device), device
 
 
 def bn_input_pass(model: nn.Module, names: Sequence[str], loader: Iterable,
@@ -416,19 +433,23 @@ class ChannelStatistic(abc.ABC):
 
 
 def prune_outliers(model: nn.Module, loader: Iterable, statistic: ChannelStatistic, *,
-                   u: Union[float, str], val_batches: Optional[Sequence[Tuple[Tensor, Any]]],
-                   acc_budget: float, zero_bias: bool, inplace: bool, device: Any,
-                   progress: bool, options: Dict[str, Any],
-                   max_samples: Optional[int] = None) -> PruneResult:
-    """The story DDE and MBNS share: BN inputs -> per-channel statistic -> score -> per-layer
-    outliers (``u``, or ``u="auto"`` on ``val_batches``) -> prune -> report.
+                   u: Union[float, str], val_loader: Optional[Iterable], acc_budget: float,
+                   zero_bias: bool, inplace: bool, device: Any, progress: bool,
+                   options: Dict[str, Any], max_samples: Optional[int] = None) -> PruneResult:
+    """The story DDE and MBNS share: check the model's BN layers -> BN inputs -> per-channel
+    statistic -> score -> per-layer outliers (``u``, or ``u="auto"`` on ``val_loader``'s
+    batches) -> prune -> report.
 
     ``loader`` may be a :class:`HeldOutHalves`, whose held-out halves then validate
     ``u="auto"``. ``options`` are the call's options, for the report.
     """
     start = time.perf_counter()
-    work, names, device = prepare(model, method=f"{statistic.method}_prune", inplace=inplace,
-                                  device=device, running_stats=statistic.running_stats)
+    # The model is checked before either loader is read: a model the method cannot prune (no
+    # BatchNorm) fails at once, not after a pass over the data.
+    names = batchnorm_layers(model, method=f"{statistic.method}_prune",
+                             running_stats=statistic.running_stats)
+    val_batches = None if val_loader is None else validation_batches(val_loader, "val_loader")
+    work, device = working_model(model, inplace=inplace, device=device)
     statistic.start(work, names)
     seen, convs = bn_input_pass(work, names, loader, statistic.update, device=device,
                                 progress=progress, desc=f"{statistic.method} statistics",

@@ -1,11 +1,17 @@
-"""bdfast.models: shapes, the architectures' defining properties and BackdoorBench key names."""
+"""bdfast.models: shapes, the architectures' defining properties and BackdoorBench key names;
+the nets without BatchNorm also go through MEDIC and BCU."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
+import bdfast
 from bdfast import models
+from bdfast.data import load_digits, tensor_loader
+from bdfast.hooks import BATCHNORM, NORM
+
+NO_BATCHNORM = [models.gn_resnet, models.convnext_lab, models.plain_cnn]
 
 
 def _count(model: nn.Module, kind: type) -> int:
@@ -18,6 +24,9 @@ def _count(model: nn.Module, kind: type) -> int:
     (models.resnet18_cifar, (2, 3, 32, 32)),
     (models.preact_resnet18, (2, 3, 32, 32)),
     (models.wrn16_1, (2, 3, 32, 32)),
+    (models.gn_resnet, (3, 1, 16, 16)),
+    (models.convnext_lab, (3, 1, 16, 16)),
+    (models.plain_cnn, (3, 1, 16, 16)),
 ])
 def test_logits_shape_and_backward(factory, shape):
     torch.manual_seed(0)
@@ -113,7 +122,7 @@ def test_wrn16_1_architecture():
 
 
 @pytest.mark.parametrize("factory", [models.digits_cnn, models.vgg_small, models.resnet18_cifar,
-                                     models.preact_resnet18, models.wrn16_1])
+                                     models.preact_resnet18, models.wrn16_1, *NO_BATCHNORM])
 def test_bad_arguments_are_rejected(factory):
     with pytest.raises(ValueError, match="num_classes"):
         factory(num_classes=0)
@@ -136,3 +145,87 @@ def test_preact_resnet18_width_scales_every_stage(width):
     assert model(torch.rand(2, 1, 16, 16)).shape == (2, 10)
     with pytest.raises(ValueError, match="width"):
         models.preact_resnet18(width=0)
+
+
+# --- the nets without BatchNorm ------------------------------------------------------------
+
+@pytest.mark.parametrize("factory", NO_BATCHNORM)
+@pytest.mark.parametrize("size", [8, 16, 28])
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_no_batchnorm_nets_take_any_size_from_8(factory, size, in_channels):
+    model = factory(in_channels=in_channels).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, in_channels, size, size)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("factory, norms, activation", [
+    (models.gn_resnet, {nn.GroupNorm}, nn.GELU),
+    (models.convnext_lab, {models.LayerNorm2d, nn.LayerNorm}, nn.GELU),
+    (models.plain_cnn, set(), nn.ReLU),
+])
+def test_no_batchnorm_nets_normalise_as_named(factory, norms, activation):
+    model = factory()
+    assert _count(model, BATCHNORM) == 0
+    assert {type(m) for m in model.modules() if isinstance(m, NORM)} == norms
+    if not norms:  # no normalisation of any kind, also none outside torch's norm classes
+        assert not any("Norm" in type(m).__name__ for m in model.modules())
+    # Activation modules, not functional calls, so that forward hooks see them.
+    assert _count(model, activation) > 0
+    # Small enough to train in well under a second per epoch on two CPU cores.
+    assert 20_000 <= sum(p.numel() for p in model.parameters()) <= 80_000
+
+
+def test_gn_resnet_layout():
+    model = models.gn_resnet()
+    assert all(gn.num_groups == 8 for gn in model.modules() if isinstance(gn, nn.GroupNorm))
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    # One depthwise conv per block: 3 stages x 2 blocks, each followed by a pointwise conv.
+    assert len(depthwise) == 6 and all(m.groups == m.in_channels for m in depthwise)
+    assert [layer[0].pointwise.out_channels for layer in
+            (model.layer1, model.layer2, model.layer3)] == [32, 64, 96]
+    # A 1x1 conv + GroupNorm shortcut exactly where the shape changes: every stage's first block.
+    assert [len(layer[0].shortcut) for layer in (model.layer1, model.layer2, model.layer3)] == \
+        [2, 2, 2]
+    assert all(len(layer[1].shortcut) == 0 for layer in (model.layer1, model.layer2, model.layer3))
+    assert [layer[0].depthwise.stride for layer in (model.layer1, model.layer2, model.layer3)] == \
+        [(2, 2), (2, 2), (1, 1)]
+
+
+def test_layer_norm_2d_normalises_each_position_over_channels_only():
+    norm = models.LayerNorm2d(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 6, 5, 4) * 3 + 1
+    mean = x.mean(dim=1, keepdim=True)
+    var = x.var(dim=1, unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight[:, None, None] \
+        + norm.bias[:, None, None]
+    torch.testing.assert_close(norm(x), expected)
+    # GroupNorm(1, C) would normalise over channels *and* positions: a different result.
+    assert not torch.allclose(norm(x), nn.GroupNorm(1, 6)(x), atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def clean_loader():
+    x, y = load_digits().clean
+    return tensor_loader(x[:64], y[:64], batch_size=32, shuffle=True, seed=0)
+
+
+@pytest.mark.parametrize("factory", NO_BATCHNORM)
+@pytest.mark.parametrize("defense", [bdfast.medic_clone, bdfast.bcu_cleanse])
+def test_medic_and_bcu_clean_nets_without_batchnorm(factory, defense, clean_loader):
+    torch.manual_seed(0)
+    teacher = factory().eval()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = defense(teacher, clean_loader, epochs=1, progress=False, seed=0)
+    x = torch.rand(5, 1, 16, 16)
+    with torch.no_grad():
+        logits = student(x)
+    assert logits.shape == (5, 10) and bool(torch.isfinite(logits).all())
+    assert student is not teacher and type(student) is type(teacher)
+    after = student.state_dict()
+    assert set(after) == set(before)
+    assert any(not torch.equal(after[k], v) for k, v in before.items())
+    # The teacher is untouched.
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())

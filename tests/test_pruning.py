@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdfast import pruning, reference
+from bdfast import models, pruning, reference
 from bdfast.data import tensor_loader
 from bdfast.dde import dde_prune
 from bdfast.mbns import mbns_prune
@@ -380,6 +380,37 @@ def no_bn():
 def test_bad_input(prune, model, loader, options, error, match):
     with pytest.raises(error, match=match):
         prune(model(), loader, progress=False, **options)
+
+
+class Unreadable:
+    """A loader that must not be read: iterating it fails the test."""
+
+    def __iter__(self):
+        raise AssertionError("the loader was iterated")
+
+
+@pytest.mark.parametrize("prune", [dde_prune, mbns_prune])
+@pytest.mark.parametrize("model, norms", [
+    (models.gn_resnet, "(it normalises with GroupNorm)"),
+    (models.convnext_lab, "(it normalises with LayerNorm2d and LayerNorm)"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, affine=True)),
+     "(it normalises with InstanceNorm2d)"),
+    (models.plain_cnn, None),
+])
+@pytest.mark.parametrize("u", [3.0, "auto"])
+def test_no_batchnorm_fails_at_once_and_points_to_medic_and_bcu(prune, model, norms, u):
+    # Neither loader is read: the model is refused before any pass over the data.
+    with pytest.raises(ValueError) as error:
+        prune(model(), Unreadable(), u=u, val_loader=Unreadable(), progress=False)
+    message = str(error.value)
+    assert message.startswith(f"{prune.__name__} scores and prunes BatchNorm channels, but the "
+                              "model has no BatchNorm layer")
+    assert "bdfast.medic_clone (MEDIC) or bdfast.bcu_cleanse (BCU)" in message
+    assert "\n" not in message and ". " not in message  # one sentence
+    if norms is None:
+        assert "normalises" not in message
+    else:
+        assert norms in message
 
 
 @pytest.mark.parametrize("options, match", [
