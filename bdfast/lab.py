@@ -33,7 +33,9 @@ PACKAGE = Path(__file__).resolve().parent
 CHECKOUT = PACKAGE.parent
 
 DATA = ("digits", "fmnist")
-ARCHS = ("digits_cnn", "vgg_small", "preact_resnet18", "wrn16_1")
+# BatchNorm nets first, then the nets without it (GroupNorm, LayerNorm, no normalisation).
+ARCHS = ("digits_cnn", "vgg_small", "preact_resnet18", "wrn16_1", "gn_resnet", "convnext_lab",
+         "plain_cnn")
 POISON_RATE = 0.1
 # The lab's PreAct-ResNet-18 has a quarter of the paper's channels (976 BN channels), so that the
 # whole efficacy matrix fits a 2-core machine.

@@ -14,7 +14,10 @@ Data, subsampled so that the whole matrix fits a 2-core machine:
   area-downsampled from 28x28 to 16x16.
 
 Models: ``digits_cnn``, ``vgg_small`` and ``preact_resnet18`` at width 16 (the DDE/MBNS papers'
-architecture with a quarter of its channels: 976 BN channels).
+architecture with a quarter of its channels: 976 BN channels), and three nets without BatchNorm:
+``gn_resnet`` (GroupNorm, GELU, depthwise-separable residual blocks), ``convnext_lab``
+(LayerNorm, ConvNeXt blocks) and ``plain_cnn`` (no normalisation). DDE and MBNS need BatchNorm
+and are not run on the last three.
 
 Each defense gets its data as a user would give it: MEDIC the clean set with labels, BCU the
 clean images without labels (the ``images2000`` setting: 2,000, the 500 clean
@@ -60,7 +63,7 @@ ASR_MAX = 0.10
 MAX_ACC_DROP = 0.03
 
 DATA = lab.DATA
-ARCHS = ("digits_cnn", "preact_resnet18", "vgg_small")
+ARCHS = ("digits_cnn", "preact_resnet18", "vgg_small", "gn_resnet", "convnext_lab", "plain_cnn")
 ATTACKS = ("badnets", "blended", "wanet", "sig")
 # The baselines first, then the library's defenses, in the registry's order.
 DEFENSES = tuple(sorted(defenses.names(baselines=True), key=lambda n: not defenses.get(n).baseline))
@@ -154,6 +157,11 @@ def run_defense(defense: str, options: Dict[str, Any], teacher: nn.Module, data_
                         progress=False, **options)
 
 
+def has_batchnorm(arch: str) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for m in lab.build_model(arch, 10, 1).modules())
+
+
 def row_key(row: Dict[str, Any]) -> str:
     return json.dumps([row["data"], row["arch"], row["attack"], row["seed"], row["threads"],
                        row["defense"], row["options"]], sort_keys=True)
@@ -188,6 +196,10 @@ def run(args: argparse.Namespace) -> None:
                             if row_key(row) not in done:
                                 todo.append(row)
                                 done.add(row_key(row))
+                    # DDE and MBNS refuse a net without BatchNorm by design (they score BN
+                    # channels); the matrix records nothing for them there.
+                    todo = [row for row in todo if has_batchnorm(arch)
+                            or defenses.get(row["defense"]).returns != "prune"]
                     if not todo:
                         continue
                     print(f"{data_name} / {arch} / {attack_name} / seed {seed}", flush=True)
