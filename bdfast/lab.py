@@ -27,7 +27,7 @@ from bdfast.data import LabData, load_digits, load_fashion_mnist
 from bdfast.trainer import train
 
 __all__ = ["DATA", "ARCHS", "VIEWS", "LabModel", "lab_data", "build_model", "backdoored",
-           "source_hash", "code_version", "POISON_RATE"]
+           "source_hash", "code_version", "POISON_RATE", "fmnist_spare_images"]
 
 PACKAGE = Path(__file__).resolve().parent
 CHECKOUT = PACKAGE.parent
@@ -97,6 +97,16 @@ def lab_data(name: str) -> LabData:
     raise ValueError(f"unknown lab data set {name!r}; choose from {list(DATA)}")
 
 
+@functools.lru_cache(maxsize=1)
+def fmnist_spare_images() -> Tensor:
+    """Fashion-MNIST training images in neither the ``"fmnist"`` lab's clean split nor its
+    attacker's 2,000, at 16x16, in a fixed random order (more unlabeled images for BCU)."""
+    taken = {x.numpy().tobytes() for x in lab_data("fmnist").train[0]}
+    rest = _fmnist_16(load_fashion_mnist(train_size=None, clean_size=500, seed=0).train[0])
+    spare = torch.stack([x for x in rest if x.numpy().tobytes() not in taken])
+    return spare[torch.randperm(len(spare), generator=torch.Generator().manual_seed(0))]
+
+
 def _rgb32(x: Tensor) -> Tensor:
     """1 x 16 x 16 images -> 3 x 32 x 32 (bilinear), for the 32x32 RGB architectures."""
     return F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).clamp(0, 1) \
@@ -164,19 +174,17 @@ def backdoored(data: str, arch: str, attack: str, seed: int, *, rate: float = PO
                    num_classes=splits.num_classes, size=x.shape[-1])
     torch.manual_seed(seed)
     model = build_model(arch, splits.num_classes, x.shape[1])
+    if device is not None:
+        model.to(device)
     key = (f"{data}-{arch}-{attack}-s{seed}-r{rate:g}-e{epochs or 'default'}-{view}-"
            f"t{torch.get_num_threads()}-{torch.backends.cpu.get_cpu_capability()}-"
            f"torch{torch.__version__.split('+')[0]}-{source_hash(MODEL_SOURCES)}")
     path = Path(cache) / f"{key}.pt" if cache is not None else None
     if path is not None and path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
-        if device is not None:
-            model.to(device)
     else:
         start = time.perf_counter()
         options = {} if epochs is None else {"epochs": epochs}
-        if device is not None:
-            model.to(device)
         train(model, x, y, seed=seed, device=device, progress=progress, **options)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

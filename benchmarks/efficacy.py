@@ -41,7 +41,6 @@ rows without running anything.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import platform
 import sys
@@ -49,11 +48,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bdfast import defenses, lab
-from bdfast.data import LabData, load_fashion_mnist
+from bdfast.data import LabData
+from bdfast.hooks import BATCHNORM
 from bdfast.metrics import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,17 +116,7 @@ def unlabeled_images(data_name: str, data: LabData, count: int) -> torch.Tensor:
     if data_name != "fmnist" or count < len(clean):
         raise ValueError(f"unlabeled_images: only the fmnist lab, and at least its {len(clean)} "
                          f"clean images (got {data_name!r}, {count})")
-    return torch.cat([clean, _fmnist_spare()[:count - len(clean)]])
-
-
-@functools.lru_cache(maxsize=1)
-def _fmnist_spare() -> torch.Tensor:
-    """The fmnist lab's unused training images, shuffled; read once per process."""
-    taken = {x.numpy().tobytes() for x in load_data("fmnist").train[0]}
-    rest = F.interpolate(load_fashion_mnist(train_size=None, clean_size=500, seed=0).train[0],
-                         size=(16, 16), mode="area").clamp_(0, 1)
-    spare = torch.stack([x for x in rest if x.numpy().tobytes() not in taken])
-    return spare[torch.randperm(len(spare), generator=torch.Generator().manual_seed(0))]
+    return torch.cat([clean, lab.fmnist_spare_images()[:count - len(clean)]])
 
 
 def resolved_options(defense: str, setting: str) -> Dict[str, Any]:
@@ -158,8 +147,7 @@ def run_defense(defense: str, options: Dict[str, Any], teacher: nn.Module, data_
 
 
 def has_batchnorm(arch: str) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-               for m in lab.build_model(arch, 10, 1).modules())
+    return any(isinstance(m, BATCHNORM) for m in lab.build_model(arch, 10, 1).modules())
 
 
 def row_key(row: Dict[str, Any]) -> str:
@@ -198,8 +186,9 @@ def run(args: argparse.Namespace) -> None:
                                 done.add(row_key(row))
                     # DDE and MBNS refuse a net without BatchNorm by design (they score BN
                     # channels); the matrix records nothing for them there.
-                    todo = [row for row in todo if has_batchnorm(arch)
-                            or defenses.get(row["defense"]).returns != "prune"]
+                    prunable = has_batchnorm(arch)
+                    todo = [row for row in todo
+                            if prunable or defenses.get(row["defense"]).returns != "prune"]
                     if not todo:
                         continue
                     print(f"{data_name} / {arch} / {attack_name} / seed {seed}", flush=True)
