@@ -17,17 +17,27 @@ from torch import Tensor, nn
 
 from bdfast import ops
 from bdfast._utils import check_number, distributed
-from bdfast.pruning import (DEFAULT_ACC_BUDGET, ChannelStatistic, PruneResult, check_options,
-                            prune_outliers)
+from bdfast.pruning import (DEFAULT_ACC_BUDGET, ChannelStatistic, PruneResult, apply_preset,
+                            check_options, prune_outliers)
 
-__all__ = ["dde_prune"]
+__all__ = ["dde_prune", "BACKDOORBENCH_SETTINGS"]
+
+# What preset="backdoorbench" sets, and why: how BackdoorBench's defense/ep.py runs DDE
+# (docs/pruning.md, "BackdoorBench preset").
+BACKDOORBENCH_SETTINGS = {
+    "step": (0.1, "the step_size of batch_entropy in BackdoorBench's defense/ep.py"),
+    "reference_compat": (True, "ep.py's batch_entropy is the released estimator"),
+    "zero_bias": (True, "ep.py's EP_defense zeroes beta with gamma"),
+    "max_samples": (None, "ep.py's EP_defense reads the loader's whole first batch"),
+}
 
 
 def dde_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0,
               step: float = 0.01, reference_compat: bool = False,
               max_samples: Optional[int] = None, val_loader: Optional[Iterable] = None,
               acc_budget: float = DEFAULT_ACC_BUDGET, zero_bias: bool = False,
-              inplace: bool = False, device: Any = None, progress: bool = True) -> PruneResult:
+              preset: Optional[str] = None, inplace: bool = False, device: Any = None,
+              progress: bool = True) -> PruneResult:
     """Prune backdoor neurons by their low differential entropy on the training set.
 
     Args:
@@ -51,6 +61,12 @@ def dde_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0,
             unpruned model's predictions.
         acc_budget: the clean accuracy (a fraction) ``u="auto"`` may give up on ``val_loader``.
         zero_bias: also zero the pruned channels' BN bias (beta).
+        preset: ``"backdoorbench"`` runs DDE as BackdoorBench's ``defense/ep.py`` does
+            (docs/pruning.md, "BackdoorBench preset"): the loader's first batch only, the
+            BatchNorm2d layers only, the released estimator at ``step=0.1`` and beta zeroed with
+            gamma (:data:`BACKDOORBENCH_SETTINGS`). An option left at its default takes the
+            preset's value; another value than the preset's is a ValueError, as is
+            ``u="auto"``. None: bdfast's own defaults.
         inplace: prune ``model`` itself instead of a deep copy.
         device: where to run (default: the model's device); with ``inplace`` the model moves.
         progress: show a progress bar over the statistics pass.
@@ -64,30 +80,40 @@ def dde_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0,
     """
     check_options(u, zero_bias, inplace, acc_budget)
     check_number(step, "step", note=" (the histogram bin width)")
+    if not isinstance(reference_compat, bool):
+        raise TypeError(f"reference_compat must be True or False, got {reference_compat!r}")
+    check_number(max_samples, "max_samples", integer=True, minimum=2, allow_none=True)
+    options = apply_preset(preset, dde_prune,
+                           {"u": u, "step": step, "reference_compat": reference_compat,
+                            "max_samples": max_samples, "acc_budget": acc_budget,
+                            "zero_bias": zero_bias}, BACKDOORBENCH_SETTINGS)
     if u == "auto" and val_loader is None:
         raise ValueError("u='auto' needs val_loader=, a few hundred clean images held out from "
                          "the training set: DDE's own loader holds triggered images, so it cannot "
                          "measure what pruning costs on clean data")
-    if not isinstance(reference_compat, bool):
-        raise TypeError(f"reference_compat must be True or False, got {reference_compat!r}")
-    check_number(max_samples, "max_samples", integer=True, minimum=2, allow_none=True)
-    options = {"u": u, "step": step, "reference_compat": reference_compat,
-               "max_samples": max_samples, "acc_budget": acc_budget, "zero_bias": zero_bias}
-    return prune_outliers(model, loader, SpatialMaxEntropy(step, reference_compat, max_samples),
-                          u=u, val_loader=val_loader, acc_budget=acc_budget,
-                          zero_bias=zero_bias, inplace=inplace, device=device,
-                          progress=progress, options=options, max_samples=max_samples)
+    # The native kernel standardises with float64 moments rounded once, which puts a value lying
+    # on a bin edge in the other bin for a few values in a million; the reference standardises
+    # with float32 torch.mean and torch.std, as BackdoorBench does, and so bins as it does.
+    statistic = SpatialMaxEntropy(options["step"], options["reference_compat"],
+                                  options["max_samples"],
+                                  backend="auto" if options["preset"] is None else "reference")
+    return prune_outliers(model, loader, statistic, u=u, val_loader=val_loader,
+                          acc_budget=acc_budget, zero_bias=options["zero_bias"], inplace=inplace,
+                          device=device, progress=progress, options=options,
+                          max_samples=options["max_samples"])
 
 
 class SpatialMaxEntropy(ChannelStatistic):
     """DDE's statistic: per image and channel, the maximum over spatial positions of the BN
     input, phi [N, K] (paper Sec. 3.4); its score is the histogram entropy of each column
-    (``ops.histogram_entropy``), suspicious when low."""
+    (``ops.histogram_entropy`` on ``backend``), suspicious when low."""
 
     method, score_name, direction = "dde", "entropy", "low"
 
-    def __init__(self, step: float, reference_compat: bool, max_samples: Optional[int]):
+    def __init__(self, step: float, reference_compat: bool, max_samples: Optional[int],
+                 backend: str = "auto"):
         self.step, self.reference_compat, self.max_samples = step, reference_compat, max_samples
+        self.backend = backend
         self.blocks: List[List[Tensor]] = []
         self.phi: Optional[Tensor] = None
 
@@ -111,7 +137,8 @@ class SpatialMaxEntropy(ChannelStatistic):
 
     def score(self, offsets: Tensor) -> Tensor:
         return ops.histogram_entropy(self.phi, offsets, step=self.step,
-                                     reference_compat=self.reference_compat)
+                                     reference_compat=self.reference_compat,
+                                     backend=self.backend)
 
 
 def _gather_rows(x: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ channels more than u standard deviations above their layer's mean KL.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -18,16 +19,24 @@ from torch import Tensor, nn
 from bdfast import ops
 from bdfast._utils import distributed
 from bdfast.pruning import (DEFAULT_ACC_BUDGET, ChannelStatistic, HeldOutHalves, PruneResult,
-                            check_options, prune_outliers)
+                            apply_preset, check_options, prune_outliers)
 from bdfast.stats import ChannelMoments
 
-__all__ = ["mbns_prune"]
+__all__ = ["mbns_prune", "BACKDOORBENCH_SETTINGS"]
+
+# What preset="backdoorbench" sets besides its divergence (BackdoorBenchKL), and why: how
+# BackdoorBench's defense/bnp.py runs MBNS (docs/pruning.md, "BackdoorBench preset").
+BACKDOORBENCH_SETTINGS = {
+    "zero_bias": (True, "the bnp_defense of BackdoorBench's defense/bnp.py zeroes beta with "
+                        "gamma"),
+}
 
 
 def mbns_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0,
                val_loader: Optional[Iterable] = None,
                acc_budget: float = DEFAULT_ACC_BUDGET, zero_bias: bool = False,
-               inplace: bool = False, device: Any = None, progress: bool = True) -> PruneResult:
+               preset: Optional[str] = None, inplace: bool = False, device: Any = None,
+               progress: bool = True) -> PruneResult:
     """Prune backdoor neurons whose BN running statistics do not match clean data.
 
     Args:
@@ -48,6 +57,12 @@ def mbns_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0
             with the unpruned model's predictions.
         acc_budget: the clean accuracy (a fraction) ``u="auto"`` may give up.
         zero_bias: also zero the pruned channels' BN bias (beta).
+        preset: ``"backdoorbench"`` runs MBNS as BackdoorBench's ``defense/bnp.py`` does
+            (docs/pruning.md, "BackdoorBench preset"): the statistics of the loader's first
+            batch only, the BatchNorm2d layers only, BackdoorBench's divergence
+            (:class:`BackdoorBenchKL`) and beta zeroed with gamma. ``zero_bias`` left at its
+            default takes the preset's True; ``u="auto"`` is a ValueError. None: bdfast's own
+            defaults.
         inplace: prune ``model`` itself instead of a deep copy.
         device: where to run (default: the model's device); with ``inplace`` the model moves.
         progress: show a progress bar over the statistics pass.
@@ -67,11 +82,14 @@ def mbns_prune(model: nn.Module, loader: Iterable, *, u: Union[float, str] = 3.0
     merged exactly, so all ranks prune the same channels.
     """
     check_options(u, zero_bias, inplace, acc_budget)
+    options = apply_preset(preset, mbns_prune,
+                           {"u": u, "acc_budget": acc_budget, "zero_bias": zero_bias},
+                           BACKDOORBENCH_SETTINGS)
     if u == "auto" and val_loader is None:
         loader = HeldOutHalves(loader)
-    options = {"u": u, "acc_budget": acc_budget, "zero_bias": zero_bias}
-    return prune_outliers(model, loader, BatchNormKL(), u=u, val_loader=val_loader,
-                          acc_budget=acc_budget, zero_bias=zero_bias, inplace=inplace,
+    statistic = BatchNormKL() if options["preset"] is None else BackdoorBenchKL()
+    return prune_outliers(model, loader, statistic, u=u, val_loader=val_loader,
+                          acc_budget=acc_budget, zero_bias=options["zero_bias"], inplace=inplace,
                           device=device, progress=progress, options=options)
 
 
@@ -105,8 +123,35 @@ class BatchNormKL(ChannelStatistic):
         self.var = torch.cat([m.variance(unbiased=True) for m in self.moments])
         return torch.isfinite(self.mu) & torch.isfinite(self.var), samples
 
+    def running_statistics(self) -> Tuple[Tensor, Tensor]:
+        """The BN layers' running mean and variance, packed [K] like the scores."""
+        return (torch.cat([bn.running_mean for bn in self.running]),
+                torch.cat([bn.running_var for bn in self.running]))
+
     def score(self, offsets: Tensor) -> Tensor:
-        mu_run = torch.cat([bn.running_mean for bn in self.running])
-        var_run = torch.cat([bn.running_var for bn in self.running])
+        mu_run, var_run = self.running_statistics()
         # Benign (clean sample) distribution first: KL(N_sample || N_BN), as in the released code.
         return ops.gaussian_kl(self.mu, self.var, mu_run, var_run)
+
+
+class BackdoorBenchKL(BatchNormKL):
+    """MBNS's statistic under ``preset="backdoorbench"``: the divergence of the ``bnp_defense``
+    of BackdoorBench's ``defense/bnp.py``, float64 [K]::
+
+        KL_k = log(var_run / var_batch) + (var_batch + (mu_batch - mu_run)^2) / (2 var_run) - 1/2
+
+    Paper eq. 5 has log(sd_run / sd_batch), half this first term; neither variance is floored.
+    Every channel of a layer where some KL_k is not finite (a variance of 0) scores NaN, so the
+    layer prunes nothing: BackdoorBench's mean and std of that layer are not finite, and no
+    comparison with its threshold holds.
+    """
+
+    def score(self, offsets: Tensor) -> Tensor:
+        mu_run, var_run = self.running_statistics()
+        kl = (torch.log(var_run / self.var)
+              + (self.var + (self.mu - mu_run).square()) / (2 * var_run) - 0.5)
+        bounds = offsets.tolist()
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if not bool(torch.isfinite(kl[lo:hi]).all()):
+                kl[lo:hi] = math.nan
+        return kl

@@ -10,6 +10,7 @@ beta. The statistics pass runs a working model in eval mode under ``no_grad``; u
 from __future__ import annotations
 
 import abc
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -24,14 +25,20 @@ from bdfast._utils import (check_images, check_not_tensor, check_number, check_p
                            resolve_device)
 from bdfast.hooks import BATCHNORM, CONV, NORM, copy_without_hooks, hooks_set_aside
 
-__all__ = ["PruneResult", "ChannelStatistic", "prune_outliers", "AUTO_U_GRID",
-           "DEFAULT_ACC_BUDGET"]
+__all__ = ["PruneResult", "ChannelStatistic", "prune_outliers", "apply_preset", "AUTO_U_GRID",
+           "DEFAULT_ACC_BUDGET", "PRESETS"]
 
 # The thresholds u="auto" tries, from the most conservative down to one standard deviation; the
 # paper's u = 3 is among them.
 AUTO_U_GRID = (5.0, 4.5, 4.0, 3.5, 3.0, 2.75, 2.5, 2.25, 2.0, 1.75, 1.5, 1.25, 1.0)
 # The clean accuracy (a fraction) that u="auto" may give up on its held-out images.
 DEFAULT_ACC_BUDGET = 0.02
+# The presets that run DDE and MBNS as another code base does (docs/pruning.md, "BackdoorBench
+# preset"). BackdoorBench's defense/ep.py and defense/bnp.py score every BatchNorm2d, and no other
+# BN class, on the first batch of their loader only.
+PRESETS = ("backdoorbench",)
+PRESET_LAYERS = (nn.BatchNorm2d,)
+PRESET_BATCHES = 1
 
 
 @dataclass
@@ -47,7 +54,8 @@ class PruneResult:
 
             method        "dde" or "mbns"
             score         "entropy" (DDE, low is suspicious) or "kl" (MBNS, high is suspicious)
-            options       the options of the call (u, step, ...)
+            options       the options the call ran with (u, step, ..., preset), the values a
+                          preset sets included
             u             the threshold multiplier used: ``options["u"]``, or the one that
                           ``u="auto"`` chose (None when it pruned nothing)
             sweep         with ``u="auto"``: one dict per u tried, most conservative first:
@@ -82,16 +90,51 @@ def check_options(u: Union[float, str], zero_bias: bool, inplace: bool,
             raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def batchnorm_layers(model: nn.Module, *, method: str, running_stats: bool = False) -> List[str]:
-    """The names of the model's BN layers, once the model is checked to be prunable by
-    ``method``; reads no data.
+def apply_preset(preset: Optional[str], function: Callable[..., Any], options: Dict[str, Any],
+                 settings: Dict[str, Tuple[Any, str]]) -> Dict[str, Any]:
+    """``options`` (the checked options of a call of ``function``) with ``preset``'s settings in
+    place, and ``preset`` recorded; unchanged apart from ``preset`` when it is None.
 
-    Every BatchNorm module counts, shortcut BNs included; each must be affine (a gamma to zero)
-    and, with ``running_stats``, track running statistics (MBNS compares against them).
+    ``settings`` maps an option to the preset's value and why the preset has it. An option left
+    at ``function``'s default (or given the preset's value) takes the preset's value; any other
+    value contradicts the preset and is a ValueError, as is ``u="auto"``: the presets reproduce
+    code that prunes at one fixed u.
+    """
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
+        raise ValueError(f"unknown preset {preset!r}; the only one is 'backdoorbench' (or None "
+                         "for bdfast's own defaults)")
+    resolved = dict(options, preset=preset)
+    if preset is None:
+        return resolved
+    if options.get("u") == "auto":
+        raise ValueError(f"preset={preset!r} prunes at one fixed u, as BackdoorBench does, so "
+                         "u='auto' contradicts it; give u a number or drop the preset")
+    defaults = inspect.signature(function).parameters
+    for name, (value, why) in settings.items():
+        given = options[name]
+        if given != defaults[name].default and given != value:
+            raise ValueError(f"preset={preset!r} sets {name}={value!r} ({why}), so "
+                             f"{name}={given!r} contradicts it; leave {name} out or drop the "
+                             "preset")
+        resolved[name] = value
+    return resolved
+
+
+def batchnorm_layers(model: nn.Module, *, method: str, running_stats: bool = False,
+                     kinds: Tuple[type, ...] = BATCHNORM) -> List[str]:
+    """The names of the model's BN layers of the classes ``kinds``, once the model is checked to
+    be prunable by ``method``; reads no data.
+
+    Every such module counts, shortcut BNs included; each must be affine (a gamma to zero) and,
+    with ``running_stats``, track running statistics (MBNS compares against them).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    names = [n for n, m in model.named_modules() if isinstance(m, BATCHNORM)]
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    others = _listed(type(m).__name__ for m in model.modules() if isinstance(m, BATCHNORM))
+    if not names and others:
+        raise ValueError(f"{method} scores only {_listed(k.__name__ for k in kinds)} layers, and "
+                         f"the model's BatchNorm layers are {others}")
     if not names:
         raise ValueError(f"{method} scores and prunes BatchNorm channels, but the model has no "
                          f"BatchNorm layer{_other_norms(model)}; use bdfast.medic_clone (MEDIC) "
@@ -121,11 +164,17 @@ def batchnorm_layers(model: nn.Module, *, method: str, running_stats: bool = Fal
 def _other_norms(model: nn.Module) -> str:
     """`` (it normalises with GroupNorm and LayerNorm)``: the classes of the model's non-BN norm
     layers, for the no-BatchNorm error; empty when it has none."""
-    kinds = list(dict.fromkeys(type(m).__name__ for m in model.modules() if isinstance(m, NORM)))
-    if not kinds:
-        return ""
-    listed = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} and {kinds[-1]}"
-    return f" (it normalises with {listed})"
+    listed = _listed(type(m).__name__ for m in model.modules() if isinstance(m, NORM))
+    return f" (it normalises with {listed})" if listed else ""
+
+
+def _listed(words: Iterable[str]) -> str:
+    """``"GroupNorm, LayerNorm and InstanceNorm2d"``: the distinct ``words`` in first-seen
+    order, for error messages; empty for none."""
+    distinct = list(dict.fromkeys(words))
+    if len(distinct) < 2:
+        return "".join(distinct)
+    return f"{', '.join(distinct[:-1])} and {distinct[-1]}"
 
 
 def working_model(model: nn.Module, *, inplace: bool,
@@ -139,15 +188,15 @@ def working_model(model: nn.Module, *, inplace: bool,
 
 def bn_input_pass(model: nn.Module, names: Sequence[str], loader: Iterable,
                   reduce: Callable[[int, Tensor], None], *, device: torch.device,
-                  progress: bool, desc: str, max_samples: Optional[int] = None
-                  ) -> Tuple[int, List[Optional[str]]]:
+                  progress: bool, desc: str, max_samples: Optional[int] = None,
+                  max_batches: Optional[int] = None) -> Tuple[int, List[Optional[str]]]:
     """Run ``model`` over ``loader`` and hand each BN layer's input to ``reduce(i, x)``.
 
     ``x`` is the input [B, C, *spatial] of BN layer ``names[i]`` for one batch, seen by a
     forward pre-hook: reducing it right there keeps memory at O(B * channels) and makes later
     in-place ops of the model harmless. One forward pass per batch, in eval mode (the mode of
     every module is restored afterwards) and under ``no_grad``. ``max_samples`` stops after that
-    many images (the last batch is cut).
+    many images (the last batch is cut), ``max_batches`` after that many batches.
 
     Returns the number of images seen and, per BN layer, the name of the conv that feeds it
     (see :func:`conv_feeding`).
@@ -166,8 +215,10 @@ def bn_input_pass(model: nn.Module, names: Sequence[str], loader: Iterable,
         return hook
 
     total = len(loader) if hasattr(loader, "__len__") else None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
     handles: list = []
-    seen, convs = 0, None
+    seen, batches, convs = 0, 0, None
     try:
         # With inplace=True this is the user's model: its own hooks must not fire here.
         with torch.no_grad(), eval_mode(model), hooks_set_aside(model):
@@ -189,8 +240,9 @@ def bn_input_pass(model: nn.Module, names: Sequence[str], loader: Iterable,
                 if missing:
                     raise RuntimeError(f"BatchNorm layers {missing} did not run in the forward "
                                        "pass, so they cannot be scored")
-                seen += len(x)
-                if max_samples is not None and seen >= max_samples:
+                seen, batches = seen + len(x), batches + 1
+                if ((max_samples is not None and seen >= max_samples)
+                        or (max_batches is not None and batches >= max_batches)):
                     break
     finally:
         for handle in handles:
@@ -441,19 +493,24 @@ def prune_outliers(model: nn.Module, loader: Iterable, statistic: ChannelStatist
     batches) -> prune -> report.
 
     ``loader`` may be a :class:`HeldOutHalves`, whose held-out halves then validate
-    ``u="auto"``. ``options`` are the call's options, for the report.
+    ``u="auto"``. ``options`` are the call's options, for the report; with
+    ``options["preset"]`` set, only the :data:`PRESET_LAYERS` are scored, on the loader's first
+    :data:`PRESET_BATCHES` batches.
     """
     start = time.perf_counter()
+    preset = options.get("preset")
+    method = f"{statistic.method}_prune" + (f" with preset={preset!r}" if preset else "")
     # The model is checked before either loader is read: a model the method cannot prune (no
     # BatchNorm) fails at once, not after a pass over the data.
-    names = batchnorm_layers(model, method=f"{statistic.method}_prune",
-                             running_stats=statistic.running_stats)
+    names = batchnorm_layers(model, method=method, running_stats=statistic.running_stats,
+                             kinds=PRESET_LAYERS if preset else BATCHNORM)
     val_batches = None if val_loader is None else validation_batches(val_loader, "val_loader")
     work, device = working_model(model, inplace=inplace, device=device)
     statistic.start(work, names)
     seen, convs = bn_input_pass(work, names, loader, statistic.update, device=device,
                                 progress=progress, desc=f"{statistic.method} statistics",
-                                max_samples=max_samples)
+                                max_samples=max_samples,
+                                max_batches=PRESET_BATCHES if preset else None)
     finite, samples = statistic.finish(seen, device)
     offsets = layer_offsets(work, names, device)
     check_finite(finite, offsets, names)

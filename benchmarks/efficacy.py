@@ -131,6 +131,10 @@ def resolved_options(defense: str, setting: str) -> Dict[str, Any]:
     for name, parameter in defenses.get(defense).options().items():
         if name not in skip:
             options.setdefault(name, parameter.default)
+    # DDE's and MBNS's preset=None is the library's own behaviour, the one rows written before
+    # the option existed ran; leaving it out keeps their keys.
+    if options.get("preset") is None:
+        options.pop("preset", None)
     return options
 
 

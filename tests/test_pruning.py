@@ -216,7 +216,8 @@ def test_report_structure():
     json.dumps(report)  # JSON-friendly for report.json
     assert report["method"] == "dde" and report["score"] == "entropy"
     assert report["options"] == {"u": 3.0, "step": 0.01, "reference_compat": False,
-                                 "max_samples": 100, "acc_budget": 0.02, "zero_bias": False}
+                                 "max_samples": 100, "acc_budget": 0.02, "zero_bias": False,
+                                 "preset": None}
     assert report["u"] == 3.0 and report["sweep"] is None
     assert report["samples"] == 100 and report["seconds"] > 0
     assert [layer["name"] for layer in report["layers"]] == BN_NAMES
@@ -233,7 +234,8 @@ def test_report_structure():
 
     report = mbns_prune(small_model(), [images()], progress=False).report
     assert report["method"] == "mbns" and report["score"] == "kl"
-    assert report["options"] == {"u": 3.0, "acc_budget": 0.02, "zero_bias": False}
+    assert report["options"] == {"u": 3.0, "acc_budget": 0.02, "zero_bias": False,
+                                 "preset": None}
 
 
 def test_max_samples_uses_the_first_images():
