@@ -235,6 +235,15 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+# The flags of a checkpoint run, and those of a --backdoorbench run; the other mode refuses them.
+CHECKPOINT_FLAGS = ("arch", "weights", "data", "out", "eval", "attack", "target")
+BACKDOORBENCH_FLAGS = ("data_root", "bb_root", "clean_ratio")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _cmd_clean(args: argparse.Namespace) -> int:
     import bdfast
     from bdfast import attacks
@@ -252,6 +261,18 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         _check_device(args.device, "--device")
     if "device" in options:
         _check_device(options["device"], "--option device")
+    if args.backdoorbench is not None:
+        return _clean_backdoorbench(args, defense, options)
+    given = [_flag(name) for name in BACKDOORBENCH_FLAGS if getattr(args, name) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with "
+                         "--backdoorbench RECORD")
+    missing = [_flag(name) for name in ("arch", "weights", "data", "out")
+               if getattr(args, name) is None]
+    if missing:
+        raise UsageError(f"clean needs {', '.join(missing)} (or --backdoorbench RECORD with "
+                         "--data-root DIR)")
+    target = 0 if args.target is None else args.target
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a directory; give the path of the checkpoint "
                          "file to write")
@@ -270,13 +291,13 @@ def _cmd_clean(args: argparse.Namespace) -> int:
             raise UsageError("--eval needs --attack NAME to measure the attack success rate")
         if args.attack not in attacks.names():
             raise UsageError(f"unknown --attack {args.attack!r}; choose from {attacks.names()}")
-        if not 0 <= args.target < classes:
+        if not 0 <= target < classes:
             raise UsageError(f"--target must be a class index below the model's {classes} "
-                             f"classes, got {args.target}")
+                             f"classes, got {target}")
         x_test, y_test = _load_npz(args.eval, "--eval", min_images=1, need_labels=True)
         _num_outputs(model, x_test, "--eval")
         _check_label_range(y_test, classes, "--eval")
-        attack = attacks.get(args.attack, target=args.target, num_classes=classes)
+        attack = attacks.get(args.attack, target=target, num_classes=classes)
         evaluation = (x_test, y_test, attack)
     if args.device:
         model = model.to(args.device)
@@ -301,10 +322,59 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     _save_atomically(payload, args.out)
     print(f"{args.method}: cleaned model written to {args.out} ({seconds:.1f}s)")
     if evaluation:
-        after = evaluate(cleaned, *evaluation)
-        for name, metrics in (("before", before), ("after", after)):
-            print(f"  {name:>6}: acc {metrics['acc']:.3f}  asr {metrics['asr']:.3f}  "
-                  f"ra {metrics['ra']:.3f}")
+        _print_metrics(before, evaluate(cleaned, *evaluation))
+    return 0
+
+
+def _print_metrics(before: Dict[str, float], after: Dict[str, float]) -> None:
+    for name, metrics in (("before", before), ("after", after)):
+        print(f"  {name:>6}: acc {metrics['acc']:.3f}  asr {metrics['asr']:.3f}  "
+              f"ra {metrics['ra']:.3f}")
+
+
+def _clean_backdoorbench(args: argparse.Namespace, defense: defenses.Defense,
+                         options: Dict[str, object]) -> int:
+    """``bdfast clean --backdoorbench RECORD``: the record's model, cleaned with the data a
+    BackdoorBench defense gets, written back into the record (docs/backdoorbench.md)."""
+    from bdfast.interop import backdoorbench as bb
+
+    given = [_flag(name) for name in CHECKPOINT_FLAGS if getattr(args, name) is not None]
+    if given:
+        raise UsageError(f"--backdoorbench reads the model and the data from the record, so it "
+                         f"takes no {', '.join(given)}")
+    if args.data_root is None:
+        raise UsageError("--backdoorbench needs --data-root DIR, the folder the attack read its "
+                         "data set from (BackdoorBench's data/<data set>)")
+    ratio = bb.DEFAULT_CLEAN_RATIO if args.clean_ratio is None else args.clean_ratio
+    if not 0 < ratio <= 1:
+        raise UsageError(f"--clean-ratio must be a fraction in (0, 1], got {ratio}")
+    try:
+        record = bb.load_record(args.backdoorbench, args.data_root, bb_root=args.bb_root)
+        clean = bb.clean_subset(record.clean_train, ratio, seed=args.seed)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        raise UsageError(_one_line(error)) from error
+    train = None
+    if defense.data == "training":
+        if record.bd_train is None:
+            raise UsageError(f"{args.method} needs the poisoned training set, and the record "
+                             f"{args.backdoorbench} holds none (its bd_train is None)")
+        train = record.bd_train.batches(args.batch_size)
+    model = record.model
+    if args.device:
+        model = model.to(args.device)
+        options.setdefault("device", args.device)
+
+    before = bb.evaluate_record(model, record)
+    try:
+        outcome = defenses.run(args.method, model, clean=clean, train=train,
+                               batch_size=args.batch_size, seed=args.seed, **options)
+    except (ValueError, TypeError, FloatingPointError) as error:
+        raise UsageError(f"{args.method}: {_one_line(error)}") from error
+    after = bb.evaluate_record(outcome.model, record)
+    path = bb.save_defense_result(record.record_dir, args.method, outcome.model, after)
+    print(f"{args.method}: cleaned model written to {path} ({outcome.seconds:.1f}s; "
+          f"{len(clean[0])} clean images, {ratio:g} of the training set)")
+    _print_metrics(before, after)
     return 0
 
 
@@ -380,6 +450,7 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from bdfast.demo import ATTACKS, DEMO_DEFENSES, FULL_RUN_SECONDS, QUICK_RUN_SECONDS
+    from bdfast.interop.backdoorbench import DEFAULT_CLEAN_RATIO
     parser = argparse.ArgumentParser(
         prog="bdfast",
         description="Remove backdoors from PyTorch image classifiers (MEDIC, BCU, DDE, MBNS).",
@@ -411,30 +482,49 @@ def build_parser() -> argparse.ArgumentParser:
     clean = sub.add_parser(
         "clean", help="clean a model checkpoint with one defense",
         description="Load MODULE:FACTORY() with the weights of CKPT, run the chosen defense on "
-                    "the images of DATA.npz and save the cleaned state_dict with metadata.",
+                    "the images of DATA.npz and save the cleaned state_dict with metadata. Or, "
+                    "with --backdoorbench, clean the model of a BackdoorBench attack record and "
+                    "write the result into the record.",
         epilog="DATA.npz holds x (N,C,H,W; float in [0,1] or uint8) and optionally y. "
                + defenses.data_help() + " Example: bdfast "
                "clean --method mbns --arch bdfast.models:digits_cnn --weights model.pt --data "
-               "clean.npz --out cleaned.pt --option u=3")
+               "clean.npz --out cleaned.pt --option u=3. From BackdoorBench's folder: bdfast "
+               "clean --backdoorbench record/NAME --data-root data/cifar10 --method mbns "
+               "(docs/backdoorbench.md).")
     clean.add_argument("--method", required=True, choices=defenses.names())
-    clean.add_argument("--arch", required=True, metavar="MODULE:FACTORY",
+    clean.add_argument("--arch", metavar="MODULE:FACTORY",
                        help="importable factory that builds the architecture")
-    clean.add_argument("--weights", required=True, metavar="CKPT",
+    clean.add_argument("--weights", metavar="CKPT",
                        help="state_dict file (or a bdfast checkpoint)")
-    clean.add_argument("--data", required=True, metavar="DATA.npz")
-    clean.add_argument("--out", required=True, metavar="OUT.pt")
+    clean.add_argument("--data", metavar="DATA.npz")
+    clean.add_argument("--out", metavar="OUT.pt")
     clean.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="any keyword option of the method, e.g. epochs=20 (repeatable)")
     clean.add_argument("--eval", metavar="TEST.npz", help="labelled test set: report ACC/ASR "
                        "before and after")
     clean.add_argument("--attack", metavar="NAME", help="attack used with --eval")
-    clean.add_argument("--target", type=int, default=0, help="attack target class (default 0)")
+    clean.add_argument("--target", type=int, help="attack target class (default 0)")
     clean.add_argument("--batch-size", type=int, default=64)
     clean.add_argument("--device", default=None, help="torch device, e.g. cuda (default: the "
                        "CPU)")
     clean.add_argument("--seed", type=int, default=0, help="seed of the shuffling and, for medic "
                        "and bcu, of the initialisation (default: %(default)s); stored in the "
                        "checkpoint with the options")
+    clean.add_argument("--backdoorbench", metavar="RECORD",
+                       help="a BackdoorBench attack record, record/NAME: clean its model with "
+                            "the data a BackdoorBench defense gets and write "
+                            "RECORD/defense/bdfast-METHOD/ (instead of --arch, --weights, --data, "
+                            "--out and --eval)")
+    clean.add_argument("--data-root", metavar="DIR",
+                       help="with --backdoorbench: the folder the attack read its data set from, "
+                            "BackdoorBench's data/<data set> (e.g. data/cifar10)")
+    clean.add_argument("--bb-root", metavar="DIR",
+                       help="with --backdoorbench: the BackdoorBench folder the record's image "
+                            "paths are relative to (default: the folder above record/)")
+    clean.add_argument("--clean-ratio", type=float, metavar="FRACTION",
+                       help="with --backdoorbench: the share of the clean training set that "
+                            "medic, bcu and mbns get (and dde for u='auto'), drawn with --seed "
+                            f"(default: {DEFAULT_CLEAN_RATIO}, BackdoorBench's)")
     clean.set_defaults(run=_cmd_clean)
 
     bench = sub.add_parser("bench", help="run the speed benchmarks and print the ratio table",

@@ -5,8 +5,9 @@
   its ``forward`` instead of ReLU modules, so the defenses are exercised on functional, in-place
   activations that hooks cannot see.
 - :func:`resnet18_cifar`, :func:`preact_resnet18`, :func:`wrn16_1`: the 32x32 architectures of the
-  papers. ``preact_resnet18``'s state_dict keys match BackdoorBench's PreActResNet18, so its
-  checkpoints load directly.
+  papers. ``preact_resnet18`` follows He et al. 2016 (a final BN + ReLU before pooling);
+  :func:`preact_resnet18_backdoorbench` is the same net in BackdoorBench's layout (no final BN),
+  whose state_dict keys match that benchmark's PreActResNet18, so its checkpoints load directly.
 - :func:`gn_resnet`, :func:`convnext_lab`, :func:`plain_cnn`: small lab nets *without* BatchNorm
   (GroupNorm, channels-first LayerNorm, no normalisation at all), on which DDE and MBNS refuse
   to run and MEDIC and BCU must still work.
@@ -24,8 +25,8 @@ from bdfast._utils import check_number
 
 __all__ = ["DigitsCNN", "VGGSmall", "ResNet18CIFAR", "PreActResNet18", "WideResNet",
            "GNResNet", "ConvNeXtLab", "LayerNorm2d", "PlainCNN",
-           "digits_cnn", "vgg_small", "resnet18_cifar", "preact_resnet18", "wrn16_1",
-           "gn_resnet", "convnext_lab", "plain_cnn"]
+           "digits_cnn", "vgg_small", "resnet18_cifar", "preact_resnet18",
+           "preact_resnet18_backdoorbench", "wrn16_1", "gn_resnet", "convnext_lab", "plain_cnn"]
 
 
 def _check(num_classes: int, in_channels: int) -> None:
@@ -176,11 +177,20 @@ class _PreActBlock(nn.Module):
 
 
 class PreActResNet18(nn.Module):
-    """PreAct-ResNet-18 (BackdoorBench's default): ``conv1``, ``layer1..4`` of two pre-activation
-    blocks (``width`` x 1, 2, 4, 8 channels: 64, 128, 256, 512 at the default width), final
-    ``bn`` + ReLU, ``avgpool`` and ``linear``."""
+    """PreAct-ResNet-18: ``conv1``, ``layer1..4`` of two pre-activation blocks (``width`` x 1, 2,
+    4, 8 channels: 64, 128, 256, 512 at the default width), then ``avgpool`` and ``linear``.
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64):
+    Two layouts of the head:
+
+    - ``final_bn=True``: He et al. 2016, *Identity Mappings in Deep Residual Networks*: the last
+      block's output goes through a final BN (``bn``) and ReLU before the pooling.
+    - ``final_bn=False``: BackdoorBench's layout (``models/preact_resnet.py`` of
+      github.com/SCLBD/BackdoorBench): the last block's output is pooled as it is, and there is
+      no ``bn`` (102 state_dict keys at 10 classes).
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64,
+                 final_bn: bool = True):
         super().__init__()
         _check(num_classes, in_channels)
         check_number(width, "width", integer=True)
@@ -191,7 +201,7 @@ class PreActResNet18(nn.Module):
                                         _PreActBlock(c_out, c_out, 1)))
             c_in = c_out
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.bn = nn.BatchNorm2d(c_in)
+        self.bn: Optional[nn.BatchNorm2d] = nn.BatchNorm2d(c_in) if final_bn else None
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(c_in, num_classes)
 
@@ -199,16 +209,26 @@ class PreActResNet18(nn.Module):
         """``x [B, in_channels, H, W]`` -> logits ``[B, num_classes]``."""
         x = self.conv1(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = F.relu(self.bn(x))
+        if self.bn is not None:
+            x = F.relu(self.bn(x))
         return self.linear(self.avgpool(x).flatten(1))
 
 
 def preact_resnet18(num_classes: int = 10, in_channels: int = 3,
                     width: int = 64) -> PreActResNet18:
-    """PreAct-ResNet-18 with BackdoorBench-compatible state_dict keys. ``width`` is the first
-    stage's channel count (64 in the paper; narrower nets train in minutes on a CPU and still
-    give the pruning defenses hundreds of BN channels)."""
+    """PreAct-ResNet-18 as in He et al. 2016, with a final BN + ReLU before the pooling: its
+    keys are BackdoorBench's plus ``bn.*`` (:func:`preact_resnet18_backdoorbench` has theirs).
+    ``width`` is the first stage's channel count (64 in the paper; narrower nets train in minutes
+    on a CPU and still give the pruning defenses hundreds of BN channels)."""
     return PreActResNet18(num_classes, in_channels, width)
+
+
+def preact_resnet18_backdoorbench(num_classes: int = 10, in_channels: int = 3,
+                                  width: int = 64) -> PreActResNet18:
+    """PreAct-ResNet-18 in BackdoorBench's layout (``models/preact_resnet.py``): no final BN, and
+    the same state_dict keys in the same order, so the ``model`` of one of its
+    ``attack_result.pt`` files loads with ``strict=True`` at the default ``width``."""
+    return PreActResNet18(num_classes, in_channels, width, final_bn=False)
 
 
 class _WideBlock(nn.Module):

@@ -1,4 +1,4 @@
-"""bdfast.models: shapes, the architectures' defining properties and BackdoorBench key names;
+"""bdfast.models: shapes, the architectures' defining properties and BackdoorBench's key names;
 the nets without BatchNorm also go through MEDIC and BCU."""
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def _count(model: nn.Module, kind: type) -> int:
     (models.vgg_small, (3, 1, 16, 16)),
     (models.resnet18_cifar, (2, 3, 32, 32)),
     (models.preact_resnet18, (2, 3, 32, 32)),
+    (models.preact_resnet18_backdoorbench, (2, 3, 32, 32)),
     (models.wrn16_1, (2, 3, 32, 32)),
     (models.gn_resnet, (3, 1, 16, 16)),
     (models.convnext_lab, (3, 1, 16, 16)),
@@ -83,29 +84,69 @@ def test_resnet18_cifar_architecture():
     assert sum(p.numel() for p in model.parameters()) == 11_173_962
 
 
-def _expected_preact_keys() -> set:
-    """State_dict keys of BackdoorBench's PreActResNet18, written out from its layout."""
-    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    keys = {"conv1.weight", "linear.weight", "linear.bias"} | {f"bn.{k}" for k in bn}
-    for layer in range(1, 5):
-        for block in range(2):
-            p = f"layer{layer}.{block}"
-            keys |= {f"{p}.bn1.{k}" for k in bn} | {f"{p}.bn2.{k}" for k in bn}
-            keys |= {f"{p}.conv1.weight", f"{p}.conv2.weight"}
-            if layer > 1 and block == 0:
-                keys.add(f"{p}.shortcut.0.weight")
+# The modules with parameters or buffers of BackdoorBench's PreActResNet18, in registration
+# order, read from models/preact_resnet.py of github.com/SCLBD/BackdoorBench at commit
+# f02e3534645f0ee63d6848653062cd6c0d6c400d (PreActBlock: bn1, conv1, bn2, conv2 and, where the
+# shape changes, shortcut.0, a 1x1 conv without BN; no BN after layer4).
+BACKDOORBENCH_PREACT_MODULES = [
+    "conv1",
+    "layer1.0.bn1", "layer1.0.conv1", "layer1.0.bn2", "layer1.0.conv2",
+    "layer1.1.bn1", "layer1.1.conv1", "layer1.1.bn2", "layer1.1.conv2",
+    "layer2.0.bn1", "layer2.0.conv1", "layer2.0.bn2", "layer2.0.conv2", "layer2.0.shortcut.0",
+    "layer2.1.bn1", "layer2.1.conv1", "layer2.1.bn2", "layer2.1.conv2",
+    "layer3.0.bn1", "layer3.0.conv1", "layer3.0.bn2", "layer3.0.conv2", "layer3.0.shortcut.0",
+    "layer3.1.bn1", "layer3.1.conv1", "layer3.1.bn2", "layer3.1.conv2",
+    "layer4.0.bn1", "layer4.0.conv1", "layer4.0.bn2", "layer4.0.conv2", "layer4.0.shortcut.0",
+    "layer4.1.bn1", "layer4.1.conv1", "layer4.1.bn2", "layer4.1.conv2",
+    "linear",
+]
+BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _keys_of(modules) -> list:
+    """The state_dict keys, in order, of modules named as above (BN, conv or linear by name)."""
+    keys = []
+    for name in modules:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf.startswith("bn"):
+            keys += [f"{name}.{k}" for k in BN_KEYS]
+        elif name == "linear":
+            keys += [f"{name}.weight", f"{name}.bias"]
+        else:  # every conv of the net is bias-free
+            keys.append(f"{name}.weight")
     return keys
 
 
-def test_preact_resnet18_matches_backdoorbench_keys():
+def test_preact_resnet18_backdoorbench_has_their_keys_in_their_order():
+    model = models.preact_resnet18_backdoorbench()
+    state = model.state_dict()
+    # Their loader renames a checkpoint's keys by position, so the order matters too.
+    assert list(state) == _keys_of(BACKDOORBENCH_PREACT_MODULES)
+    assert len(state) == 102
+    assert state["layer2.0.shortcut.0.weight"].shape == (128, 64, 1, 1)
+    assert state["linear.weight"].shape == (10, 512)
+    assert model.bn is None and isinstance(model.avgpool, nn.AdaptiveAvgPool2d)
+    model.load_state_dict(models.preact_resnet18_backdoorbench().state_dict(), strict=True)
+
+
+def test_preact_resnet18_is_he_et_al_with_a_final_bn():
     model = models.preact_resnet18()
     state = model.state_dict()
-    assert set(state) == _expected_preact_keys()
-    assert state["layer2.0.shortcut.0.weight"].shape == (128, 64, 1, 1)
-    assert state["bn.weight"].shape == (512,) and state["linear.weight"].shape == (10, 512)
-    assert isinstance(model.avgpool, nn.AdaptiveAvgPool2d)
-    # A checkpoint with exactly these keys loads strictly.
-    model.load_state_dict(models.preact_resnet18().state_dict(), strict=True)
+    # BackdoorBench's keys before the head, then the final BN's, then the classifier's.
+    theirs = _keys_of(BACKDOORBENCH_PREACT_MODULES)
+    assert list(state) == theirs[:-2] + [f"bn.{k}" for k in BN_KEYS] + theirs[-2:]
+    assert state["bn.weight"].shape == (512,)
+    # The final BN + ReLU is the only difference: with it set to the identity (weight 1, bias 0,
+    # running mean 0 and variance 1 - eps) on non-negative features, the two layouts agree.
+    twin = models.preact_resnet18_backdoorbench()
+    twin.load_state_dict({k: v for k, v in state.items() if not k.startswith("bn.")})
+    model.eval(), twin.eval()
+    with torch.no_grad():
+        model.bn.running_var.fill_(1 - model.bn.eps)
+        x = torch.rand(2, 3, 32, 32)
+        features = twin.layer4(twin.layer3(twin.layer2(twin.layer1(twin.conv1(x)))))
+        relu_free = twin.linear(twin.avgpool(features.relu()).flatten(1))
+        torch.testing.assert_close(model(x), relu_free)
 
 
 def test_wrn16_1_architecture():
@@ -122,7 +163,8 @@ def test_wrn16_1_architecture():
 
 
 @pytest.mark.parametrize("factory", [models.digits_cnn, models.vgg_small, models.resnet18_cifar,
-                                     models.preact_resnet18, models.wrn16_1, *NO_BATCHNORM])
+                                     models.preact_resnet18, models.preact_resnet18_backdoorbench,
+                                     models.wrn16_1, *NO_BATCHNORM])
 def test_bad_arguments_are_rejected(factory):
     with pytest.raises(ValueError, match="num_classes"):
         factory(num_classes=0)

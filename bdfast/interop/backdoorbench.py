@@ -1,0 +1,641 @@
+"""BackdoorBench's attack records in, its defense results out (docs/backdoorbench.md).
+
+BackdoorBench (github.com/SCLBD/BackdoorBench) keeps each attack in a folder ``record/<name>/``.
+Its ``attack_result.pt`` holds the attacked model's state_dict, the data set's name and, for the
+poisoned training and test sets, which images of the clean set they take and where the PNG files
+of the poisoned images are. This module reads that format as ``utils/save_load_attack.py`` and
+``utils/bd_dataset_v2.py`` write it (commit f02e3534645f0ee63d6848653062cd6c0d6c400d) without
+importing BackdoorBench, and writes ``record/<name>/defense/bdfast-<method>/defense_result.pt``
+in the format its own defenses use, with a summary CSV in their column names.
+
+Everything is read with ``torch.load(weights_only=True)`` and an allow-list of the few numpy
+types the record's index arrays need, and the CIFAR files with an unpickler restricted to the
+same list: neither file can run code.
+"""
+from __future__ import annotations
+
+import codecs
+import csv
+import functools
+import importlib
+import os
+import pickle
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from bdfast._utils import eval_mode
+from bdfast.data import _read_idx
+from bdfast.metrics import predict
+from bdfast.models import preact_resnet18_backdoorbench
+
+__all__ = ["BackdoorBenchRecord", "ImageSet", "Normalized", "load_record", "clean_subset",
+           "evaluate_record", "save_defense_result", "DATASETS", "MODELS", "DEFAULT_CLEAN_RATIO"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# The share of the clean training set that BackdoorBench's defenses get by default (``ratio:
+# 0.05`` in config/defense/*/config.yaml).
+DEFAULT_CLEAN_RATIO = 0.05
+
+# The models BackdoorBench builds as torchvision builds them from a name and a class count
+# (utils/aggregate_block/model_trainer_generate.py). googlenet and inception_v3 are left out:
+# in training mode they return auxiliary outputs besides the logits.
+TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "alexnet", "vgg11", "vgg16", "vgg19",
+                      "vgg19_bn", "squeezenet1_0", "densenet121", "densenet161",
+                      "shufflenet_v2_x1_0", "mobilenet_v2", "mobilenet_v3_large",
+                      "resnext50_32x4d", "wide_resnet50_2", "mnasnet1_0", "efficientnet_b0",
+                      "efficientnet_b3", "convnext_tiny")
+MODELS = ("preactresnet18",) + TORCHVISION_MODELS
+
+_RECORD_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data",
+                "bd_train", "bd_test")
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+@functools.lru_cache(maxsize=None)
+def _numpy_globals() -> Dict[str, Any]:
+    """The numpy globals an index array, a float indicator array and an int64 dictionary key
+    pickle to, under the names numpy 1 (``numpy.core``) and numpy 2 (``numpy._core``) write."""
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # numpy 1 may have only numpy.core
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    allowed: Dict[str, Any] = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[f"{package}.multiarray._reconstruct"] = multiarray._reconstruct
+        allowed[f"{package}.multiarray.scalar"] = multiarray.scalar
+    # Unpickling a dtype sets its state, which torch allows only for listed classes: those of
+    # the dtypes BackdoorBench stores (int64 indices, float64 indicators; np.arange gives int32
+    # on Windows).
+    for dtype in (np.int64, np.int32, np.float64):
+        kind = type(np.dtype(dtype))
+        allowed[f"{kind.__module__}.{kind.__qualname__}"] = kind
+    return allowed
+
+
+def _load_safely(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` with the numpy allow-list; a ValueError naming the
+    first type outside it, or why the file cannot be read."""
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise RuntimeError("reading BackdoorBench records needs torch.serialization.safe_globals, "
+                           f"which torch {torch.__version__} lacks; update torch")
+    allowed = [(obj, name) for name, obj in _numpy_globals().items()]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", str(error))
+        if found is None:
+            raise ValueError(f"cannot read {path}: {_first_line(error)}") from None
+        raise ValueError(f"{path} holds a {found.group(1) or found.group(2)}, which is not a "
+                         "tensor, a numpy array or a plain Python value, so bdfast does not "
+                         "unpickle it") from None
+    except (RuntimeError, OSError, EOFError) as error:
+        raise ValueError(f"cannot read {path}: {_first_line(error)}") from error
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """An unpickler that builds plain Python values and numpy arrays, and nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):
+            # Python 3's protocol 2 writes bytes as _codecs.encode(text, "latin1").
+            return codecs.encode
+        found = _numpy_globals().get(f"{module}.{name}")
+        if found is None:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array type")
+        return found
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+# ----------------------------------------------------------------------------- images
+
+class ImageSet(Dataset):
+    """Images of a record, kept as uint8 and handed out as float32 in [0, 1].
+
+    Attributes:
+        images: uint8 ``[N, C, H, W]``.
+        labels: int64 ``[N]``, the label each image was trained or is tested against (the
+            attack's label for a poisoned image).
+        original_labels: int64 ``[N]``, each image's true class.
+        poisoned: bool ``[N]``, which images carry the trigger.
+
+    ``set[i]`` is ``(image [C, H, W] float32, label int)``, as a torchvision data set gives.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, original_labels: Optional[Tensor] = None,
+                 poisoned: Optional[Tensor] = None):
+        self.images = images
+        self.labels = labels
+        self.original_labels = labels if original_labels is None else original_labels
+        self.poisoned = (torch.zeros(len(labels), dtype=torch.bool) if poisoned is None
+                         else poisoned)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, int]:
+        return self.images[index].float().div_(255.0), int(self.labels[index])
+
+    def tensors(self, index: Optional[Sequence[int]] = None) -> Tuple[Tensor, Tensor]:
+        """``(x [n, C, H, W] float32 in [0, 1], labels [n] int64)`` of the images at ``index``
+        (all of them by default)."""
+        if index is None:
+            return self.images.float().div_(255.0), self.labels.clone()
+        chosen = torch.as_tensor(np.asarray(index), dtype=torch.long)
+        return self.images[chosen].float().div_(255.0), self.labels[chosen]
+
+    def batches(self, batch_size: int = 256) -> "_FloatBatches":
+        """A re-iterable loader of ``(x [b, C, H, W] float32 in [0, 1], labels [b])`` in order;
+        only one batch at a time is converted to float."""
+        return _FloatBatches(self.images, self.labels, batch_size)
+
+
+class _FloatBatches:
+    """Batches ``(x [b, C, H, W] float32 in [0, 1], labels [b] int64)`` of uint8 images."""
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.labels), self.batch_size):
+            stop = start + self.batch_size
+            yield self.images[start:stop].float().div_(255.0), self.labels[start:stop]
+
+
+def _pil_image():
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise ImportError("reading BackdoorBench's PNG files needs Pillow, which is not "
+                          "installed; install it with `pip install pillow`.") from error
+    return Image
+
+
+def _read_image(path: Path, size: Tuple[int, int, int], what: str) -> Tensor:
+    """The image file at ``path`` as uint8 ``[C, H, W]``, converted to ``size``'s channels
+    (1: greyscale, 3: RGB) and resized (bilinear, as BackdoorBench's transforms) to its H x W."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path.name} was not found in {path.parent}")
+    height, width, channels = size
+    image_module = _pil_image()
+    with image_module.open(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), image_module.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def _read_images(paths: Sequence[Path], size: Tuple[int, int, int], what: str) -> Tensor:
+    height, width, channels = size
+    images = torch.empty(len(paths), channels, height, width, dtype=torch.uint8)
+    for i, path in enumerate(paths):
+        images[i] = _read_image(path, size, what)
+    return images
+
+
+# ----------------------------------------------------------------------------- data sets
+
+@dataclass(frozen=True)
+class _DataSet:
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    # read(root, train, size) -> (uint8 images [N, C, H, W], int64 labels [N])
+    read: Callable[[Path, bool, Tuple[int, int, int]], Tuple[Tensor, Tensor]]
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path.name} was not found in {path.parent}; data_root "
+                                "must be the folder the attack read its data set from, "
+                                "BackdoorBench's data/<data set>")
+    return path
+
+
+def _check_native_size(images: Tensor, size: Tuple[int, int, int], title: str) -> None:
+    if tuple(images.shape[1:]) != (size[2], size[0], size[1]):
+        raise ValueError(f"the record's img_size {size} differs from the {title} images' "
+                         f"{tuple(images.shape[2:])} x {images.shape[1]} channels")
+
+
+def _cifar_reader(title: str, folder: str, train_files: Sequence[str], test_files: Sequence[str],
+                  label_key: str):
+    def read(root: Path, train: bool, size: Tuple[int, int, int]) -> Tuple[Tensor, Tensor]:
+        images: List[np.ndarray] = []
+        labels: List[int] = []
+        for name in train_files if train else test_files:
+            path = _require(root / folder / name, f"{title} file")
+            try:
+                with open(path, "rb") as f:
+                    # Python 2 pickled the files: latin1 turns their byte strings into str.
+                    batch = _NumpyUnpickler(f, encoding="latin1").load()
+                images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.extend(int(label) for label in batch[label_key])
+            except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"{path} is not a {title} batch of torchvision's files "
+                                 f"({_first_line(error)})") from None
+        x = torch.from_numpy(np.concatenate(images))
+        _check_native_size(x, size, title)
+        return x, torch.tensor(labels, dtype=torch.long)
+    return read
+
+
+def _read_mnist(root: Path, train: bool, size: Tuple[int, int, int]) -> Tuple[Tensor, Tensor]:
+    # torchvision's layout: the IDX files it downloads, kept gzipped beside the extracted ones.
+    prefix = "train" if train else "t10k"
+    raw = root / "MNIST" / "raw"
+    images = _read_idx(str(_require(raw / f"{prefix}-images-idx3-ubyte.gz", "MNIST file")))
+    labels = _read_idx(str(_require(raw / f"{prefix}-labels-idx1-ubyte.gz", "MNIST file")))
+    x = torch.from_numpy(images.copy()).unsqueeze(1)
+    _check_native_size(x, size, "MNIST")
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def _read_gtsrb_csv(table: Path, folder: Path) -> Tuple[List[Path], List[int]]:
+    """Image paths and classes of a GTSRB annotation file (``;``-separated; the file name in the
+    first column, the class in the eighth, ``ClassId``)."""
+    with open(_require(table, "GTSRB annotation file"), newline="") as f:
+        rows = list(csv.reader(f, delimiter=";"))[1:]
+    return [folder / row[0] for row in rows], [int(row[7]) for row in rows]
+
+
+def _read_gtsrb(root: Path, train: bool, size: Tuple[int, int, int]) -> Tuple[Tensor, Tensor]:
+    # BackdoorBench's layout (its dataset/GTSRB.py): Train/<class>/GT-<class>.csv for the 43
+    # classes in order, Test/GT-final_test.csv.
+    paths: List[Path] = []
+    labels: List[int] = []
+    if train:
+        for c in range(43):
+            folder = root / "Train" / f"{c:05d}"
+            more_paths, more_labels = _read_gtsrb_csv(folder / f"GT-{c:05d}.csv", folder)
+            paths += more_paths
+            labels += more_labels
+    else:
+        paths, labels = _read_gtsrb_csv(root / "Test" / "GT-final_test.csv", root / "Test")
+    return _read_images(paths, size, "GTSRB image"), torch.tensor(labels, dtype=torch.long)
+
+
+def _read_tiny(root: Path, train: bool, size: Tuple[int, int, int]) -> Tuple[Tensor, Tensor]:
+    # An image folder per class, in torchvision ImageFolder's order: classes sorted by name,
+    # files sorted within each sorted sub-folder. BackdoorBench moves the validation images into
+    # such folders before its first use.
+    split = _require(root / "tiny-imagenet-200" / ("train" if train else "val"),
+                     "Tiny-ImageNet folder")
+    classes = sorted(entry.name for entry in os.scandir(split) if entry.is_dir())
+    paths: List[Path] = []
+    labels: List[int] = []
+    for label, name in enumerate(classes):
+        for folder, _, files in sorted(os.walk(split / name, followlinks=True)):
+            for file in sorted(files):
+                if file.lower().endswith(_IMAGE_EXTENSIONS):
+                    paths.append(Path(folder) / file)
+                    labels.append(label)
+    if not paths:
+        raise FileNotFoundError(f"no Tiny-ImageNet images were found in {split}")
+    return (_read_images(paths, size, "Tiny-ImageNet image"),
+            torch.tensor(labels, dtype=torch.long))
+
+
+# Keyed by BackdoorBench's data set names; mean and std are its normalisation of each
+# (utils/aggregate_block/dataset_and_transform_generate.py).
+DATASETS: Dict[str, _DataSet] = {
+    "cifar10": _DataSet((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261),
+                        _cifar_reader("CIFAR-10", "cifar-10-batches-py",
+                                      [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                                      "labels")),
+    "cifar100": _DataSet((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                         _cifar_reader("CIFAR-100", "cifar-100-python", ["train"], ["test"],
+                                       "fine_labels")),
+    "mnist": _DataSet((0.5,), (0.5,), _read_mnist),
+    "gtsrb": _DataSet((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), _read_gtsrb),
+    "tiny": _DataSet((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262),
+                     _read_tiny),
+}
+
+
+# ----------------------------------------------------------------------------- models
+
+class Normalized(nn.Module):
+    """A classifier trained on standardised images, taking images in [0, 1]:
+    ``x [B, C, H, W]`` -> ``model((x - mean) / std)``, logits ``[B, K]``.
+
+    ``mean`` and ``std`` (one value per channel) are buffers left out of the state_dict, whose
+    keys are the wrapped model's with a ``model.`` prefix.
+    """
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, C, H, W]`` in [0, 1] -> the wrapped model's logits ``[B, K]``."""
+        return self.model((x - self.mean) / self.std)
+
+
+def _without_module_prefix(state: Mapping[str, Tensor]) -> "OrderedDict[str, Tensor]":
+    """``state`` with the ``module.`` that nn.DataParallel (BackdoorBench's way to use several
+    GPUs) puts before every key removed, from its per-module ``_metadata`` too: some modules
+    (torchvision's MNASNet) read their version from there when they load."""
+    def strip(key: str) -> str:
+        if key == "module":  # the wrapped model's own metadata entry
+            return ""
+        return key[len("module."):] if key.startswith("module.") else key
+
+    stripped = OrderedDict((strip(key), value) for key, value in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        stripped._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (strip(key), value) for key, value in metadata.items())
+    return stripped
+
+
+def _build_network(model_name: str, num_classes: int, state: Mapping[str, Tensor],
+                   what: str) -> nn.Module:
+    """The model ``model_name`` in BackdoorBench's layout with ``state`` (of ``what``, for the
+    errors) loaded strictly."""
+    if model_name == "preactresnet18":
+        stem = state.get("conv1.weight")
+        if not isinstance(stem, Tensor) or stem.dim() != 4:
+            raise ValueError(f"{what} has no 4-D conv1.weight, which a preactresnet18 has")
+        # Channels and width come from the weights (3 and 64 in BackdoorBench), so that a
+        # narrower net of the same layout loads too.
+        network: nn.Module = preact_resnet18_backdoorbench(num_classes, in_channels=stem.shape[1],
+                                                           width=stem.shape[0])
+    elif model_name in TORCHVISION_MODELS:
+        try:
+            import torchvision
+        except ImportError as error:
+            raise ImportError(f"the record's {model_name} is built by torchvision, which is not "
+                              "installed; install it with `pip install bdfast[vision]`.") from error
+        network = getattr(torchvision.models, model_name)(num_classes=num_classes)
+    else:
+        raise ValueError(f"the record's model {model_name!r} is not supported; bdfast reads "
+                         f"{', '.join(MODELS)}")
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        lines = str(error).strip().splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise ValueError(f"{what} does not fit BackdoorBench's {model_name} with "
+                         f"{num_classes} classes: {detail}") from error
+    return network
+
+
+# ----------------------------------------------------------------------------- records
+
+@dataclass
+class BackdoorBenchRecord:
+    """What :func:`load_record` reads from ``record/<name>``.
+
+    Attributes:
+        record_dir: the record folder.
+        model: the attacked model, wrapped in :class:`Normalized` so that it takes images in
+            [0, 1]; ``model.model`` is the network in BackdoorBench's layout. In eval mode.
+        model_name, num_classes, clean_data: as the record names them (e.g. "preactresnet18",
+            10, "cifar10").
+        img_size: ``(H, W, C)`` of the images the model takes.
+        attack: the attack's name from the record's ``info.pickle`` (e.g. "badnet"), or None.
+        target: the one label of every poisoned test image (an all-to-one attack), else None.
+        clean_train, clean_test: the clean data set the attack started from.
+        bd_train: the poisoned training set the model was trained on (clean images and poisoned
+            ones in the attack's order), or None when the record has none.
+        bd_test: the poisoned test images (BackdoorBench keeps those of the non-target classes).
+    """
+
+    record_dir: Path
+    model: Normalized
+    model_name: str
+    num_classes: int
+    img_size: Tuple[int, int, int]
+    clean_data: str
+    attack: Optional[str]
+    target: Optional[int]
+    clean_train: ImageSet
+    clean_test: ImageSet
+    bd_train: Optional[ImageSet]
+    bd_test: ImageSet
+
+
+def _record_file(record_dir: Path) -> Path:
+    path = record_dir / "attack_result.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"attack_result.pt was not found in {record_dir}, which should be "
+                                "the folder BackdoorBench wrote for the attack, record/<name>")
+    return path
+
+
+def _record_content(record_dir: Path) -> Tuple[Path, Dict[str, Any]]:
+    path = _record_file(record_dir)
+    content = _load_safely(path)
+    missing = [key for key in _RECORD_KEYS if key not in content] \
+        if isinstance(content, dict) else list(_RECORD_KEYS)
+    if missing:
+        raise ValueError(f"{path} is not a BackdoorBench attack result: it lacks {missing}")
+    return path, content
+
+
+def _poisoned_set(state: Any, clean: ImageSet, what: str, path: Path, bb_root: Path,
+                  size: Tuple[int, int, int]) -> ImageSet:
+    """A poisoned data set from the state BackdoorBench keeps of it: the clean images at
+    ``original_index_array``, with those ``poison_indicator`` marks replaced by the PNG files
+    (and labels) of ``bd_data_container``."""
+    try:
+        entries = state["bd_data_container"]["data_dict"]
+        index = np.asarray(state["original_index_array"], dtype=np.int64).reshape(-1)
+        flags = np.asarray(state["poison_indicator"]).reshape(-1)
+        if not isinstance(entries, dict):
+            raise TypeError("data_dict")
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"the {what} of {path} is not the state of a BackdoorBench poisoned "
+                         f"data set (reading {error} failed)") from None
+    if len(flags) != len(clean) or (len(index) and not 0 <= index.min() <= index.max()
+                                    < len(clean)):
+        raise ValueError(f"the {what} of {path} indexes a data set of {len(flags)} images, but "
+                         f"the one under data_root has {len(clean)}; data_root must hold the "
+                         "data set the attack used")
+    images = clean.images[torch.from_numpy(index)].clone()
+    labels = clean.labels[torch.from_numpy(index)].clone()
+    original = labels.clone()
+    marked = flags[index] == 1
+    for position in np.flatnonzero(marked):
+        sample = int(index[position])
+        entry = entries.get(sample)
+        if not isinstance(entry, dict) or "path" not in entry \
+                or len(entry.get("other_info", ())) < 2:
+            raise ValueError(f"image {sample} of the {what} of {path} is marked poisoned but "
+                             "bd_data_container has no file and labels for it")
+        file = Path(entry["path"])
+        # BackdoorBench writes the paths relative to its own folder, where it runs.
+        images[position] = _read_image(file if file.is_absolute() else bb_root / file, size,
+                                       f"poisoned image of the {what}")
+        labels[position], original[position] = (int(v) for v in entry["other_info"][:2])
+    return ImageSet(images, labels, original, torch.from_numpy(marked))
+
+
+def _attack_name(record_dir: Path) -> Optional[str]:
+    """The ``attack`` of the attack's settings, which BackdoorBench saves as info.pickle."""
+    path = record_dir / "info.pickle"
+    if not path.is_file():
+        return None
+    try:
+        settings = _load_safely(path)
+    except ValueError:  # the name is a label for reports; a record reads without it
+        return None
+    name = settings.get("attack") if isinstance(settings, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def load_record(record_dir: PathLike, data_root: PathLike,
+                bb_root: Optional[PathLike] = None) -> BackdoorBenchRecord:
+    """Read a BackdoorBench attack record: its model and its clean and poisoned data sets.
+
+    Args:
+        record_dir: the attack's folder, ``record/<name>``, holding ``attack_result.pt``.
+        data_root: the folder the attack read its data set from, BackdoorBench's
+            ``data/<data set>`` (e.g. ``data/cifar10`` holding ``cifar-10-batches-py``); see
+            :data:`DATASETS` and docs/backdoorbench.md for each data set's files. Nothing is
+            downloaded.
+        bb_root: the BackdoorBench folder, against which the record's relative PNG paths are
+            resolved; by default the folder above ``record``.
+
+    Returns:
+        A :class:`BackdoorBenchRecord`. Raises FileNotFoundError for a missing file and
+        ValueError for a record, model or data set bdfast cannot read, in one sentence each.
+    """
+    record_dir = Path(record_dir)
+    root = Path(data_root)
+    path, content = _record_content(record_dir)
+    bb_root = Path(bb_root) if bb_root is not None else record_dir.resolve().parent.parent
+    name = content["clean_data"]
+    if name not in DATASETS:
+        raise ValueError(f"the record's data set {name!r} is not supported; bdfast reads "
+                         f"{', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    try:
+        height, width, channels = (int(v) for v in content["img_size"])
+    except (TypeError, ValueError):
+        raise ValueError(f"img_size in {path} must be (height, width, channels), got "
+                         f"{content['img_size']!r}") from None
+    size = (height, width, channels)
+    num_classes = int(content["num_classes"])
+    network = _build_network(content["model_name"], num_classes,
+                             _without_module_prefix(content["model"]), f"the model in {path}")
+
+    clean_train = ImageSet(*spec.read(root, True, size))
+    clean_test = ImageSet(*spec.read(root, False, size))
+    bd_train = None if content["bd_train"] is None else _poisoned_set(
+        content["bd_train"], clean_train, "bd_train", path, bb_root, size)
+    bd_test = _poisoned_set(content["bd_test"], clean_test, "bd_test", path, bb_root, size)
+    targets = bd_test.labels.unique()
+    return BackdoorBenchRecord(
+        record_dir=record_dir, model=Normalized(network, spec.mean, spec.std).eval(),
+        model_name=content["model_name"], num_classes=num_classes, img_size=size,
+        clean_data=name, attack=_attack_name(record_dir),
+        target=int(targets[0]) if len(targets) == 1 else None, clean_train=clean_train,
+        clean_test=clean_test, bd_train=bd_train, bd_test=bd_test)
+
+
+def clean_subset(clean_train: ImageSet, ratio: float = DEFAULT_CLEAN_RATIO,
+                 seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """The defender's clean images, as BackdoorBench's defenses get them: ``int(N * ratio)``
+    images of the clean training set, drawn without replacement (with numpy's generator seeded
+    by ``seed``, so not the very images BackdoorBench's own seeded draw picks).
+
+    Returns ``(x [n, C, H, W] float32 in [0, 1], y [n] int64)`` in the set's order.
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}")
+    count = int(len(clean_train) * ratio)
+    if count < 1:
+        raise ValueError(f"ratio {ratio} of the {len(clean_train)} clean training images is "
+                         "no image at all")
+    chosen = np.random.default_rng(seed).choice(len(clean_train), count, replace=False)
+    return clean_train.tensors(np.sort(chosen))
+
+
+def _predictions(model: nn.Module, images: ImageSet, batch_size: int) -> Tensor:
+    parts = [predict(model, x, batch_size) for x, _ in images.batches(batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
+def evaluate_record(model: nn.Module, record: BackdoorBenchRecord,
+                    batch_size: int = 256) -> Dict[str, float]:
+    """BackdoorBench's three numbers for ``model`` (images in [0, 1] -> logits), as fractions:
+
+    - ``acc``: accuracy on the clean test set;
+    - ``asr``: the share of the poisoned test images classified as their poisoned label;
+    - ``ra``: the share of the poisoned test images classified as their true class.
+
+    ASR and RA are NaN when the record has no poisoned test image. The model runs in eval mode;
+    every module's train/eval flag is restored afterwards.
+    """
+    with eval_mode(model):
+        clean = _predictions(model, record.clean_test, batch_size)
+        triggered = _predictions(model, record.bd_test, batch_size)
+    acc = (clean == record.clean_test.labels).float().mean().item()
+    if len(triggered) == 0:
+        return {"acc": acc, "asr": float("nan"), "ra": float("nan")}
+    return {"acc": acc,
+            "asr": (triggered == record.bd_test.labels).float().mean().item(),
+            "ra": (triggered == record.bd_test.original_labels).float().mean().item()}
+
+
+def save_defense_result(record_dir: PathLike, method: str, model: nn.Module,
+                        metrics: Mapping[str, float]) -> Path:
+    """Write ``model``, cleaned by ``method``, where BackdoorBench's tools look for a defense.
+
+    ``record_dir/defense/bdfast-<method>/defense_result.pt`` holds ``model_name``,
+    ``num_classes`` and ``model``, the network's state_dict (without the :class:`Normalized`
+    wrapper), as BackdoorBench's own defenses save them; ``bdfast-<method>_df_summary.csv``
+    beside it holds ``metrics`` (``acc``, ``asr`` and ``ra``, as :func:`evaluate_record` gives
+    them) in its columns ``test_acc``, ``test_asr`` and ``test_ra``. Returns the path of
+    ``defense_result.pt``. Raises ValueError, before writing anything, when the state_dict does
+    not fit the record's model.
+    """
+    if not isinstance(method, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", method):
+        raise ValueError(f"method must be a name of letters, digits, '_', '.' or '-', got "
+                         f"{method!r}")
+    missing = [key for key in ("acc", "asr", "ra") if key not in metrics]
+    if missing:
+        raise ValueError(f"metrics lacks {missing}; give the dict evaluate_record returns")
+    record_dir = Path(record_dir)
+    path, content = _record_content(record_dir)
+    network = model.model if isinstance(model, Normalized) else model
+    state = network.state_dict()  # an OrderedDict whose _metadata some loaders need
+    for key, value in state.items():
+        state[key] = value.detach().cpu()
+    _build_network(content["model_name"], int(content["num_classes"]), state,
+                   f"the model to save for {path}")
+
+    folder = record_dir / "defense" / f"bdfast-{method}"
+    folder.mkdir(parents=True, exist_ok=True)
+    result = folder / "defense_result.pt"
+    torch.save({"model_name": content["model_name"], "num_classes": int(content["num_classes"]),
+                "model": state}, result)
+    with open(folder / f"bdfast-{method}_df_summary.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        # pandas' DataFrame.to_csv layout, which BackdoorBench's summaries have: an unnamed
+        # index column, then one column per metric.
+        writer.writerow(["", "test_acc", "test_asr", "test_ra"])
+        writer.writerow([0, float(metrics["acc"]), float(metrics["asr"]), float(metrics["ra"])])
+    return result
