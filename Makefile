@@ -21,7 +21,7 @@ $(VENV)/.installed: $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch
 	$(BIN)/pip install setuptools wheel ninja numpy
-	$(BIN)/pip install --no-build-isolation -e ".[test,plot]"
+	$(BIN)/pip install --no-build-isolation -e ".[test,plot,vision]"
 	touch $@
 
 # Fashion-MNIST's four IDX files from Debian's dataset-fashion-mnist package, where apt-get exists
