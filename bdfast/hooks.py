@@ -20,12 +20,35 @@ BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 NORM = BATCHNORM + (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                     nn.InstanceNorm3d)
 LINEAR = (nn.Linear,)
+ACTIVATION = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+              nn.SiLU, nn.Mish, nn.Hardswish, nn.Softplus)
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
-LAYER_PRESETS: Dict[str, Tuple[type, ...]] = {
+
+def residual_blocks(model: nn.Module) -> List[str]:
+    """Names of the *blocks* of ``model``: modules with children of their own that are not
+    containers themselves and sit directly in a container (``nn.Sequential`` / ``ModuleList``
+    / ``ModuleDict``). That is how residual nets stack their blocks (a ResNet's ``layer1[0]``,
+    a ConvNeXt stage's blocks), so a block's output is the residual stream between blocks."""
+    blocks = []
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, CONTAINERS):
+            continue
+        for child_name, child in parent.named_children():
+            if not isinstance(child, CONTAINERS) and next(child.children(), None) is not None:
+                blocks.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return blocks
+
+
+# A preset is either module types or a function of the model that names modules.
+LAYER_PRESETS: Dict[str, Union[Tuple[type, ...], Callable[[nn.Module], List[str]]]] = {
     "conv+norm+linear": CONV + NORM + LINEAR,
     "conv+bn": CONV + BATCHNORM,
     "conv+linear": CONV + LINEAR,
     "bn": BATCHNORM,
+    "act+linear": ACTIVATION + LINEAR,
+    "block+linear": lambda model: residual_blocks(model) + [
+        name for name, m in model.named_modules() if isinstance(m, LINEAR)],
 }
 
 LayerSpec = Union[str, Sequence[Union[str, type]], Callable[[str, nn.Module], bool]]
@@ -42,8 +65,12 @@ def select_layers(model: nn.Module, layers: LayerSpec = "conv+norm+linear") -> L
         if layers not in LAYER_PRESETS:
             raise ValueError(f"layers must be one of {sorted(LAYER_PRESETS)}, a list of module "
                              f"types or names, or a predicate; got {layers!r}")
-        types = LAYER_PRESETS[layers]
-        chosen = [n for n, m in modules.items() if isinstance(m, types)]
+        preset = LAYER_PRESETS[layers]
+        if callable(preset):
+            picked = set(preset(model))
+            chosen = [n for n in modules if n in picked]
+        else:
+            chosen = [n for n, m in modules.items() if isinstance(m, preset)]
     elif callable(layers) and not isinstance(layers, type):
         chosen = [n for n, m in modules.items() if n and layers(n, m)]
     else:

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdfast.hooks import Tap, disable_inplace, find_inplace_overwrites, select_layers
-from bdfast.medic import teacher_statistics
+from bdfast.hooks import (Tap, disable_inplace, find_inplace_overwrites, residual_blocks,
+                          select_layers)
+from bdfast.medic import Medic, auto_layers, teacher_statistics
 from bdfast.models import vgg_small
 
 
@@ -136,3 +137,62 @@ def test_teacher_statistics_match_a_direct_float64_computation():
         torch.testing.assert_close(s, flat.std(1).float(), rtol=1e-5, atol=1e-6, msg=name)
     bn_mu = mu[names.index("bns.0")]
     assert bn_mu.min() < 0  # statistics of the BN output before the in-place ReLU
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = nn.GroupNorm(2, channels)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return x + self.act(self.norm(self.conv(x)))
+
+
+class GroupNormNet(nn.Module):
+    """A stem container of leaves, then a stage of two residual blocks: the blocks are the two
+    non-container modules with children that sit in a container."""
+
+    def __init__(self, functional_activations: bool = False):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4))
+        self.stage = nn.Sequential(Residual(4), Residual(4))
+        if functional_activations:
+            for block in self.stage:
+                block.act = nn.Identity()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.stage(self.stem(x)).mean((2, 3)))
+
+
+def test_activation_and_block_presets():
+    model = GroupNormNet()
+    assert select_layers(model, "act+linear") == ["stage.0.act", "stage.1.act", "fc"]
+    assert select_layers(model, "block+linear") == ["stage.0", "stage.1", "fc"]
+    assert residual_blocks(model) == ["stage.0", "stage.1"]
+    # A net of leaves in containers has no blocks: the preset still finds the classifier.
+    assert select_layers(Small(), "block+linear") == ["fc"]
+
+
+def test_medic_auto_layers_picks_by_architecture():
+    assert auto_layers(Small()) == "conv+norm+linear"  # BatchNorm
+    assert auto_layers(GroupNormNet()) == "act+linear"
+    # No activation module to hook: the paper's layers.
+    assert auto_layers(GroupNormNet(functional_activations=True)) == "conv+norm+linear"
+    # No normalisation at all: the paper's layers.
+    unnormalised = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+    assert auto_layers(unnormalised) == "conv+norm+linear"
+
+
+def test_medic_records_the_layers_auto_chose():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))
+    options = dict(epochs=1, progress=False, seed=0, amp=False)
+    result = Medic(**options).fit(GroupNormNet(), [(x, y)])
+    assert result.layer_preset == "act+linear"
+    assert result.layers == ["stage.0.act", "stage.1.act", "fc"]
+    result = Medic(**options).fit(Small(), [(x, y)])
+    assert result.layer_preset == "conv+norm+linear" and result.layers == ["conv", "bn", "fc"]
+    assert Medic(**options, layers=[nn.Linear]).fit(Small(), [(x, y)]).layer_preset is None
