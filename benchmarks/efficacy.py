@@ -41,6 +41,7 @@ rows without running anything.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -53,6 +54,7 @@ from torch import nn
 from bdfast import defenses, lab
 from bdfast.data import LabData
 from bdfast.hooks import BATCHNORM
+from bdfast.medic import auto_layers
 from bdfast.metrics import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +87,10 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
               "lam1-tau10": {"lam": 1.0, "tau": 10.0}, "lam3-tau10": {"lam": 3.0, "tau": 10.0},
               "lam3-tau20": {"lam": 3.0, "tau": 20.0}, "lam10-tau20": {"lam": 10.0, "tau": 20.0},
               "lam1-tau20": {"lam": 1.0, "tau": 20.0}, "lam3-tau40": {"lam": 3.0, "tau": 40.0},
-              "augment": {"augment": True}, "crop": {"augment": "crop"}},
+              "augment": {"augment": True}, "crop": {"augment": "crop"},
+              # Which outputs to clone on the nets without BatchNorm (docs/medic.md).
+              "block+linear": {"layers": "block+linear"}, "act+linear": {"layers": "act+linear"},
+              "conv+norm+linear": {"layers": "conv+norm+linear"}},
     "bcu": {"default": {},
             "paper": {"lr": 0.01, "epochs": 100, "init": "reset", "ratio_scale": 1.0},
             "lr0.05": {"lr": 0.05, "epochs": 100, "init": "reset", "ratio_scale": 1.0},
@@ -119,8 +124,10 @@ def unlabeled_images(data_name: str, data: LabData, count: int) -> torch.Tensor:
     return torch.cat([clean, lab.fmnist_spare_images()[:count - len(clean)]])
 
 
-def resolved_options(defense: str, setting: str) -> Dict[str, Any]:
-    """The setting's options with every library default of the defense written out."""
+def resolved_options(defense: str, setting: str, arch: Optional[str] = None) -> Dict[str, Any]:
+    """The setting's options with every library default of the defense written out; given the
+    ``arch``, MEDIC's ``layers="auto"`` is written as the preset it picks on that net
+    (:func:`bdfast.medic.auto_layers`), so a row says what ran."""
     options = dict(SETTINGS[defense][setting])
     if defenses.get(defense).baseline:  # the baselines: their options are all written out
         return options
@@ -135,6 +142,8 @@ def resolved_options(defense: str, setting: str) -> Dict[str, Any]:
     # the option existed ran; leaving it out keeps their keys.
     if options.get("preset") is None:
         options.pop("preset", None)
+    if arch is not None and options.get("layers") == "auto":
+        options["layers"] = auto_layers(lab.build_model(arch, 10, 1))
     return options
 
 
@@ -150,8 +159,22 @@ def run_defense(defense: str, options: Dict[str, Any], teacher: nn.Module, data_
                         progress=False, **options)
 
 
+@functools.lru_cache(maxsize=None)
 def has_batchnorm(arch: str) -> bool:
     return any(isinstance(m, BATCHNORM) for m in lab.build_model(arch, 10, 1).modules())
+
+
+def _family(row: Dict[str, Any]) -> str:
+    return "BatchNorm" if has_batchnorm(row["arch"]) else "no BatchNorm"
+
+
+def _label(row: Dict[str, Any]) -> str:
+    """The row's setting name; "former default" for a "default" row whose options are no longer
+    the library's default on its net (MEDIC's layers before ``layers="auto"``)."""
+    if row["setting"] != "default" or row["defense"] not in SETTINGS:
+        return row["setting"]
+    today = json.dumps(resolved_options(row["defense"], "default", row["arch"]), sort_keys=True)
+    return "default" if _options_key(row) == today else "former default"
 
 
 def row_key(row: Dict[str, Any]) -> str:
@@ -181,7 +204,7 @@ def run(args: argparse.Namespace) -> None:
                     todo = []
                     for defense in args.defenses:
                         for setting in args.settings.get(defense, ["default"]):
-                            options = resolved_options(defense, setting)
+                            options = resolved_options(defense, setting, arch)
                             row = dict(data=data_name, arch=arch, attack=attack_name, seed=seed,
                                        threads=args.threads, defense=defense, setting=setting,
                                        options=options)
@@ -255,13 +278,14 @@ def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     for row in rows:
         if row["defense"] == "none" or row["asr_before"] < 0.5:
             continue
-        key = (row["defense"], _options_key(row))
+        key = (row["defense"], _family(row), _options_key(row))
         entry = by_options.setdefault(key, {
-            "defense": row["defense"], "labels": set(), "options": row["options"],
+            "defense": row["defense"], "nets": key[1], "labels": set(),
+            "options": row["options"],
             "runs": {"in": set(), "held_out": set()}, "meets": {"in": set(), "held_out": set()},
             "worst_drop": 0.0, "worst_asr": 0.0})
         run = (row["data"], row["arch"], row["attack"], row["seed"], row["threads"])
-        entry["labels"].add(row["setting"])
+        entry["labels"].add(_label(row))
         entry["runs"][_sample(row)].add(run)
         if row["meets"]:
             entry["meets"][_sample(row)].add(run)
@@ -270,14 +294,18 @@ def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     settings = []
     for entry in by_options.values():
         labels = sorted(entry["labels"], key=lambda label: (label != "default", label))
-        named = next((label for label in labels if label != "default"), "default")
-        settings.append({"defense": entry["defense"], "setting": " = ".join(labels),
-                         "options": SETTINGS[entry["defense"]][named] or "library defaults",
+        named = next((label for label in labels if label in SETTINGS[entry["defense"]]
+                      and label != "default"), "default")
+        shown = SETTINGS[entry["defense"]][named] or "library defaults"
+        if labels == ["former default"]:
+            shown = {"layers": entry["options"]["layers"]}
+        settings.append({"defense": entry["defense"], "nets": entry["nets"],
+                         "setting": " = ".join(labels), "options": shown,
                          "runs": len(entry["runs"]["in"]), "meets": len(entry["meets"]["in"]),
                          "held_out_runs": len(entry["runs"]["held_out"]),
                          "held_out_meets": len(entry["meets"]["held_out"]),
                          "worst_drop": entry["worst_drop"], "worst_asr": entry["worst_asr"]})
-    settings.sort(key=lambda e: (e["defense"], -e["meets"] / max(e["runs"], 1)))
+    settings.sort(key=lambda e: (e["defense"], e["nets"], -e["meets"] / max(e["runs"], 1)))
     return {"bound": {"asr_max": ASR_MAX, "max_acc_drop": MAX_ACC_DROP},
             "selection_seeds": list(SELECTION_SEEDS), "settings": settings}
 
@@ -289,9 +317,8 @@ def core_table(rows: List[Dict[str, Any]]) -> List[str]:
              + ", ".join(map(str, SELECTION_SEEDS)) + " (the defaults were chosen here) | "
              "held out: other seeds (never used to choose) |", "|---|---:|---:|"]
     for defense in ("medic", "bcu"):
-        default = json.dumps(resolved_options(defense, "default"), sort_keys=True)
-        found = [r for r in rows if r["defense"] == defense and _options_key(r) == default
-                 and _cell(r) in CORE_CELLS]
+        found = [r for r in rows if r["defense"] == defense and _cell(r) in CORE_CELLS
+                 and _label(r) == "default"]
         cells = []
         for sample in ("in", "held_out"):
             mine = [r for r in found if _sample(r) == sample]
@@ -314,19 +341,19 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
              "## Settings: runs that meet the bound (implanted backdoors only)", "",
              "In sample: seeds " + ", ".join(map(str, SELECTION_SEEDS)) + ", the runs the "
              "defaults were chosen on; held out: every other seed.", "",
-             "| defense | setting | options | in sample: meets of runs | held out: meets of runs "
-             "| worst ACC drop | worst ASR |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             "| defense | nets | setting | options | in sample: meets of runs | held out: meets "
+             "of runs | worst ACC drop | worst ASR |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
     for e in summary(rows)["settings"]:
         shown = e["options"] if isinstance(e["options"], str) else f"`{json.dumps(e['options'])}`"
         held = f"{e['held_out_meets']} of {e['held_out_runs']}" if e["held_out_runs"] else "–"
-        lines.append(f"| {e['defense']} | {e['setting']} | {shown} | "
+        lines.append(f"| {e['defense']} | {e['nets']} | {e['setting']} | {shown} | "
                      f"{e['meets']} of {e['runs']} | {held} | {e['worst_drop']:.3f} | "
                      f"{e['worst_asr']:.3f} |")
     # One column per (defense, options): a candidate that became the default is one column.
     labels: Dict[Tuple[str, str], set] = {}
     for r in rows:
-        labels.setdefault((r["defense"], _options_key(r)), set()).add(r["setting"])
+        labels.setdefault((r["defense"], _options_key(r)), set()).add(_label(r))
     columns = sorted(labels, key=lambda c: (DEFENSES.index(c[0]) if c[0] in DEFENSES else 99,
                                             sorted(labels[c])))
     cells = sorted({_cell(r) for r in rows})
