@@ -154,7 +154,8 @@ class Medic:
         # The user's forward/backward hooks stay on their model: they must not fire here.
         t_model = copy_without_hooks(teacher).to(device).eval().requires_grad_(False)
         disable_inplace(t_model)
-        layers = auto_layers(t_model) if _is_auto(cfg.layers) else cfg.layers
+        auto = isinstance(cfg.layers, str) and cfg.layers == "auto"
+        layers = auto_layers(t_model) if auto else cfg.layers
         names = select_layers(t_model, layers)
         s_model = _student(teacher if student is None else student, names, fresh=student is None)
         s_model.to(device)
@@ -345,16 +346,10 @@ def auto_layers(model: nn.Module) -> str:
       not, and on the unnormalised net the activations alone cost accuracy.
     """
     modules = list(model.modules())
-    per_sample_norm = any(isinstance(m, NORM) for m in modules)
-    if any(isinstance(m, BATCHNORM) for m in modules) or not per_sample_norm:
-        return "conv+norm+linear"
-    if any(isinstance(m, ACTIVATION) for m in modules):
-        return "act+linear"
-    return "conv+norm+linear"
-
-
-def _is_auto(layers: LayerSpec) -> bool:
-    return isinstance(layers, str) and layers == "auto"
+    normalised = any(isinstance(m, NORM) for m in modules)
+    batchnorm = any(isinstance(m, BATCHNORM) for m in modules)
+    activations = any(isinstance(m, ACTIVATION) for m in modules)
+    return "act+linear" if normalised and not batchnorm and activations else "conv+norm+linear"
 
 
 @torch.no_grad()
