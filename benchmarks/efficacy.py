@@ -143,7 +143,7 @@ def resolved_options(defense: str, setting: str, arch: Optional[str] = None) -> 
     if options.get("preset") is None:
         options.pop("preset", None)
     if arch is not None and options.get("layers") == "auto":
-        options["layers"] = auto_layers(lab.build_model(arch, 10, 1))
+        options["layers"] = auto_layers(_lab_net(arch))
     return options
 
 
@@ -160,8 +160,14 @@ def run_defense(defense: str, options: Dict[str, Any], teacher: nn.Module, data_
 
 
 @functools.lru_cache(maxsize=None)
+def _lab_net(arch: str) -> nn.Module:
+    """One untrained lab net per architecture, to read its structure from (the report asks for
+    every row)."""
+    return lab.build_model(arch, 10, 1)
+
+
 def has_batchnorm(arch: str) -> bool:
-    return any(isinstance(m, BATCHNORM) for m in lab.build_model(arch, 10, 1).modules())
+    return any(isinstance(m, BATCHNORM) for m in _lab_net(arch).modules())
 
 
 def _family(row: Dict[str, Any]) -> str:
@@ -297,8 +303,9 @@ def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         named = next((label for label in labels if label in SETTINGS[entry["defense"]]
                       and label != "default"), "default")
         shown = SETTINGS[entry["defense"]][named] or "library defaults"
-        if labels == ["former default"]:
-            shown = {"layers": entry["options"]["layers"]}
+        if labels == ["former default"]:  # what differs from the library's default today
+            today = resolved_options(entry["defense"], "default")
+            shown = {k: v for k, v in entry["options"].items() if today.get(k) != v}
         settings.append({"defense": entry["defense"], "nets": entry["nets"],
                          "setting": " = ".join(labels), "options": shown,
                          "runs": len(entry["runs"]["in"]), "meets": len(entry["meets"]["in"]),
