@@ -29,6 +29,7 @@ from bdfast._utils import (check_logits, check_number, eval_mode, iter_batches,
                            model_input_errors, resolve_device, seed_everything)
 from bdfast.augment import AugmentSpec, RandomCrop, resolve_augment
 from bdfast.hooks import CONV, LINEAR, copy_without_hooks
+from bdfast.checkpoint import Checkpoint, check_options as check_checkpoint
 from bdfast.distill import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
 
 __all__ = ["bcu_cleanse", "bcu_ratios", "partial_reinit", "ADAPTIVE_RATIOS"]
@@ -46,7 +47,8 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
                 init: str = "kaiming", schedule_epochs: Optional[int] = None,
                 augment: AugmentSpec = False, amp: AmpSpec = "auto", device: Any = None,
                 seed: Optional[int] = None, progress: bool = True,
-                eval_fn: Optional[EvalFn] = None) -> nn.Module:
+                eval_fn: Optional[EvalFn] = None, checkpoint: Optional[str] = None,
+                resume: bool = False) -> nn.Module:
     """Remove a backdoor from ``teacher`` by partial re-initialisation and distillation (BCU).
 
     Args:
@@ -79,6 +81,8 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
         seed: seeds the masks, the fresh weights and torch's RNG (a CPU run is reproducible).
         progress: a tqdm bar with epoch, loss and samples/s.
         eval_fn: ``eval_fn(model, epoch)`` after every epoch (student in eval mode).
+        checkpoint, resume: a folder to write checkpoints to, and whether to continue from the
+            newest one there; as for :func:`bdfast.medic_clone` (docs/long-runs.md).
 
     Returns:
         The student in eval mode, on the teacher's device. The teacher's forward and backward
@@ -93,6 +97,8 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
     check_number(ratio_scale, "ratio_scale", minimum=0)
     resolve_augment(augment)
     resolve_amp(amp, torch.device("cpu"))  # validates the value
+    check_checkpoint(checkpoint, resume)
+    options = {k: v for k, v in locals().items() if k not in ("teacher", "loader")}
     check_loader(loader)
     home = resolve_device(None, teacher)
     device = resolve_device(device, teacher)
@@ -126,9 +132,11 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
 
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay)
+    saver = Checkpoint.for_run(checkpoint, resume, defense="bcu", teacher=t_model,
+                               first_batch=x, options=options)
     fit(student, loader, step, optimizer, epochs=epochs, device=device, schedule="epoch",
         schedule_epochs=schedule_epochs, augment=RandomCrop.from_spec(augment, seed), amp=amp,
-        progress=progress, eval_fn=eval_fn, desc="bcu")
+        progress=progress, eval_fn=eval_fn, desc="bcu", checkpoint=saver)
     return student.eval().to(home)
 
 

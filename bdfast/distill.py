@@ -7,11 +7,13 @@ module runs epochs x batches around it: mixed precision, the cosine schedule, th
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -19,9 +21,12 @@ from torch import Tensor, nn
 
 from bdfast._utils import (check_finite_parameters, check_images, check_not_tensor,
                            check_pixel_range, distributed, iter_batches, progress as _progress)
+from bdfast.checkpoint import (Checkpoint, DataDigest, Interrupted, capture_rng, generators_of,
+                               restore_rng)
 
 StepFn = Callable[[nn.Module, Tensor, Optional[Tensor], int], Tensor]
 EvalFn = Callable[[nn.Module, int], Any]
+ReplayFn = Callable[[Tensor, Optional[Tensor]], None]
 AmpSpec = Union[str, bool, torch.dtype, None]
 
 # How often (in steps) the loop reads the loss back to the host on a GPU: every read is a sync.
@@ -83,7 +88,8 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
         schedule_epochs: Optional[int] = None, amp: AmpSpec = "auto", progress: bool = True,
         eval_fn: Optional[EvalFn] = None, eval_every: int = 1,
         augment: Optional[Callable[[Tensor], Tensor]] = None,
-        desc: str = "train") -> TrainResult:
+        desc: str = "train", checkpoint: Optional[Checkpoint] = None,
+        replay: Optional[ReplayFn] = None) -> TrainResult:
     """Train ``student`` (in place, already on ``device``) for ``epochs`` passes over ``loader``.
 
     Args:
@@ -102,6 +108,14 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
             one, with the student in eval mode; what it returns is stored in the history.
         augment: applied to every batch ``x`` on ``device`` before ``step_fn`` sees it (see
             :mod:`bdfast.augment`).
+        checkpoint: write a checkpoint after every epoch and, on SIGTERM/SIGINT, after the
+            current step (then raise :class:`bdfast.checkpoint.Interrupted`); with its
+            ``resume``, first continue from the newest one (docs/long-runs.md). A resumed
+            mid-epoch run draws the epoch's batches again from the RNG states of the epoch's
+            start and skips those already trained on, so it ends with the same model.
+        replay: ``replay(x, y)`` under autocast, for each batch of the first epoch that a
+            resumed run does not train on again (``x`` on ``device``, augmented), so that a
+            step can rebuild what it kept from the first epoch (MEDIC's teacher cache).
 
     Under DDP (a process group is initialised, e.g. by torchrun) the student is wrapped in
     ``DistributedDataParallel``, which broadcasts rank 0's weights and averages the gradients;
@@ -122,6 +136,27 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, total_steps) / total_steps)))
 
+    result = TrainResult()
+    train_s = eval_s = 0.0
+    start_epoch = start_step = 0
+    resumed: Optional[Dict[str, Any]] = None
+    generators = generators_of(loader, augment) if checkpoint is not None else []
+    if checkpoint is not None:
+        checkpoint.identity.update(
+            batches=str(len(loader)) if hasattr(loader, "__len__") else "unknown",  # type: ignore
+            world_size=str(dist.get_world_size() if distributed() else 1),
+            generators=str(len(generators)))
+        resumed = checkpoint.load()
+        if resumed is not None:
+            student.load_state_dict(resumed["student"])
+            optimizer.load_state_dict(resumed["optimizer"])
+            scheduler.load_state_dict(resumed["scheduler"])
+            if scaler is not None:
+                scaler.load_state_dict(resumed["scaler"])
+            start_epoch, start_step = resumed["epoch"], resumed["step"]
+            result.history = resumed["rank"]["history"]
+            train_s, eval_s = resumed["rank"]["train_s"], resumed["rank"]["eval_s"]
+
     net: nn.Module = student
     if distributed():
         ids = [device.index] if device.type == "cuda" else None
@@ -129,63 +164,149 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
     show = progress and (not distributed() or dist.get_rank() == 0)
     sync_every = 1 if device.type == "cpu" else _GPU_SYNC_EVERY
 
-    result = TrainResult()
-    train_s = eval_s = 0.0
-    bar = _progress(range(epochs), enabled=show, desc=desc, unit="epoch")
-    for epoch in bar:
-        student.train()
-        start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        # First bad step of the epoch, kept on the device so that checking costs no sync.
-        first_bad = torch.full((), _NONE, dtype=torch.int64, device=device)
-        seen = 0
-        for step, (x, y) in enumerate(iter_batches(loader)):
-            x = x.to(device, non_blocking=True)
-            if augment is not None:
-                x = augment(x)
-            y = None if y is None else y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = step_fn(net, x, y, epoch)
-            loss = loss.float()
-            finite = torch.isfinite(loss)
-            first_bad = torch.where(~finite & (first_bad == _NONE), step, first_bad)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            if schedule == "step":
-                scheduler.step()
-            loss_sum += loss.detach().double() * len(x)
-            seen += len(x)
-            if (step + 1) % sync_every == 0:
-                _raise_if_bad(first_bad, epoch)
-        _raise_if_bad(first_bad, epoch)
-        if schedule == "epoch":
-            scheduler.step()
-        seconds = time.perf_counter() - start
-        train_s += seconds
-        mean_loss = (loss_sum / max(seen, 1)).item()
-        record: Dict[str, Any] = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr,
-                                  "seconds": seconds, "samples_per_s": seen / max(seconds, 1e-9)}
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
-        if eval_fn is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+    def to_device(x: Tensor, y: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        return (x.to(device, non_blocking=True),
+                None if y is None else y.to(device, non_blocking=True))
+
+    def rebuild(x: Tensor, y: Optional[Tensor]) -> None:
+        # A batch of the first epoch that a resumed run does not train on again.
+        assert replay is not None
+        x, y = to_device(x, y)
+        if augment is not None:
+            x = augment(x)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            replay(x, y)
+
+    def shared_state() -> Dict[str, Any]:
+        return {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": None if scaler is None else scaler.state_dict()}
+
+    first_rng = None if resumed is None else resumed["rank"]["first_rng"]
+    epoch_rng: Dict[str, Any] = {}
+    bar = _progress(range(start_epoch, epochs), enabled=show, desc=desc, unit="epoch",
+                    initial=start_epoch, total=epochs)
+    signals = checkpoint.signals() if checkpoint is not None else contextlib.nullcontext()
+    with signals:
+        for epoch in bar:
+            student.train()
             start = time.perf_counter()
-            student.eval()
-            record["eval"] = eval_fn(student, epoch + 1)
-            eval_s += time.perf_counter() - start
-        result.history.append(record)
+            lr = optimizer.param_groups[0]["lr"]
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            # First bad step of the epoch, kept on the device so that checking costs no sync.
+            first_bad = torch.full((), _NONE, dtype=torch.int64, device=device)
+            seen = skip = 0
+            batches = iter_batches(loader)
+            digest = DataDigest(device) if checkpoint is not None else None
+            if checkpoint is not None:
+                own = resumed["rank"] if resumed is not None and epoch == start_epoch else None
+                if own is not None and replay is not None and epoch > 0:
+                    restore_rng(first_rng, generators)  # replays the first epoch's batches
+                    for x, y in iter_batches(loader):
+                        rebuild(x, y)
+                if own is not None:
+                    restore_rng(own["epoch_rng"], generators)
+                epoch_rng = capture_rng(generators)
+                if epoch == 0:
+                    first_rng = epoch_rng
+                if own is not None and start_step > 0:
+                    # Resume mid-epoch: the epoch's batches as the interrupted run drew them,
+                    # without the ones it trained on, then the RNGs as they were after them.
+                    skip = start_step
+                    for x, y in itertools.islice(batches, skip):
+                        digest.update(x.to(device))
+                        if epoch == 0 and replay is not None:
+                            rebuild(x, y)
+                    if int(digest.value) != own["digest"]:
+                        raise ValueError(f"the loader's first {skip} batches of epoch "
+                                         f"{epoch + 1} differ from those the checkpoint in "
+                                         f"{checkpoint.folder} saw, so this run cannot resume "
+                                         "it; run with the same data, or use another folder")
+                    restore_rng(own["rng"], generators)
+                    loss_sum.fill_(own["loss_sum"])
+                    seen = own["seen"]
+            for step, (x, y) in enumerate(batches, start=skip):
+                x, y = to_device(x, y)
+                if digest is not None:
+                    digest.update(x)
+                if augment is not None:
+                    x = augment(x)
+                with torch.autocast(device.type, dtype=amp_dtype,
+                                    enabled=amp_dtype is not None):
+                    loss = step_fn(net, x, y, epoch)
+                loss = loss.float()
+                finite = torch.isfinite(loss)
+                first_bad = torch.where(~finite & (first_bad == _NONE), step, first_bad)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                if schedule == "step":
+                    scheduler.step()
+                loss_sum += loss.detach().double() * len(x)
+                seen += len(x)
+                if (step + 1) % sync_every == 0:
+                    _raise_if_bad(first_bad, epoch)
+                if checkpoint is not None and checkpoint.stop_requested(device):
+                    _raise_if_bad(first_bad, epoch)
+                    elapsed = train_s + time.perf_counter() - start
+                    path = checkpoint.save(epoch, step + 1, shared_state(), {
+                        "rng": capture_rng(generators), "epoch_rng": epoch_rng,
+                        "first_rng": first_rng, "loss_sum": loss_sum.item(), "seen": seen,
+                        "digest": int(digest.value), "history": _plain(result.history),
+                        "train_s": elapsed, "eval_s": eval_s})
+                    raise Interrupted(f"{checkpoint.requested} stopped the run after step "
+                                      f"{step + 1} of epoch {epoch + 1}; its checkpoint is "
+                                      f"{path}: run again with resume=True (--resume) to "
+                                      "continue", path)
+            _raise_if_bad(first_bad, epoch)
+            if schedule == "epoch":
+                scheduler.step()
+            seconds = time.perf_counter() - start
+            train_s += seconds
+            mean_loss = (loss_sum / max(seen, 1)).item()
+            record: Dict[str, Any] = {"epoch": epoch + 1, "loss": mean_loss, "lr": lr,
+                                      "seconds": seconds,
+                                      "samples_per_s": seen / max(seconds, 1e-9)}
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{mean_loss:.4f}",
+                                samples_s=f"{record['samples_per_s']:.0f}")
+            if eval_fn is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+                start = time.perf_counter()
+                student.eval()
+                record["eval"] = eval_fn(student, epoch + 1)
+                eval_s += time.perf_counter() - start
+            result.history.append(record)
+            if checkpoint is not None:
+                now = capture_rng(generators)  # also the next epoch's starting state
+                checkpoint.save(epoch + 1, 0, shared_state(), {
+                    "rng": now, "epoch_rng": now, "first_rng": first_rng, "loss_sum": 0.0,
+                    "seen": 0, "digest": 0, "history": _plain(result.history),
+                    "train_s": train_s, "eval_s": eval_s})
     # The loss is checked before each update, so the last update is checked here.
     check_finite_parameters(student, f"in the last update of epoch {epochs}; the training was "
                             "stopped and the input model is untouched")
     student.eval()
     result.timings.update(train=train_s, eval=eval_s)
     return result
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with anything but numbers, strings, None, lists and dicts (e.g. what an
+    ``eval_fn`` returned) as its ``str``, so that ``torch.load(weights_only=True)`` reads it."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return value.item()
+    return str(value)
 
 
 def _raise_if_bad(first_bad: Tensor, epoch: int) -> None:

@@ -39,6 +39,7 @@ from bdfast._utils import (check_logits, check_number, distributed, eval_mode, i
 from bdfast.hooks import (ACTIVATION, BATCHNORM, NORM, LayerSpec, Tap, copy_without_hooks,
                           disable_inplace, find_inplace_overwrites, select_layers, warn_inplace)
 from bdfast.stats import ChannelMoments
+from bdfast.checkpoint import Checkpoint, check_options as check_checkpoint
 from bdfast.distill import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
 from bdfast.teacher_cache import (CacheSpec, TeacherCache, default_budget, resolve_cache_dtype)
 
@@ -74,6 +75,8 @@ class MedicConfig:
     cache_budget: Optional[int] = None
     cache_dtype: Any = "auto"
     channels_last: Union[str, bool] = "auto"
+    checkpoint: Optional[str] = None
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "eval_every"):
@@ -98,6 +101,7 @@ class MedicConfig:
         check_number(self.cache_budget, "cache_budget", integer=True, allow_none=True)
         resolve_cache_dtype(self.cache_dtype)
         _check_auto_or_bool(self.channels_last, "channels_last")
+        check_checkpoint(self.checkpoint, self.resume)
 
 
 def _check_auto_or_bool(value: Any, name: str) -> None:
@@ -178,11 +182,16 @@ class Medic:
         step = MedicStep(t_model, s_model, names, mu, sigma, cfg, t_clone=t_clone, s_clone=s_clone,
                          cache=cache, memory_format=layout)
         optimizer = torch.optim.Adam(s_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        checkpoint = Checkpoint.for_run(cfg.checkpoint, cfg.resume, defense="medic",
+                                        teacher=t_model, first_batch=x_first,
+                                        options={f.name: getattr(cfg, f.name)
+                                                 for f in fields(cfg)})
         trained = fit(s_model, loader, step, optimizer, epochs=cfg.epochs, device=device,
                       schedule="step" if hasattr(loader, "__len__") else "epoch",
                       amp=cfg.amp, progress=cfg.progress, eval_fn=cfg.eval_fn,
                       eval_every=cfg.eval_every,
-                      augment=RandomCrop.from_spec(cfg.augment, cfg.seed), desc="medic")
+                      augment=RandomCrop.from_spec(cfg.augment, cfg.seed), desc="medic",
+                      checkpoint=checkpoint, replay=step.fill_cache)
         timings.update(trained.timings)
         timings["total"] = sum(timings[k] for k in ("prepare", "statistics", "train", "eval"))
         report = cache.summary() if cache is not None else {"used": False, "reason_off": ""}
@@ -245,6 +254,19 @@ class MedicStep:
                                      tau=cfg.tau, signed=self.signed, backend=cfg.backend)
         return F.cross_entropy(logits_s.float(), y) + cfg.lam * clone
 
+    def fill_cache(self, x: Tensor, y: Optional[Tensor]) -> None:
+        """Store what the first epoch's step stores in the cache for the batch x [B, ...] (and
+        y [B] or None), without the student: a resumed run (``checkpoint=``) rebuilds the
+        cache with it."""
+        if self.cache is None or not self.cache.active:
+            return
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=self.memory_format)
+        given = None if y is None or self.config.labels == "teacher" else y
+        keys = self.cache.keys(x, given)
+        t, g, labels = self.teacher_outputs(x, given)
+        self.cache.store(x, keys, labels, t, g)
+
     def teacher_outputs(self, x: Tensor, y: Optional[Tensor]
                         ) -> Tuple[List[Tensor], List[Tensor], Tensor]:
         """The hooked teacher outputs t, their proxy gradients g (lists of [B, C_l, *spatial])
@@ -272,7 +294,8 @@ def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: 
                 labels: str = "auto", eval_every: int = 1, backend: str = "auto",
                 augment: AugmentSpec = False, cache_teacher: CacheSpec = "auto",
                 cache_budget: Optional[int] = None, cache_dtype: Any = "auto",
-                channels_last: Union[str, bool] = "auto") -> nn.Module:
+                channels_last: Union[str, bool] = "auto", checkpoint: Optional[str] = None,
+                resume: bool = False) -> nn.Module:
     """Remove a backdoor from ``teacher`` by importance-driven cloning (MEDIC, Algorithm 1).
 
     Args:
@@ -323,6 +346,12 @@ def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: 
             convolution and its forward works in that layout (a ``.view`` of a feature map may
             not); True: always (an error if the forward fails); False: never. The same math,
             rounded differently. The returned model is in the usual contiguous layout.
+        checkpoint: a folder: write a checkpoint there after every epoch and, on SIGTERM or
+            SIGINT, after the current step (then raise :class:`bdfast.checkpoint.Interrupted`);
+            the last two are kept (docs/long-runs.md).
+        resume: continue from the newest readable checkpoint in ``checkpoint`` (start afresh
+            if there is none); with the same inputs, on the same device and thread count, the
+            result is bit-identical to an uninterrupted run.
 
     Returns:
         The trained student in eval mode, on the teacher's device. The teacher's forward and
