@@ -8,13 +8,19 @@ op's first use there (:func:`gpu_problem`; a few milliseconds): a kernel that gi
 numbers on that GPU (a driver or compiler problem, an architecture the tests never ran on) then
 sends ``auto`` to the reference with one warning, and :func:`bdfast.backend_info` says why.
 ``BDFAST_SKIP_SELFTEST=1`` turns that check off.
+
+A check runs in its own torch state, whatever its caller's (:func:`_own_state`): gradients on,
+outside inference mode and autocast, with explicit dtypes and devices and its own generators, so a
+caller's ``no_grad``, default dtype, default device or deterministic flags can never make a
+correct kernel fail it (and switch ``auto`` away from that kernel for the rest of the process).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -50,16 +56,21 @@ def rel_err(out: Tensor, ref: Tensor) -> float:
     return float(diff / ref[keep].norm().clamp_min(1e-300))
 
 
+# Every tensor of a check is created with these explicitly (then moved to the device under test),
+# so that the caller's torch.set_default_dtype / set_default_device never reach it.
+F32 = dict(dtype=torch.float32, device="cpu")
+
+
 def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device="cpu").manual_seed(seed)
 
 
 def _medic_layer(shape, dtype, device, seed, channels_last=False):
     """t, s, g, mu, sigma of one layer (as bdfast.medic collects them)."""
     gen = _generator(seed)
-    t = torch.randn(shape, generator=gen) * 1.5 + 0.2
-    s = t + 0.5 * torch.randn(shape, generator=gen)
-    g = 0.05 * torch.randn(shape, generator=gen)
+    t = torch.randn(shape, generator=gen, **F32) * 1.5 + 0.2
+    s = t + 0.5 * torch.randn(shape, generator=gen, **F32)
+    g = 0.05 * torch.randn(shape, generator=gen, **F32)
     dims = [0] + list(range(2, len(shape)))
     mu, sigma = t.mean(dims), t.std(dims) if t[:, 0].numel() > 1 else t.new_ones(shape[1])
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -82,10 +93,11 @@ def _check_medic(device) -> Errors:
         s = [x.detach().requires_grad_() for x in s]
         loss = ops.medic_clone_loss(t, s, g, mu, sigma, tau=5.0, backend="native")
         grads = torch.autograd.grad(loss, s)
-        s64 = [x.detach().double().requires_grad_() for x in s]
-        ref = reference.medic_clone_loss([x.double() for x in t], s64, [x.double() for x in g],
-                                         [m.double() for m in mu], [v.double() for v in sigma],
-                                         tau=5.0)
+        # The float64 reference runs on the CPU, where no deterministic-algorithms flag or
+        # device setting of the caller can change or refuse it.
+        s64 = [x.detach().cpu().double().requires_grad_() for x in s]
+        ref = reference.medic_clone_loss(*([x.cpu().double() for x in part]
+                                           for part in (t, s64, g, mu, sigma)), tau=5.0)
         ref_grads = torch.autograd.grad(ref, s64)
         errors += [(rel_err(loss, ref), tol)]
         errors += [(rel_err(a, b), tol) for a, b in zip(grads, ref_grads)]
@@ -93,7 +105,7 @@ def _check_medic(device) -> Errors:
 
 
 def _activations(n, k, seed, device):
-    x = torch.randn(n, k, generator=_generator(seed)).relu() + 0.1 * torch.arange(k)
+    x = torch.randn(n, k, generator=_generator(seed), **F32).relu() + 0.1 * torch.arange(k, **F32)
     x[:, 1] = 2.0                    # constant: NaN
     x[5, 2] = float("nan")           # non-finite: NaN
     return x.to(device)
@@ -101,7 +113,7 @@ def _activations(n, k, seed, device):
 
 def _check_histogram(device) -> Errors:
     x = _activations(300, 9, 4, device)
-    offsets = torch.tensor([0, 4, 9])
+    offsets = torch.tensor([0, 4, 9], dtype=torch.int64)
     errors = []
     for step in (0.01, 1e-4):  # the second needs several shared-memory passes on a GPU
         out = ops.histogram_entropy(x, offsets, step=step, backend="native")
@@ -116,8 +128,8 @@ def _check_histogram(device) -> Errors:
 
 def _check_gaussian_kl(device) -> Errors:
     gen = _generator(5)
-    mu_q, var_q = torch.randn(7, generator=gen), 0.1 + torch.rand(7, generator=gen)
-    mu_p, var_p = mu_q + torch.randn(7, generator=gen), var_q * 2
+    mu_q, var_q = torch.randn(7, generator=gen, **F32), 0.1 + torch.rand(7, generator=gen, **F32)
+    mu_p, var_p = mu_q + torch.randn(7, generator=gen, **F32), var_q * 2
     var_p[0], var_q[1] = 0.0, -1.0   # floored at eps
     inputs = (mu_p.half(), var_p, mu_q.bfloat16(), var_q.double())
     out = ops.gaussian_kl(*(v.to(device) for v in inputs), backend="native")
@@ -125,10 +137,10 @@ def _check_gaussian_kl(device) -> Errors:
 
 
 def _check_layer_outliers(device) -> Errors:
-    scores = torch.randn(73, generator=_generator(6))
-    scores[[3, 40]] = torch.tensor([-6.0, 7.0])
+    scores = torch.randn(73, generator=_generator(6), **F32)
+    scores[[3, 40]] = torch.tensor([-6.0, 7.0], **F32)
     scores[10] = float("nan")
-    offsets = torch.tensor([0, 1, 30, 30, 73])  # a one-score layer and an empty one
+    offsets = torch.tensor([0, 1, 30, 30, 73], dtype=torch.int64)  # a one-score layer, an empty one
     errors = []
     for direction in ("low", "high"):
         out = ops.layer_outliers(scores.to(device), offsets, u=2.0, direction=direction,
@@ -146,11 +158,28 @@ CHECKS: Dict[str, Callable[[torch.device], Errors]] = {
 }
 
 
+@contextlib.contextmanager
+def _own_state(device: torch.device) -> Iterator[None]:
+    """The torch state a check runs in, whatever the caller's: gradients on (medic's check
+    differentiates), outside inference mode, autocast off on the CPU and on ``device``, and
+    factory calls without a device on the CPU. The default dtype is not touched (it is global,
+    not per thread); every tensor of a check names its dtype instead."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.device("cpu"))
+        for device_type in {"cpu", device.type}:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
 def check_op(op: str, device) -> OpCheck:
-    """Runs ``op``'s compiled kernel on ``device`` against the float64 reference."""
+    """Runs ``op``'s compiled kernel on ``device`` against the float64 reference, in its own
+    torch state (:func:`_own_state`)."""
     device = torch.device(device)
     try:
-        errors = CHECKS[op](device)
+        with _own_state(device):
+            errors = CHECKS[op](device)
     except Exception as error:  # a kernel that raises fails its check, with the reason
         return OpCheck(op, str(device), float("nan"), 0.0, f"{type(error).__name__}: {error}")
     # The case furthest from passing: the largest error beyond its tolerance, else the largest

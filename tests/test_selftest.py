@@ -5,6 +5,7 @@ and the check runs on the emulated CUDA kernels (or the CPU's), with one kernel 
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -134,3 +135,62 @@ def test_skip_selftest(pretend_gpu, monkeypatch):
 def test_no_check_on_the_cpu(monkeypatch):
     monkeypatch.setattr(selftest, "check_op", lambda op, device: pytest.fail("checked"))
     assert _dispatch.use_native("gaussian_kl", "auto", torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextlib.contextmanager
+def _deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+# Each of these made a correct kernel fail its check when the check ran in the caller's state.
+CALLER_STATES = {
+    "no_grad": torch.no_grad,
+    "inference_mode": torch.inference_mode,
+    "float64_default_dtype": lambda: _default_dtype(torch.float64),
+    "float16_default_dtype": lambda: _default_dtype(torch.float16),
+    "autocast_bfloat16": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    "deterministic_algorithms": _deterministic,
+    "meta_default_device": lambda: torch.device("meta"),
+}
+
+
+@pytest.mark.parametrize("state", sorted(CALLER_STATES))
+@pytest.mark.parametrize("op", selftest.CHECKED_OPS)
+def test_a_check_passes_whatever_the_callers_torch_state(op, state):
+    with emulated_cuda.active(), CALLER_STATES[state]():
+        check = selftest.check_op(op, "cpu")
+    assert check.passed, selftest.format_table([check])
+
+
+@pytest.mark.parametrize("state", sorted(CALLER_STATES))
+def test_the_callers_state_never_switches_auto_away_from_a_good_kernel(pretend_gpu, state):
+    ran, _ = pretend_gpu
+    gpu = torch.device("cuda", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with CALLER_STATES[state]():
+            assert all(_dispatch.use_native(op, "auto", gpu) for op in selftest.CHECKED_OPS)
+    assert [op for op, _ in ran] == list(selftest.CHECKED_OPS)
+    assert "selftest" not in bdfast.backend_info()["why"]
+
+
+def test_a_check_leaves_the_callers_state_as_it_was():
+    with torch.no_grad(), _default_dtype(torch.float64):
+        check = selftest.check_op("medic_clone_loss", "cpu")
+        assert not torch.is_grad_enabled() and torch.get_default_dtype() == torch.float64
+    assert check.passed
