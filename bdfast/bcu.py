@@ -6,10 +6,11 @@ it then learns the teacher's temperature-softened predictions on unlabeled image
 
 The story of :func:`bcu_cleanse`:
 
-1. ratios: each conv/linear layer's re-initialisation ratio, from the layers' forward order
-   (:func:`bcu_ratios`);
+1. ratios: each conv/linear/attention layer's re-initialisation ratio, from the layers' forward
+   order (:func:`bcu_ratios`);
 2. student: a deep copy of the teacher, each weight/bias element replaced with probability p
-   by a freshly initialised copy's value (:func:`partial_reinit`); norm layers untouched;
+   by a freshly initialised copy's value (:func:`partial_reinit`); norm layers and other bare
+   parameters (tokens, position embeddings, layer scales) untouched;
 3. train (:mod:`bdfast.distill`): KL(softmax(t/T) || softmax(s/T)) with T rising per epoch,
    SGD with momentum and a per-epoch cosine schedule; labels ignored.
 
@@ -28,7 +29,8 @@ from torch import Tensor, nn
 from bdfast._utils import (check_logits, check_number, eval_mode, iter_batches,
                            model_input_errors, resolve_device, seed_everything)
 from bdfast.augment import AugmentSpec, RandomCrop, resolve_augment
-from bdfast.hooks import CONV, LINEAR, copy_without_hooks
+from bdfast.hooks import CONV, LINEAR, copy_without_hooks, residual_blocks
+from bdfast.reinit import reinit_module
 from bdfast.checkpoint import Checkpoint, check_options as check_checkpoint
 from bdfast.distill import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
 
@@ -38,6 +40,10 @@ __all__ = ["bcu_cleanse", "bcu_ratios", "partial_reinit", "ADAPTIVE_RATIOS"]
 ADAPTIVE_RATIOS = {"first": 0.01, "groups": (0.01, 0.03, 0.09, 0.27), "classifier": 0.10}
 
 RatioSpec = Union[str, Mapping[str, float]]
+
+# The layers BCU re-initialises: convs, linears, and nn.MultiheadAttention, whose input
+# projection is a linear layer's weight held as a parameter of the attention itself.
+LAYERS = CONV + LINEAR + (nn.MultiheadAttention,)
 
 
 def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
@@ -141,27 +147,36 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
 
 
 def bcu_ratios(model: nn.Module, x: Tensor, ratios: RatioSpec = "adaptive") -> Dict[str, float]:
-    """The re-initialisation ratio of every conv and linear layer of ``model``, by name.
+    """The re-initialisation ratio of every conv, linear and ``nn.MultiheadAttention`` layer of
+    ``model`` (:data:`LAYERS`), by name.
 
     ``x`` [B, C, H, W] is an example batch on the model's device; one no-grad, eval-mode forward
-    with hooks gives the order in which the layers first run and the spatial size of their
-    outputs (the model's modes are restored; nothing else changes).
+    with hooks gives the order in which the layers first run and the resolution of their
+    outputs (a conv's spatial dims, the dims between batch and features of a linear's or an
+    attention's output: tokens [B, L, C] or a channels-last map [B, H, W, C]; the model's modes
+    are restored; nothing else changes). A layer whose weights its parent applies itself (the
+    ``out_proj`` of an nn.MultiheadAttention, torchvision Swin's ``qkv`` and ``proj``) takes
+    the place and resolution of the closest enclosing module that runs.
 
     "adaptive" (the paper): the first layer to run gets 0.01 and the last one (the classifier)
     0.10. The layers in between are cut into *stages*, the runs of consecutive layers with the
-    same output resolution (a ResNet's stages: downsampling changes the resolution, and a 1x1
-    shortcut conv has its stage's resolution). Stage s of S goes to depth group
-    ``floor(4 (s + 1/2) / S)`` with ratio 0.01, 0.03, 0.09 or 0.27: four stages get one group
-    each (the CIFAR ResNet-18 mapping of the paper), fewer stages are spread over the groups by
-    their centre (2 stages: 0.03, 0.27; 3 stages: 0.01, 0.09, 0.27), more stages share groups
-    in order. Conv/linear layers that do not run get 0.
+    same output resolution (a ResNet's or a ConvNeXt's stages: downsampling changes the
+    resolution, and a 1x1 shortcut conv has its stage's resolution). Where all of them share
+    one resolution (a ViT), the stages are the residual blocks
+    (:func:`bdfast.hooks.residual_blocks`) the layers belong to instead. Stage s of S goes to
+    depth group ``floor(4 (s + 1/2) / S)`` with ratio 0.01, 0.03, 0.09 or 0.27: four stages get
+    one group each (the CIFAR ResNet-18 mapping of the paper), fewer stages are spread over the
+    groups by their centre (2 stages: 0.03, 0.27; 3 stages: 0.01, 0.09, 0.27), more stages
+    share groups in order (a 12-block ViT: three blocks per group). Layers that take no part in
+    the forward pass get 0.
 
-    "uniform:<p>" gives every conv/linear layer p; a ``{prefix: p}`` mapping gives each layer
-    the p of the longest prefix that names it or one of its parents ("" matches all), else 0.
+    "uniform:<p>" gives every layer p; a ``{prefix: p}`` mapping gives each layer the p of the
+    longest prefix that names it or one of its parents ("" matches all), else 0.
     """
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, CONV + LINEAR)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LAYERS)}
     if not layers:
-        raise ValueError("the model has no Conv or Linear layer to re-initialise")
+        raise ValueError("the model has no Conv, Linear or MultiheadAttention layer to "
+                         "re-initialise")
     if isinstance(ratios, str) and ratios.startswith("uniform:"):
         p = _ratio(ratios[len("uniform:"):], "ratios='uniform:<p>'")
         return {name: p for name in layers}
@@ -175,12 +190,19 @@ def bcu_ratios(model: nn.Module, x: Tensor, ratios: RatioSpec = "adaptive") -> D
     result = {name: 0.0 for name in layers}
     result[order[0][0]] = ADAPTIVE_RATIOS["first"]
     result[order[-1][0]] = ADAPTIVE_RATIOS["classifier"]
+    middle = order[1:-1]
+    keys: List[Any] = [resolution for _, resolution in middle]
+    if len(set(keys)) == 1:
+        # One resolution throughout (a ViT): depth is the residual block a layer belongs to.
+        blocks = residual_blocks(model)
+        keys = [min((b for b in blocks if _under(name, b)), key=len, default=name)
+                for name, _ in middle]
     stages: List[List[str]] = []
     previous = None
-    for name, resolution in order[1:-1]:
-        if resolution != previous:
+    for (name, _), key in zip(middle, keys):
+        if key != previous:
             stages.append([])
-            previous = resolution
+            previous = key
         stages[-1].append(name)
     groups = ADAPTIVE_RATIOS["groups"]
     for s, stage in enumerate(stages):
@@ -190,14 +212,14 @@ def bcu_ratios(model: nn.Module, x: Tensor, ratios: RatioSpec = "adaptive") -> D
 
 
 def _kaiming_fan_out(module: nn.Module) -> None:
-    module.reset_parameters()
+    reinit_module(module)
     if isinstance(module, CONV):
         nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
 
 # How a fresh copy of a layer draws the replacement values (``init=`` of bcu_cleanse).
 INITS: Dict[str, Callable[[nn.Module], None]] = {
-    "reset": lambda module: module.reset_parameters(),
+    "reset": reinit_module,
     "kaiming": _kaiming_fan_out,
 }
 
@@ -207,7 +229,10 @@ def partial_reinit(model: nn.Module, ratios: Mapping[str, float],
                    init: str = "reset") -> Dict[str, float]:
     """Replace each weight/bias element of the named layers, with probability ``ratios[name]``,
     by the value of a freshly initialised copy of the layer (eq. 3; no rescaling). In place.
-    ``init`` names how the copy is initialised (see :data:`INITS`).
+    ``init`` names how the copy is initialised (see :data:`INITS`; both start from
+    :func:`bdfast.reinit.reinit_module`: ``reset_parameters()``, or PyTorch's own
+    initialisation of an nn.MultiheadAttention's input projection). Only the layer's own
+    parameters change.
 
     Masks and fresh values come from torch's global CPU RNG (seed it for reproducibility), so
     that a seed gives the same student on any device. Returns the share of
@@ -234,28 +259,52 @@ def partial_reinit(model: nn.Module, ratios: Mapping[str, float],
 
 
 def _forward_order(model: nn.Module, layers: Mapping[str, nn.Module],
-                   x: Tensor) -> List[Tuple[str, Tuple[Any, ...]]]:
-    """``(name, output resolution)`` of the layers in the order they first run on ``x``."""
-    order: Dict[str, Tuple[Any, ...]] = {}
+                   x: Tensor) -> List[Tuple[str, Tuple[int, ...]]]:
+    """``(name, output resolution)`` of the layers in the order they first run on ``x``; a
+    layer that does not run itself takes the place and resolution of its closest enclosing
+    module that does (whose forward applies its weights), and is left out if none does."""
+    finished: Dict[str, Tuple[int, Tuple[int, ...]]] = {}  # name -> (rank, resolution)
 
     def hook(name: str):
         def record(module, inputs, output):
-            if name not in order and isinstance(output, Tensor):
-                # Conv: the spatial dims; Linear: any dims between batch and features.
-                spatial = output.shape[2:] if isinstance(module, CONV) else output.shape[1:-1]
-                order[name] = (isinstance(module, LINEAR),) + tuple(spatial)
+            if isinstance(output, (tuple, list)) and output:
+                output = output[0]  # nn.MultiheadAttention: (attention output, weights)
+            if name not in finished and isinstance(output, Tensor):
+                finished[name] = (len(finished), _resolution(module, output))
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()]
     try:
         with torch.no_grad(), eval_mode(model):
             model(x)
     finally:
         for handle in handles:
             handle.remove()
-    if not order:
-        raise ValueError("no Conv or Linear layer ran in the model's forward pass")
-    return list(order.items())
+    placed = []
+    for index, name in enumerate(layers):
+        runs = next((finished[a] for a in _enclosing(name) if a in finished), None)
+        if runs is not None:
+            placed.append((runs[0], index, name, runs[1]))
+    if not placed:
+        raise ValueError("no Conv, Linear or MultiheadAttention layer ran in the model's "
+                         "forward pass")
+    return [(name, resolution) for _, _, name, resolution in sorted(placed)]
+
+
+def _enclosing(name: str) -> List[str]:
+    """``name`` and the names of the modules around it, innermost first, the model itself left
+    out (its forward runs whatever happens)."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _resolution(module: nn.Module, output: Tensor) -> Tuple[int, ...]:
+    """The dims of ``output`` that are neither batch nor features."""
+    if isinstance(module, CONV):
+        return tuple(output.shape[2:])
+    if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+        return tuple(output.shape[:-2])  # [L, B, E]
+    return tuple(output.shape[1:-1])
 
 
 def _prefix_ratios(layers: Mapping[str, nn.Module],
@@ -265,7 +314,8 @@ def _prefix_ratios(layers: Mapping[str, nn.Module],
         if not isinstance(prefix, str):
             raise TypeError(f"ratios keys must be module-name prefixes (str), got {prefix!r}")
         if not any(_under(name, prefix) for name in layers):
-            raise ValueError(f"ratios prefix {prefix!r} names no Conv or Linear layer of the model")
+            raise ValueError(f"ratios prefix {prefix!r} names no Conv, Linear or "
+                             "MultiheadAttention layer of the model")
         checked[prefix] = _ratio(p, f"ratios[{prefix!r}]")
     result = {}
     for name in layers:

@@ -38,6 +38,7 @@ from bdfast._utils import (check_logits, check_number, distributed, eval_mode, i
                            model_input_errors, resolve_device, seed_everything)
 from bdfast.hooks import (ACTIVATION, BATCHNORM, NORM, LayerSpec, Tap, copy_without_hooks,
                           disable_inplace, find_inplace_overwrites, select_layers, warn_inplace)
+from bdfast.reinit import reinit_model
 from bdfast.stats import ChannelMoments
 from bdfast.checkpoint import Checkpoint, check_options as check_checkpoint
 from bdfast.distill import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
@@ -321,7 +322,8 @@ def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: 
         eval_fn: ``eval_fn(model, epoch)`` every ``eval_every`` epochs (see :class:`Medic` for
             the history it fills).
         student: a freshly initialised model to train instead of the re-initialised copy
-            (needed when a module has parameters but no ``reset_parameters``).
+            (needed when a parameter has neither its module's ``reset_parameters()`` nor a
+            rule of :mod:`bdfast.reinit`; docs/medic.md, "A fresh student for any net").
         labels: "auto" (the loader's labels, else the teacher's argmax), "given" (labels are
             required) or "teacher" (always the teacher's argmax).
         backend: the ``medic_clone_loss`` backend ("auto", "native", "reference").
@@ -438,17 +440,7 @@ def _student(source: nn.Module, names: Sequence[str], *, fresh: bool) -> nn.Modu
     else the user's ``student=`` as given. In-place activation modules are switched off."""
     model = copy_without_hooks(source)
     if fresh:
-        for name, module in model.named_modules():
-            if any(True for _ in module.parameters(recurse=False)):
-                if not callable(getattr(module, "reset_parameters", None)):
-                    what = f"module {name!r}" if name else "the model itself"
-                    raise TypeError(f"{what} ({type(module).__name__}) has parameters but no "
-                                    "reset_parameters(), so MEDIC cannot re-initialise it; pass a "
-                                    "freshly initialised model of the same architecture as "
-                                    "student=")
-                module.reset_parameters()  # BatchNorm's also resets its running statistics
-            elif callable(getattr(module, "reset_running_stats", None)):
-                module.reset_running_stats()  # norm layers without affine parameters
+        reinit_model(model)  # reset_parameters(), else bdfast.reinit's rules (docs/medic.md)
     else:
         missing = [n for n in names if n not in dict(model.named_modules())]
         if missing:

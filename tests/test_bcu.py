@@ -67,7 +67,7 @@ def test_uniform_and_prefix_ratios_and_their_errors():
         bcu_ratios(model, x, "deep")
     with pytest.raises(ValueError, match=r"ratios='uniform:<p>' must be a number in \[0, 1\]"):
         bcu_ratios(model, x, "uniform:1.5")
-    with pytest.raises(ValueError, match="prefix 'feature' names no Conv or Linear"):
+    with pytest.raises(ValueError, match="prefix 'feature' names no Conv, Linear or Multi"):
         bcu_ratios(model, x, {"feature": 0.1})
 
 
