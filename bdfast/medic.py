@@ -24,6 +24,7 @@ See docs/medic.md for the equations, defaults and deviations from the released c
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
@@ -467,6 +468,25 @@ def _teacher_cache(cfg: MedicConfig, loader: Iterable,
                         rescale=cfg.reference_compat)
 
 
+# Fewer input channels per group than this make the 1x1 strided case below crash.
+_NARROW_CHANNELS = 8
+
+
+def channels_last_crash_layers(model: nn.Module) -> List[str]:
+    """Names of the convolutions whose channels-last CPU backward torch gets wrong.
+
+    torch 2.14.1 (oneDNN's AVX2 kernels; not with ``ONEDNN_MAX_CPU_ISA=AVX``) corrupts memory
+    in the channels-last backward of a 1x1 convolution with a stride above 1 and 2 to 7 input
+    channels per group: ``double free or corruption``, ``free(): invalid next size`` or a
+    segfault within 200 backward passes, and a hang at 2 threads (docs/medic.md). The rule
+    takes every such layer (1 input channel too, and on every CPU, since AVX-512 could not be
+    checked), so that ``channels_last="auto"`` keeps the contiguous layout on it.
+    """
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+            and m.in_channels // m.groups < _NARROW_CHANNELS]
+
+
 def _memory_format(spec: Union[str, bool], t_model: nn.Module, s_model: nn.Module,
                    x: Tensor) -> torch.memory_format:
     """The layout to train in, with both models converted to it (see ``channels_last``).
@@ -478,6 +498,15 @@ def _memory_format(spec: Union[str, bool], t_model: nn.Module, s_model: nn.Modul
     has_conv = any(isinstance(m, nn.Conv2d) for m in s_model.modules())
     if spec is False or (spec == "auto" and (x.device.type != "cpu" or not has_conv)):
         return torch.contiguous_format
+    crashing = channels_last_crash_layers(s_model) if x.device.type == "cpu" else []
+    if crashing:
+        if spec == "auto":
+            return torch.contiguous_format
+        warnings.warn(f"channels_last=True on a net with a 1x1 strided convolution of fewer than "
+                      f"{_NARROW_CHANNELS} input channels per group ({crashing[0]!r}): torch's "
+                      "CPU backward of that layer in channels-last has corrupted memory and "
+                      "crashed the process (docs/medic.md); channels_last='auto' avoids it",
+                      RuntimeWarning, stacklevel=4)
     if x.dim() != 4:
         if spec is True:
             raise ValueError("channels_last=True needs 4-D image batches, got shape "

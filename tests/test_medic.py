@@ -233,6 +233,60 @@ def test_channels_last_auto_falls_back_for_a_model_that_cannot_run_it(small):
         Medic(**FAST, channels_last="yes")
 
 
+class NarrowStridedShortcut(nn.Module):
+    """The smallest net with the layer whose channels-last CPU backward torch 2.14.1 gets wrong
+    (memory corruption with oneDNN's AVX2 kernels): a 1x1, stride-2 convolution from 4 to 8
+    channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.shortcut = nn.Conv2d(4, 8, 1, stride=2)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.shortcut(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_channels_last_auto_avoids_the_torch_crash_on_narrow_strided_1x1_convs(small):
+    from bdfast.medic import _memory_format, channels_last_crash_layers
+    _, x, y = small
+    net = NarrowStridedShortcut()
+    assert channels_last_crash_layers(net) == ["shortcut"]
+    wider = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Conv2d(8, 16, 1, stride=2),
+                          nn.Conv2d(16, 16, 1, stride=2, groups=4), nn.Conv2d(16, 4, 1))
+    assert channels_last_crash_layers(wider) == ["2"]  # 4 input channels per group
+    run = Medic(**FAST).fit(net, [(x, y)])
+    assert not run.channels_last
+    with pytest.warns(RuntimeWarning, match="channels_last=True.*'shortcut'.*crashed"):
+        assert _memory_format(True, copy.deepcopy(net), copy.deepcopy(net),
+                              x) == torch.channels_last
+
+
+CRASH_RUN = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_medic import NarrowStridedShortcut
+from bdfast.medic import Medic
+torch.set_num_threads(1)
+torch.manual_seed(0)
+x = torch.rand(160, 1, 16, 16)
+loader = [(x[i:i + 16], torch.randint(0, 10, (16,))) for i in range(0, 160, 16)]
+run = Medic(epochs=20, progress=False, seed=0, amp=False).fit(NarrowStridedShortcut(), loader)
+print("ok", run.channels_last)
+"""
+
+
+def test_medic_defaults_survive_the_smallest_crashing_layer():
+    """200 training steps with defaults on the reproducer, in a subprocess: channels-last there
+    ended in 'double free or corruption' (or a segfault) on this repository's AVX2 CPU."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(bdfast.__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    done = subprocess.run([sys.executable, "-c", CRASH_RUN, os.path.dirname(__file__)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["ok", "False"], done.stderr[-2000:]
+
+
 class CountsPasses:
     """A re-iterable loader that counts how often an iteration starts."""
 
