@@ -4,6 +4,8 @@ execution model where bdfast's kernels rely on it, checked with small probe kern
 from __future__ import annotations
 
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -73,6 +75,26 @@ def test_shared_memory_is_per_block():
     assert probe.probe_dynamic_shared(12).tolist() == [1] * 12
 
 
+def test_the_emulated_sources_declare_no_thread_local_of_their_own():
+    # The runtime takes every thread-local object of the library outside its own namespace for
+    # a __shared__ variable and refills it at every block (runtime.cpp), so a thread_local
+    # anywhere else in what the library is built from would be overwritten.
+    root = pathlib.Path(__file__).resolve().parent.parent
+    sources = [path for d in ("csrc", "csrc/cuda", "tests/cuda_emu")
+               for path in (root / d).iterdir()
+               if path.suffix in (".cu", ".cuh", ".cpp", ".h") and path.stem != "runtime"]
+    declaring = [path for path in sources if re.search(r"\bthread_local\b", path.read_text())]
+    assert len(sources) > 10 and declaring == []
+
+
+def test_static_shared_memory_is_refilled_at_every_block():
+    # Each block reads a __shared__ float before writing its index there. On a GPU it would find
+    # what an earlier block on the SM left; here 24 blocks share 3 workers, so without the fill
+    # most would read an earlier block's index instead of 0xff bytes.
+    out = probe.probe_stale_shared(24)
+    assert out.view(torch.int32).tolist() == [-1] * 24
+
+
 def test_several_blocks_run_at_once():
     # The "last block to arrive merges" paths need concurrent arrivals.
     assert probe.probe_concurrency(6) >= 2
@@ -88,12 +110,31 @@ def test_bad_launch_configurations_fail_as_on_a_gpu(blocks, threads, shared, err
     assert probe.probe_launch_error(blocks, threads, shared) == error
 
 
-def test_a_deadlock_stops_the_process_with_a_message():
-    code = ("import emulated_cuda, torch; emulated_cuda.load(); "
-            "torch.ops.bdfast_emu.probe_deadlock()")
+def run_probe_in_subprocess(call: str) -> subprocess.CompletedProcess:
+    """Runs ``torch.ops.bdfast_emu.<call>`` in a new process, which a device fault ends."""
+    code = f"import emulated_cuda, torch; emulated_cuda.load(); torch.ops.bdfast_emu.{call}"
     env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_deadlock_stops_the_process_with_a_message():
+    run = run_probe_in_subprocess("probe_deadlock()")
     assert run.returncode != 0
     assert "bdfast CUDA emulation: deadlock in block 0" in run.stderr
     assert "thread 0: __syncthreads" in run.stderr and "a warp shuffle" in run.stderr
+
+
+def test_threads_at_different_barriers_stop_the_process_with_a_message():
+    # Half the block waits at one __syncthreads and half at another: a GPU would let both go on.
+    run = run_probe_in_subprocess("probe_divergent_barrier(128)")
+    assert run.returncode != 0
+    assert "bdfast CUDA emulation: divergent __syncthreads in block 0" in run.stderr
+    sites = re.findall(r"probes\.cpp:(\d+):\d+", run.stderr)
+    assert len(sites) == 2 and sites[0] != sites[1], run.stderr
+
+
+@pytest.mark.parametrize("split", [0, 256])
+def test_threads_at_one_barrier_go_on(split):
+    # The same kernel with every thread in one branch.
+    assert probe.probe_divergent_barrier(split).tolist() == [1 if split else 2] * 256

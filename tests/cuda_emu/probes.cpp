@@ -63,6 +63,28 @@ __global__ void static_shared_kernel(int* out) {
   if (threadIdx.x == 0) out[blockIdx.x] = owner;
 }
 
+// Reads static shared memory before this block wrote it: thread 0 of every block stores its
+// index in `carried` after reading it, so a stale read would find an earlier block's index
+// where the emulation's fill (0xff bytes, a NaN) must be. out[block] = what it read.
+__global__ void stale_shared_kernel(float* out) {
+  __shared__ float carried;
+  if (threadIdx.x != 0) return;
+  out[blockIdx.x] = carried;
+  carried = static_cast<float>(blockIdx.x);
+}
+
+// Threads below `split` wait at one __syncthreads, the others at another: a divergent barrier
+// unless split is 0 or the block size. out[thread] = the branch it took (1 or 2).
+__global__ void divergent_barrier_kernel(int split, int* out) {
+  if (static_cast<int>(threadIdx.x) < split) {
+    __syncthreads();
+    out[threadIdx.x] = 1;
+  } else {
+    __syncthreads();
+    out[threadIdx.x] = 2;
+  }
+}
+
 // Dynamic shared memory: fresh per block and filled with 0xff bytes (read as -1) until written.
 __global__ void dynamic_shared_kernel(int* out) {
   BDFAST_DYNAMIC_SHARED(int, scratch);
@@ -137,6 +159,20 @@ at::Tensor dynamic_shared(int64_t blocks) {
   return out;
 }
 
+at::Tensor stale_shared(int64_t blocks) {
+  auto out = at::zeros({blocks}, at::kFloat);
+  BDFAST_LAUNCH(stale_shared_kernel, static_cast<unsigned>(blocks), 32, 0, nullptr)(
+      out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor divergent_barrier(int64_t split) {
+  auto out = ints(kThreads);
+  BDFAST_LAUNCH(divergent_barrier_kernel, 1, kThreads, 0, nullptr)(static_cast<int>(split),
+                                                                   out.data_ptr<int>());
+  return out;
+}
+
 int64_t concurrency(int64_t blocks) {
   unsigned inside = 0, most = 0;
   BDFAST_LAUNCH(concurrency_kernel, static_cast<unsigned>(blocks), 32, 0, nullptr)(&inside, &most);
@@ -167,6 +203,8 @@ TORCH_LIBRARY_FRAGMENT(bdfast_emu, m) {
   m.def("probe_syncthreads_and(int odd_one) -> Tensor", &syncthreads_and);
   m.def("probe_static_shared(int blocks) -> Tensor", &static_shared);
   m.def("probe_dynamic_shared(int blocks) -> Tensor", &dynamic_shared);
+  m.def("probe_stale_shared(int blocks) -> Tensor", &stale_shared);
+  m.def("probe_divergent_barrier(int split) -> Tensor", &divergent_barrier);
   m.def("probe_concurrency(int blocks) -> int", &concurrency);
   m.def("probe_launch_error(int blocks, int threads, int shared_bytes) -> int", &launch_error);
   m.def("probe_deadlock() -> ()", &deadlock);

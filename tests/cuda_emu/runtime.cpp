@@ -9,8 +9,13 @@
 // AddressSanitizer (__SANITIZE_ADDRESS__) the fibers' stack switches are announced to ASan.
 #include "runtime.h"
 
+#include <dlfcn.h>
+#include <elf.h>
+#include <fcntl.h>
+#include <link.h>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <ucontext.h>
 
@@ -195,6 +200,105 @@ struct Stack {
   Stack& operator=(const Stack&) = delete;
 };
 
+// ---- Static shared memory ----------------------------------------------------------------------
+// `__shared__` declares a thread_local object of this library, and a worker runs one block at a
+// time, so a block's static shared memory is the worker's instance of those objects. The
+// runtime finds them in the library's own symbol table (it is linked unstripped) and fills them
+// with 0xff bytes before every block. The runtime's own thread_locals are in namespace
+// bdfast_emu; every other thread-local object of the library is a __shared__ one (the kernels,
+// their host code and the probes declare no other thread_local: tests/test_cuda_emu.py checks).
+struct SharedVariable {
+  size_t offset, size;  // within the library's TLS segment
+};
+
+constexpr unsigned char kSharedPoison = 0xff;
+
+// The path and load address of the object that holds this function: this library.
+Dl_info this_library() {
+  Dl_info info{};
+  if (!dladdr(reinterpret_cast<const void*>(&this_library), &info) || !info.dli_fname)
+    fail("cannot find the emulation library's own file");
+  return info;
+}
+
+bool is_runtime_symbol(const char* mangled) {
+  for (const char* prefix : {"_ZN10bdfast_emu", "_ZZN10bdfast_emu", "_ZGVZN10bdfast_emu"})
+    if (std::strncmp(mangled, prefix, std::strlen(prefix)) == 0) return true;
+  return false;
+}
+
+// Reads the library's .symtab from its file: the thread-local objects that are not the runtime's.
+std::vector<SharedVariable> find_static_shared() {
+  const Dl_info library = this_library();
+  const std::string path = library.dli_fname;
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  struct stat file_stat {};
+  if (fd < 0 || fstat(fd, &file_stat) != 0)
+    fail("cannot read " + path + " to find its __shared__ variables");
+  const size_t bytes = static_cast<size_t>(file_stat.st_size);
+  void* mapped = mmap(nullptr, bytes, PROT_READ, MAP_PRIVATE, fd, 0);
+  close(fd);
+  if (mapped == MAP_FAILED) fail("cannot map " + path);
+  const auto* image = static_cast<const char*>(mapped);
+  const auto* header = reinterpret_cast<const ElfW(Ehdr)*>(image);
+  const auto* sections = reinterpret_cast<const ElfW(Shdr)*>(image + header->e_shoff);
+  std::vector<SharedVariable> found;
+  bool has_symtab = false;
+  for (unsigned i = 0; i < header->e_shnum; ++i) {
+    if (sections[i].sh_type != SHT_SYMTAB) continue;
+    has_symtab = true;
+    const char* names = image + sections[sections[i].sh_link].sh_offset;
+    const auto* symbols = reinterpret_cast<const ElfW(Sym)*>(image + sections[i].sh_offset);
+    for (size_t k = 0; k < sections[i].sh_size / sizeof(ElfW(Sym)); ++k) {
+      const ElfW(Sym)& sym = symbols[k];
+      const char* name = names + sym.st_name;
+      if (ELF64_ST_TYPE(sym.st_info) != STT_TLS || sym.st_shndx == SHN_UNDEF ||
+          is_runtime_symbol(name))
+        continue;
+      // A static or function-local variable is a local symbol; anything else (an inline
+      // function's static in a header) could be shared with other libraries.
+      if (ELF64_ST_BIND(sym.st_info) != STB_LOCAL)
+        fail("the thread_local " + std::string(name) + " in " + path + " has external " +
+             "linkage, so it cannot be told from a __shared__ variable and refilled per block");
+      found.push_back({sym.st_value, sym.st_size});
+    }
+  }
+  munmap(mapped, bytes);
+  if (!has_symtab)
+    fail(path + " has no symbol table (stripped?), so its __shared__ variables cannot be found");
+  return found;
+}
+
+const std::vector<SharedVariable>& static_shared_variables() {
+  static const std::vector<SharedVariable> variables = find_static_shared();
+  return variables;
+}
+
+// The calling thread's instance of the library's TLS segment (allocated by then: the caller has
+// used a thread_local of the library).
+char* thread_tls_block() {
+  struct Query {
+    const void* library_base;
+    char* block = nullptr;
+  } query{this_library().dli_fbase};
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* data) {
+        auto* q = static_cast<Query*>(data);
+        for (int i = 0; i < info->dlpi_phnum; ++i) {
+          const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+          if (ph.p_type == PT_LOAD && ph.p_offset == 0 &&
+              reinterpret_cast<const void*>(info->dlpi_addr + ph.p_vaddr) == q->library_base) {
+            q->block = static_cast<char*>(info->dlpi_tls_data);
+            return 1;
+          }
+        }
+        return 0;
+      },
+      &query);
+  if (!query.block) fail("cannot find this thread's instance of the emulation's thread_locals");
+  return query.block;
+}
+
 enum class State : uint8_t { kRunnable, kAtBarrier, kAtWarp, kExited };
 
 struct Block;
@@ -207,7 +311,8 @@ struct Fiber {
   Block* block = nullptr;
   int linear = 0, lane = 0, warp = 0;  // thread index in the block, lane, warp
   State state = State::kRunnable;
-  // Block barrier: the predicate brought and the block-wide AND handed back.
+  // Block barrier: the call site, the predicate brought and the block-wide AND handed back.
+  std::source_location barrier_site;
   int predicate = 0, barrier_result = 0;
   // Warp exchange: mask, value and source lane brought, value handed back.
   unsigned warp_mask = 0;
@@ -225,6 +330,7 @@ struct WorkerFibers {
   // next block. (So TSan checks global memory only between blocks that ran on different
   // workers.)
   char handoff = 0;
+  char* tls_block = nullptr;  // this worker's static shared memory lies in it
   std::vector<std::unique_ptr<Stack>> stacks;
   std::vector<Fiber> fibers;
 #if defined(BDFAST_EMU_TSAN)
@@ -251,6 +357,7 @@ struct Block {
   std::vector<Fiber*> runnable;
   std::vector<WarpState> warps;
   int live = 0, at_barrier = 0;
+  const Fiber* first_at_barrier = nullptr;  // of the barrier being gathered
   unsigned barrier_generation = 0;
   char barrier_tokens[2] = {};
   std::vector<unsigned char> dynamic_shared;
@@ -303,17 +410,29 @@ void switch_to(Context& from, Fiber* to, bool exiting) {
 #endif
 }
 
+std::string describe_site(const std::source_location& site) {
+  return std::string(site.file_name()) + ":" + std::to_string(site.line()) + ":" +
+         std::to_string(site.column());
+}
+
 std::string describe_states(const Block& block) {
   std::string out;
   for (const Fiber* f : block.fibers) {
-    const char* what = f->state == State::kAtBarrier ? "__syncthreads"
-                       : f->state == State::kAtWarp  ? "a warp shuffle"
-                       : f->state == State::kExited  ? nullptr
-                                                     : "runnable";
-    if (what) out += " thread " + std::to_string(f->coordinates.thread_idx.x) + ": " + what + ";";
+    const std::string what = f->state == State::kAtBarrier
+                                 ? "__syncthreads at " + describe_site(f->barrier_site)
+                             : f->state == State::kAtWarp ? "a warp shuffle"
+                             : f->state == State::kExited ? ""
+                                                          : "runnable";
+    if (!what.empty())
+      out += " thread " + std::to_string(f->coordinates.thread_idx.x) + ": " + what + ";";
     if (out.size() > 400) return out + " ...";
   }
   return out;
+}
+
+bool same_site(const std::source_location& a, const std::source_location& b) {
+  return a.line() == b.line() && a.column() == b.column() &&
+         std::strcmp(a.file_name(), b.file_name()) == 0;
 }
 
 // Removes and returns the runnable fiber to run next (see Block::by_priority).
@@ -365,6 +484,7 @@ void complete_barrier_if_ready(Block& block) {
     make_runnable(block, f);
   }
   block.at_barrier = 0;
+  block.first_at_barrier = nullptr;
   ++block.barrier_generation;
 }
 
@@ -459,7 +579,10 @@ void run_block(const std::function<void()>& body, dim3 grid, dim3 dim, size_t sm
   block.launch_token = launch_token;
   block.worker_token = &pool.handoff;
   block.warps.resize((threads + kWarpSize - 1) / kWarpSize);
-  block.dynamic_shared.assign(smem, 0xff);
+  block.dynamic_shared.assign(smem, kSharedPoison);
+  if (!pool.tls_block) pool.tls_block = thread_tls_block();
+  for (const SharedVariable& v : static_shared_variables())
+    std::memset(pool.tls_block + v.offset, kSharedPoison, v.size);
 #if defined(BDFAST_EMU_TSAN)
   block.worker_tsan_fiber = __tsan_get_current_fiber();
 #endif
@@ -621,13 +744,23 @@ void* dynamic_shared_memory() {
 
 int lane_id() { return current_fiber->lane; }
 
-int block_barrier(int pred) {
+int block_barrier(int pred, const std::source_location& where) {
   Fiber* self = current_fiber;
   if (!self) fail("__syncthreads outside a kernel");
   Block& block = *current_block;
+  // A GPU counts arrivals at the block's barrier whichever __syncthreads they come from, so
+  // threads split across two of them pass each other's and go on out of step (undefined
+  // behaviour that compute-sanitizer's synccheck reports as divergent threads).
+  if (const Fiber* first = block.first_at_barrier; first && !same_site(first->barrier_site, where))
+    fail("divergent __syncthreads in block " + std::to_string(self->coordinates.block_idx.x) +
+         ": thread " + std::to_string(first->coordinates.thread_idx.x) + " waits at " +
+         describe_site(first->barrier_site) + ", thread " +
+         std::to_string(self->coordinates.thread_idx.x) + " at " + describe_site(where));
   const unsigned generation = block.barrier_generation;
   tsan_release(block.barrier_tokens + (generation & 1));
   self->state = State::kAtBarrier;
+  self->barrier_site = where;
+  if (!block.first_at_barrier) block.first_at_barrier = self;
   self->predicate = pred != 0;
   ++block.at_barrier;
   complete_barrier_if_ready(block);

@@ -11,16 +11,20 @@
 //    random priority, which lets some warps race ahead of the others as far as the barriers
 //    allow (the schedules are seeded per launch).
 //  - __shared__ variables are per block: `static thread_local`, because a worker runs one block
-//    at a time and fibers never move between workers. Dynamic shared memory is a fresh buffer
-//    per block, filled with 0xff bytes so that reading it before writing shows.
+//    at a time and fibers never move between workers. At the start of every block they are
+//    filled with 0xff bytes (NaN as a float or double, -1 as an integer), as is dynamic shared
+//    memory, a fresh buffer per block: reading shared memory before this block wrote it shows,
+//    where a GPU would hand over whatever the SM's last block left there.
 //  - Warps have 32 lanes. __shfl_sync and __shfl_xor_sync wait for the lanes of their mask
-//    only; __syncthreads waits for the threads of the block that have not returned.
+//    only; __syncthreads waits for the threads of the block that have not returned, and all of
+//    them must wait at the same __syncthreads (file, line and column of the call).
 //  - Atomics and __threadfence are real atomic operations: other blocks run at the same time.
 //
-// Undefined behaviour that the emulation can see (a barrier that can never complete, a shuffle
-// with a lane that has returned or with masks that disagree, a bad launch configuration) stops
-// the process with a message, as a device fault ends a CUDA context. runtime.cpp has the rest;
-// csrc/README.md says what this verifies and what only a GPU can.
+// Undefined behaviour that the emulation can see (a barrier that can never complete, threads of
+// a block at different barriers, a shuffle with a lane that has returned or with masks that
+// disagree, a bad launch configuration) stops the process with a message, as a device fault
+// ends a CUDA context. runtime.cpp has the rest; csrc/README.md says what this verifies and what
+// only a GPU can.
 #pragma once
 
 #include <math.h>  // the C math functions (expf, exp2f, ...) in the global namespace, as CUDA has
@@ -31,6 +35,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <source_location>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -91,8 +96,9 @@ void configure(int workers, uint64_t seed);
 // The calling block's dynamic shared memory.
 void* dynamic_shared_memory();
 
-// Block barrier: returns whether pred was non-zero on every live thread of the block.
-int block_barrier(int pred);
+// Block barrier at call site `where`: returns whether pred was non-zero on every live thread of
+// the block. Threads waiting at different call sites stop the process (a divergent barrier).
+int block_barrier(int pred, const std::source_location& where);
 // Warp exchange: every lane of mask (which must hold the caller) deposits value and receives
 // the value of lane src_lane (or its own, where src_lane is -1).
 uint64_t warp_exchange(unsigned mask, uint64_t value, int src_lane);
@@ -135,9 +141,18 @@ Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_
 #define gridDim (::bdfast_emu::current_coordinates->grid_dim)
 
 // ---- Synchronisation ---------------------------------------------------------------------------
-inline void __syncthreads() { ::bdfast_emu::block_barrier(1); }
-inline int __syncthreads_and(int pred) { return ::bdfast_emu::block_barrier(pred); }
-inline int __syncthreads_or(int pred) { return !::bdfast_emu::block_barrier(!pred); }
+// The default argument records the caller's call site, which every thread of the block must share.
+inline void __syncthreads(std::source_location where = std::source_location::current()) {
+  ::bdfast_emu::block_barrier(1, where);
+}
+inline int __syncthreads_and(int pred,
+                             std::source_location where = std::source_location::current()) {
+  return ::bdfast_emu::block_barrier(pred, where);
+}
+inline int __syncthreads_or(int pred,
+                            std::source_location where = std::source_location::current()) {
+  return !::bdfast_emu::block_barrier(!pred, where);
+}
 
 // Orders this thread's memory accesses for every other thread of the device. TSan does not
 // model fences; under it the acquire-release atomics below carry the ordering it checks.
