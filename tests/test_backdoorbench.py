@@ -73,11 +73,10 @@ def _poisoned_state(images, labels, indicator, index, folder_name, bb_root):
             "poison_indicator": indicator, "save_folder_path": save_folder}
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    """A BackdoorBench folder: data/cifar10 (fake) and record/<NAME> of an all-to-one attack on
-    a narrow preactresnet18 in their layout, saved as nn.DataParallel saves (module.<key>)."""
-    bb_root = tmp_path_factory.mktemp("BackdoorBench")
+def build_bench(bb_root):
+    """A BackdoorBench folder at ``bb_root``: data/cifar10 (fake) and record/<NAME> of an
+    all-to-one attack on a narrow preactresnet18 in their layout, saved as nn.DataParallel
+    saves (module.<key>)."""
     data_root = bb_root / "data" / "cifar10"
     (x_train, y_train), (x_test, y_test) = _fake_cifar10(data_root)
     record = bb_root / "record" / NAME
@@ -101,6 +100,11 @@ def bench(tmp_path_factory):
     return {"root": bb_root, "data": data_root, "record": record, "content": content,
             "network": network, "train": (x_train, y_train, train_indicator),
             "test": (x_test, y_test, test_indicator)}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    return build_bench(tmp_path_factory.mktemp("BackdoorBench"))
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +247,8 @@ BAD_RECORDS = [
      {"model": _drop(preact_resnet18(10, width=WIDTH).state_dict(), "linear.bias")}, ValueError,
      "does not fit BackdoorBench's preactresnet18 with 10 classes: Missing key(s)"),
     ("bad img_size", {"img_size": "32x32"}, ValueError,
-     "must be (height, width, channels), got '32x32'"),
+     "must be (height, width, channels) with 1 or 3 channels and at most 16777216 pixels, "
+     "got '32x32'"),
     ("not a poisoned data set state", {"bd_test": {"poison_indicator": []}}, ValueError,
      "the bd_test of"),
 ]

@@ -8,9 +8,20 @@ of the poisoned images are. This module reads that format as ``utils/save_load_a
 importing BackdoorBench, and writes ``record/<name>/defense/bdfast-<method>/defense_result.pt``
 in the format its own defenses use, with a summary CSV in their column names.
 
-Everything is read with ``torch.load(weights_only=True)`` and an allow-list of the few numpy
-types the record's index arrays need, and the CIFAR files with an unpickler restricted to the
-same list: neither file can run code.
+What the module promises about a record it did not write (tests/test_backdoorbench_fuzz.py):
+
+- ``attack_result.pt`` and ``info.pickle`` are read with ``torch.load(weights_only=True)`` and an
+  allow-list of the few numpy types the record's index arrays need, and the CIFAR files with an
+  unpickler restricted to the same list, so unpickling them runs no code.
+- Every file the record names, and the record's own two files, must resolve (symlinks followed)
+  inside the record folder or ``bb_root``; all of them are checked, with the record's types,
+  index ranges and model, before any image or data set file is read. Anything else is refused in
+  one sentence.
+- The record's images are decoded as PNG only, and no image over :data:`IMAGE_PIXEL_LIMIT`
+  pixels is decoded, so no other Pillow decoder (EPS's, which starts Ghostscript) sees them.
+
+The data set's files under ``data_root`` are the user's: they are read where they are, as their
+own formats (the same pixel limit applies to GTSRB's and Tiny-ImageNet's images).
 """
 from __future__ import annotations
 
@@ -18,9 +29,12 @@ import codecs
 import csv
 import functools
 import importlib
+import numbers
+import operator
 import os
 import pickle
 import re
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +51,8 @@ from bdfast.metrics import predict
 from bdfast.models import preact_resnet18_backdoorbench
 
 __all__ = ["BackdoorBenchRecord", "ImageSet", "Normalized", "load_record", "clean_subset",
-           "evaluate_record", "save_defense_result", "DATASETS", "MODELS", "DEFAULT_CLEAN_RATIO"]
+           "evaluate_record", "save_defense_result", "DATASETS", "MODELS", "DEFAULT_CLEAN_RATIO",
+           "IMAGE_PIXEL_LIMIT"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -58,6 +73,19 @@ MODELS = ("preactresnet18",) + TORCHVISION_MODELS
 _RECORD_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data",
                 "bd_train", "bd_test")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# The Pillow formats of those extensions, for the data sets' own images; a record's are PNG.
+_DATASET_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP")
+_RECORD_FORMATS = ("PNG",)
+
+# No BackdoorBench data set comes near it (Tiny-ImageNet's 64 x 64 images are the largest); an
+# image claiming more is refused from its header, before it is decoded.
+IMAGE_PIXEL_LIMIT = 4096 * 4096
+
+# What BackdoorBench writes under each key load_record checks the type of.
+_RECORD_TYPES = {"model_name": (str, "a name"), "clean_data": (str, "a name"),
+                 "num_classes": (numbers.Integral, "a whole number"),
+                 "model": (Mapping, "a state_dict"), "bd_train": ((dict, type(None)), "a dict"),
+                 "bd_test": (dict, "a dict")}
 
 
 # ----------------------------------------------------------------------------- safe loading
@@ -90,6 +118,8 @@ def _load_safely(path: Path) -> Any:
         raise RuntimeError("reading BackdoorBench records needs torch.serialization.safe_globals, "
                            f"which torch {torch.__version__} lacks; update torch")
     allowed = [(obj, name) for name, obj in _numpy_globals().items()]
+    if path.stat().st_size == 0:
+        raise ValueError(f"cannot read {path}: the file is empty")
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -189,26 +219,50 @@ def _pil_image():
     return Image
 
 
-def _read_image(path: Path, size: Tuple[int, int, int], what: str) -> Tensor:
-    """The image file at ``path`` as uint8 ``[C, H, W]``, converted to ``size``'s channels
+def _read_image(path: Path, size: Tuple[int, int, int], what: str,
+                formats: Sequence[str]) -> Tensor:
+    """The image file at ``path``, decoded only if it is one of Pillow's ``formats`` of at most
+    :data:`IMAGE_PIXEL_LIMIT` pixels, as uint8 ``[C, H, W]``: converted to ``size``'s channels
     (1: greyscale, 3: RGB) and resized (bilinear, as BackdoorBench's transforms) to its H x W."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path.name} was not found in {path.parent}")
     height, width, channels = size
     image_module = _pil_image()
-    with image_module.open(path) as image:
-        image = image.convert("L" if channels == 1 else "RGB")
-        if image.size != (width, height):
-            image = image.resize((width, height), image_module.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
+    kinds = " or ".join(formats)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns of an image over its own, higher, global limit; the one here raises.
+            warnings.simplefilter("ignore", image_module.DecompressionBombWarning)
+            image = image_module.open(path, formats=list(formats))
+    except image_module.DecompressionBombError:
+        raise ValueError(f"{what} {path} claims more than {IMAGE_PIXEL_LIMIT} pixels, so it is "
+                         "not decoded") from None
+    except image_module.UnidentifiedImageError:
+        raise ValueError(f"{what} {path} is not a {kinds} file") from None
+    except Exception as error:  # Pillow's decoders fail on bad files in many exception types
+        raise ValueError(f"{what} {path} is not a {kinds} file that Pillow can read "
+                         f"({_first_line(error)})") from None
+    with image:
+        if image.width * image.height > IMAGE_PIXEL_LIMIT:
+            raise ValueError(f"{what} {path} claims {image.width} x {image.height} pixels, more "
+                             f"than {IMAGE_PIXEL_LIMIT}, so it is not decoded")
+        try:
+            image = image.convert("L" if channels == 1 else "RGB")
+        except Exception as error:  # as above: a truncated or corrupt file
+            raise ValueError(f"{what} {path} is a broken {kinds} file "
+                             f"({_first_line(error)})") from None
+    if image.size != (width, height):
+        image = image.resize((width, height), image_module.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 def _read_images(paths: Sequence[Path], size: Tuple[int, int, int], what: str) -> Tensor:
+    """A data set's image files (any of :data:`_DATASET_FORMATS`) as uint8 ``[N, C, H, W]``."""
     height, width, channels = size
     images = torch.empty(len(paths), channels, height, width, dtype=torch.uint8)
     for i, path in enumerate(paths):
-        images[i] = _read_image(path, size, what)
+        images[i] = _read_image(path, size, what, _DATASET_FORMATS)
     return images
 
 
@@ -216,6 +270,7 @@ def _read_images(paths: Sequence[Path], size: Tuple[int, int, int], what: str) -
 
 @dataclass(frozen=True)
 class _DataSet:
+    classes: int  # get_num_classes in utils/aggregate_block/dataset_and_transform_generate.py
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
     # read(root, train, size) -> (uint8 images [N, C, H, W], int64 labels [N])
@@ -317,16 +372,16 @@ def _read_tiny(root: Path, train: bool, size: Tuple[int, int, int]) -> Tuple[Ten
 # Keyed by BackdoorBench's data set names; mean and std are its normalisation of each
 # (utils/aggregate_block/dataset_and_transform_generate.py).
 DATASETS: Dict[str, _DataSet] = {
-    "cifar10": _DataSet((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261),
+    "cifar10": _DataSet(10, (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261),
                         _cifar_reader("CIFAR-10", "cifar-10-batches-py",
                                       [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
                                       "labels")),
-    "cifar100": _DataSet((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+    "cifar100": _DataSet(100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
                          _cifar_reader("CIFAR-100", "cifar-100-python", ["train"], ["test"],
                                        "fine_labels")),
-    "mnist": _DataSet((0.5,), (0.5,), _read_mnist),
-    "gtsrb": _DataSet((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), _read_gtsrb),
-    "tiny": _DataSet((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262),
+    "mnist": _DataSet(10, (0.5,), (0.5,), _read_mnist),
+    "gtsrb": _DataSet(43, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), _read_gtsrb),
+    "tiny": _DataSet(200, (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262),
                      _read_tiny),
 }
 
@@ -436,17 +491,33 @@ class BackdoorBenchRecord:
     bd_test: ImageSet
 
 
-def _record_file(record_dir: Path) -> Path:
-    path = record_dir / "attack_result.pt"
+def _confined(path: Path, roots: Sequence[Path], what: str) -> Path:
+    """``path`` with its symlinks resolved; a ValueError naming ``what`` and ``path`` when that
+    lies in none of the folders ``roots`` (themselves resolved)."""
+    real = Path(os.path.realpath(path))
+    if not any(real == root or root in real.parents for root in roots):
+        raise ValueError(f"{what} is {path}, which resolves to {real}, outside "
+                         f"{' and '.join(str(root) for root in roots)}; bdfast reads no file there")
+    return real
+
+
+def _record_file(record_dir: Path, name: str) -> Optional[Path]:
+    """The record's own file ``name`` with its symlinks resolved, or None when it has none."""
+    path = record_dir / name
     if not path.is_file():
-        raise FileNotFoundError(f"attack_result.pt was not found in {record_dir}, which should be "
-                                "the folder BackdoorBench wrote for the attack, record/<name>")
-    return path
+        return None
+    return _confined(path, [Path(os.path.realpath(record_dir))], f"the record's {name}")
 
 
 def _record_content(record_dir: Path) -> Tuple[Path, Dict[str, Any]]:
-    path = _record_file(record_dir)
-    content = _load_safely(path)
+    """``(path, content)`` of the record's attack_result.pt, a dict with every key BackdoorBench
+    writes."""
+    path = record_dir / "attack_result.pt"
+    real = _record_file(record_dir, "attack_result.pt")
+    if real is None:
+        raise FileNotFoundError(f"attack_result.pt was not found in {record_dir}, which should be "
+                                "the folder BackdoorBench wrote for the attack, record/<name>")
+    content = _load_safely(real)
     missing = [key for key in _RECORD_KEYS if key not in content] \
         if isinstance(content, dict) else list(_RECORD_KEYS)
     if missing:
@@ -454,51 +525,134 @@ def _record_content(record_dir: Path) -> Tuple[Path, Dict[str, Any]]:
     return path, content
 
 
-def _poisoned_set(state: Any, clean: ImageSet, what: str, path: Path, bb_root: Path,
-                  size: Tuple[int, int, int]) -> ImageSet:
-    """A poisoned data set from the state BackdoorBench keeps of it: the clean images at
-    ``original_index_array``, with those ``poison_indicator`` marks replaced by the PNG files
-    (and labels) of ``bd_data_container``."""
+def _check_types(content: Mapping[str, Any], path: Path) -> None:
+    """A ValueError naming the first key of the record whose value is not of the type
+    BackdoorBench writes there."""
+    for key, (kinds, wanted) in _RECORD_TYPES.items():
+        value = content[key]
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise ValueError(f"{key} in {path} is a {type(value).__name__}, where BackdoorBench "
+                             f"writes {wanted}")
+    for key, value in content["model"].items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise ValueError(f"the model in {path} maps {key!r} to a {type(value).__name__}, "
+                             "where a state_dict maps names to tensors")
+
+
+def _image_size(value: Any, path: Path) -> Tuple[int, int, int]:
+    """The record's img_size as ``(H, W, C)``, C being 1 or 3 and H x W within
+    :data:`IMAGE_PIXEL_LIMIT`."""
+    try:
+        height, width, channels = (operator.index(v) for v in value)
+    except (TypeError, ValueError):
+        height = width = channels = 0
+    if channels not in (1, 3) or min(height, width) < 1 or height * width > IMAGE_PIXEL_LIMIT:
+        raise ValueError(f"img_size in {path} must be (height, width, channels) with 1 or 3 "
+                         f"channels and at most {IMAGE_PIXEL_LIMIT} pixels, got {value!r}")
+    return height, width, channels
+
+
+def _label(value: Any, num_classes: int) -> Optional[int]:
+    """``value`` as a class below ``num_classes``, or None when it is not one."""
+    try:
+        label = operator.index(value)
+    except TypeError:
+        return None
+    return label if 0 <= label < num_classes else None
+
+
+@dataclass(frozen=True)
+class _PoisonPlan:
+    """A poisoned data set's state, checked before any image is read.
+
+    Attributes:
+        index: int64 ``[n]``, the images of the clean set it holds, in order.
+        flags: ``[N]`` over the whole clean set, 1 for a poisoned image.
+        files: the PNG file (symlinks resolved) of each poisoned image, in the set's order.
+        labels: ``(poisoned label, true label)`` of each poisoned image, in the same order.
+    """
+
+    index: np.ndarray
+    flags: np.ndarray
+    files: List[Path]
+    labels: List[Tuple[int, int]]
+
+
+def _poison_plan(state: Any, what: str, path: Path, bb_root: Path, roots: Sequence[Path],
+                 num_classes: int) -> _PoisonPlan:
+    """The plan of the poisoned data set whose state BackdoorBench keeps under ``what``: the
+    clean images at ``original_index_array``, with those ``poison_indicator`` marks replaced by
+    the PNG files (and labels) of ``bd_data_container``, whose paths must lie in ``roots``."""
     try:
         entries = state["bd_data_container"]["data_dict"]
-        index = np.asarray(state["original_index_array"], dtype=np.int64).reshape(-1)
-        flags = np.asarray(state["poison_indicator"]).reshape(-1)
+        index = np.asarray(state["original_index_array"])
+        flags = np.asarray(state["poison_indicator"], dtype=np.float64).reshape(-1)
         if not isinstance(entries, dict):
             raise TypeError("data_dict")
+        if index.dtype.kind not in "iu":
+            raise TypeError("original_index_array")
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"the {what} of {path} is not the state of a BackdoorBench poisoned "
                          f"data set (reading {error} failed)") from None
-    if len(flags) != len(clean) or (len(index) and not 0 <= index.min() <= index.max()
-                                    < len(clean)):
-        raise ValueError(f"the {what} of {path} indexes a data set of {len(flags)} images, but "
-                         f"the one under data_root has {len(clean)}; data_root must hold the "
-                         "data set the attack used")
-    images = clean.images[torch.from_numpy(index)].clone()
-    labels = clean.labels[torch.from_numpy(index)].clone()
-    original = labels.clone()
-    marked = flags[index] == 1
-    for position in np.flatnonzero(marked):
+    index = index.astype(np.int64).reshape(-1)
+    outside = index[(index < 0) | (index >= len(flags))]
+    if len(outside):
+        raise ValueError(f"the {what} of {path} holds image {outside[0]} of a data set of "
+                         f"{len(flags)} images")
+    files: List[Path] = []
+    labels: List[Tuple[int, int]] = []
+    for position in np.flatnonzero(flags[index] == 1):
         sample = int(index[position])
-        entry = entries.get(sample)
-        if not isinstance(entry, dict) or "path" not in entry \
-                or len(entry.get("other_info", ())) < 2:
-            raise ValueError(f"image {sample} of the {what} of {path} is marked poisoned but "
-                             "bd_data_container has no file and labels for it")
-        file = Path(entry["path"])
+        what_image = f"image {sample} of the {what} of {path}"
+        file, pair = _poisoned_entry(entries.get(sample), what_image, num_classes)
         # BackdoorBench writes the paths relative to its own folder, where it runs.
-        images[position] = _read_image(file if file.is_absolute() else bb_root / file, size,
-                                       f"poisoned image of the {what}")
-        labels[position], original[position] = (int(v) for v in entry["other_info"][:2])
+        real = _confined(bb_root / file, roots, what_image)
+        if not real.is_file():
+            raise FileNotFoundError(f"poisoned image of the {what} {(bb_root / file).name} was "
+                                    f"not found in {(bb_root / file).parent}")
+        files.append(real)
+        labels.append(pair)
+    return _PoisonPlan(index, flags, files, labels)
+
+
+def _poisoned_entry(entry: Any, what: str, num_classes: int) -> Tuple[str, Tuple[int, int]]:
+    """The file name and ``(poisoned label, true label)`` that bd_data_container's ``entry``
+    holds for the poisoned image ``what``."""
+    info = entry.get("other_info") if isinstance(entry, dict) else None
+    pair = [_label(v, num_classes) for v in info[:2]] \
+        if isinstance(info, (list, tuple)) and len(info) >= 2 else [None]
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or None in pair:
+        raise ValueError(f"{what} is marked poisoned, but bd_data_container has no file name "
+                         f"and two labels below {num_classes} for it")
+    return entry["path"], (pair[0], pair[1])
+
+
+def _poisoned_set(plan: _PoisonPlan, clean: ImageSet, what: str, path: Path,
+                  size: Tuple[int, int, int]) -> ImageSet:
+    """The poisoned data set ``plan`` describes, over the clean set ``clean``."""
+    if len(plan.flags) != len(clean):
+        raise ValueError(f"the {what} of {path} indexes a data set of {len(plan.flags)} images, "
+                         f"but the one under data_root has {len(clean)}; data_root must hold "
+                         "the data set the attack used")
+    chosen = torch.from_numpy(plan.index)
+    images = clean.images[chosen].clone()
+    labels = clean.labels[chosen].clone()
+    original = labels.clone()
+    marked = plan.flags[plan.index] == 1
+    for position, file, pair in zip(np.flatnonzero(marked), plan.files, plan.labels):
+        images[position] = _read_image(file, size, f"poisoned image of the {what}",
+                                       _RECORD_FORMATS)
+        labels[position], original[position] = pair
     return ImageSet(images, labels, original, torch.from_numpy(marked))
 
 
-def _attack_name(record_dir: Path) -> Optional[str]:
-    """The ``attack`` of the attack's settings, which BackdoorBench saves as info.pickle."""
-    path = record_dir / "info.pickle"
-    if not path.is_file():
+def _attack_name(info: Optional[Path]) -> Optional[str]:
+    """The ``attack`` of the attack's settings, which BackdoorBench saves as info.pickle (the
+    file ``info``, if any)."""
+    if info is None:
         return None
     try:
-        settings = _load_safely(path)
+        settings = _load_safely(info)
     except ValueError:  # the name is a label for reports; a record reads without it
         return None
     name = settings.get("attack") if isinstance(settings, dict) else None
@@ -516,41 +670,48 @@ def load_record(record_dir: PathLike, data_root: PathLike,
             :data:`DATASETS` and docs/backdoorbench.md for each data set's files. Nothing is
             downloaded.
         bb_root: the BackdoorBench folder, against which the record's relative PNG paths are
-            resolved; by default the folder above ``record``.
+            resolved; by default the folder above ``record``. The PNG files must lie (symlinks
+            resolved) in it or in ``record_dir``.
 
     Returns:
         A :class:`BackdoorBenchRecord`. Raises FileNotFoundError for a missing file and
-        ValueError for a record, model or data set bdfast cannot read, in one sentence each.
+        ValueError for a record, model, image or data set bdfast cannot or will not read (see
+        "Records from elsewhere" in docs/backdoorbench.md), in one sentence each; what the
+        record holds is checked before any image or data set file is read.
     """
     record_dir = Path(record_dir)
     root = Path(data_root)
     path, content = _record_content(record_dir)
+    info = _record_file(record_dir, "info.pickle")
     bb_root = Path(bb_root) if bb_root is not None else record_dir.resolve().parent.parent
+    _check_types(content, path)
     name = content["clean_data"]
     if name not in DATASETS:
         raise ValueError(f"the record's data set {name!r} is not supported; bdfast reads "
                          f"{', '.join(DATASETS)}")
     spec = DATASETS[name]
-    try:
-        height, width, channels = (int(v) for v in content["img_size"])
-    except (TypeError, ValueError):
-        raise ValueError(f"img_size in {path} must be (height, width, channels), got "
-                         f"{content['img_size']!r}") from None
-    size = (height, width, channels)
     num_classes = int(content["num_classes"])
+    if num_classes != spec.classes:
+        raise ValueError(f"num_classes in {path} is {num_classes}, but {name} has "
+                         f"{spec.classes} classes")
+    size = _image_size(content["img_size"], path)
     network = _build_network(content["model_name"], num_classes,
                              _without_module_prefix(content["model"]), f"the model in {path}")
+    roots = [Path(os.path.realpath(record_dir)), Path(os.path.realpath(bb_root))]
+    train_plan = None if content["bd_train"] is None else _poison_plan(
+        content["bd_train"], "bd_train", path, bb_root, roots, num_classes)
+    test_plan = _poison_plan(content["bd_test"], "bd_test", path, bb_root, roots, num_classes)
 
     clean_train = ImageSet(*spec.read(root, True, size))
     clean_test = ImageSet(*spec.read(root, False, size))
-    bd_train = None if content["bd_train"] is None else _poisoned_set(
-        content["bd_train"], clean_train, "bd_train", path, bb_root, size)
-    bd_test = _poisoned_set(content["bd_test"], clean_test, "bd_test", path, bb_root, size)
+    bd_train = None if train_plan is None else _poisoned_set(
+        train_plan, clean_train, "bd_train", path, size)
+    bd_test = _poisoned_set(test_plan, clean_test, "bd_test", path, size)
     targets = bd_test.labels.unique()
     return BackdoorBenchRecord(
         record_dir=record_dir, model=Normalized(network, spec.mean, spec.std).eval(),
         model_name=content["model_name"], num_classes=num_classes, img_size=size,
-        clean_data=name, attack=_attack_name(record_dir),
+        clean_data=name, attack=_attack_name(info),
         target=int(targets[0]) if len(targets) == 1 else None, clean_train=clean_train,
         clean_test=clean_test, bd_train=bd_train, bd_test=bd_test)
 
