@@ -293,6 +293,43 @@ def test_missing_files_name_what_and_where(bench, tmp_path):
           bench["record"], small)
 
 
+@pytest.mark.parametrize("rename", [lambda i, key: f"module.net.{key}",
+                                    lambda i, key: f"module.p{i}", lambda i, key: f"p{i}"],
+                         ids=["prefix", "module-and-names", "names"])
+def test_weights_under_other_names_load_by_position_with_one_line(bench, loaded, tmp_path,
+                                                                   rename):
+    # BackdoorBench's load_attack_result drops module. and then renames by position.
+    saved = bench["network"].state_dict()
+    state = {rename(i, key): value for i, (key, value) in enumerate(saved.items())}
+    record = _copy_record(bench, tmp_path, model=state)
+    with pytest.warns(UserWarning, match="tensors otherwise than BackdoorBench's preactresnet18 "
+                      "with 10 classes") as caught:
+        again = bb.load_record(record, bench["data"])
+    message = str(caught[0].message)
+    assert len(caught) == 1 and "\n" not in message and "conv1.weight" in message, message
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again.model(x), loaded.model(x))
+
+
+def test_weights_that_differ_by_more_than_names_are_refused(bench, tmp_path):
+    values = list(bench["network"].state_dict().values())
+    # Two neighbours of different shapes swapped (after the 4-D stem, which the net's width is
+    # taken from): same count, renamed, but not the same shapes position by position.
+    i = next(i for i in range(1, len(values) - 1) if values[i].shape != values[i + 1].shape)
+    values[i], values[i + 1] = values[i + 1], values[i]
+    cases = [({f"p{j}": v for j, v in enumerate(values)},
+              f"not even by position: its tensor {i}, p{i}, has shape"),
+             ({f"p{j}": v for j, v in enumerate(values[:-1])}, "Missing key(s)")]
+    for state, fragment in cases:
+        record = _copy_record(bench, tmp_path / fragment[:7], model=state)
+        with pytest.raises(ValueError) as error:
+            bb.load_record(record, bench["data"])
+        message = str(error.value)
+        assert "does not fit BackdoorBench's preactresnet18" in message and fragment in message \
+            and "\n" not in message, message
+
+
 def test_torchvision_models_are_built_by_name(bench, tmp_path):
     torchvision = pytest.importorskip("torchvision")
     network = torchvision.models.resnet18(num_classes=10)

@@ -424,14 +424,16 @@ def _without_module_prefix(state: Mapping[str, Tensor]) -> "OrderedDict[str, Ten
     return stripped
 
 
-def _build_network(model_name: str, num_classes: int, state: Mapping[str, Tensor],
-                   what: str) -> nn.Module:
+def _build_network(model_name: str, num_classes: int, state: Mapping[str, Tensor], what: str,
+                   by_position: bool = False) -> nn.Module:
     """The model ``model_name`` in BackdoorBench's layout with ``state`` (of ``what``, for the
-    errors) loaded strictly."""
+    errors) loaded strictly, or with ``by_position`` as BackdoorBench loads a record's weights:
+    under the model's own names, position by position, when only the names differ."""
     if model_name == "preactresnet18":
-        stem = state.get("conv1.weight")
+        stem = state.get("conv1.weight", next(iter(state.values()), None))
         if not isinstance(stem, Tensor) or stem.dim() != 4:
-            raise ValueError(f"{what} has no 4-D conv1.weight, which a preactresnet18 has")
+            raise ValueError(f"{what} has no 4-D conv1.weight (nor a 4-D first tensor), which a "
+                             "preactresnet18 has")
         # Channels and width come from the weights (3 and 64 in BackdoorBench), so that a
         # narrower net of the same layout loads too.
         network: nn.Module = preact_resnet18_backdoorbench(num_classes, in_channels=stem.shape[1],
@@ -446,14 +448,42 @@ def _build_network(model_name: str, num_classes: int, state: Mapping[str, Tensor
     else:
         raise ValueError(f"the record's model {model_name!r} is not supported; bdfast reads "
                          f"{', '.join(MODELS)}")
+    _load_weights(network, state, what, f"BackdoorBench's {model_name} with {num_classes} classes",
+                  by_position)
+    return network
+
+
+def _load_weights(network: nn.Module, state: Mapping[str, Tensor], what: str, model: str,
+                  by_position: bool) -> None:
+    """Load ``state`` into ``network`` strictly or, with ``by_position`` and names that differ,
+    as BackdoorBench's load_attack_result does: the same number of tensors, renamed to the
+    network's names position by position, and then each of the shape of the tensor it replaces.
+    A ValueError says what of ``what`` (the weights) does not fit ``model`` (the network)."""
     try:
         network.load_state_dict(state, strict=True)
+        return
     except RuntimeError as error:
         lines = str(error).strip().splitlines()
         detail = lines[1].strip() if len(lines) > 1 else lines[0]
-        raise ValueError(f"{what} does not fit BackdoorBench's {model_name} with "
-                         f"{num_classes} classes: {detail}") from error
-    return network
+    refusal = f"{what} does not fit {model}"
+    own = network.state_dict()
+    if not by_position or len(state) != len(own) or set(state) == set(own):
+        raise ValueError(f"{refusal}: {detail}")
+    pairs = zip(state.items(), own.items())
+    for position, ((key, value), (own_key, own_value)) in enumerate(pairs):
+        if value.shape != own_value.shape:
+            raise ValueError(f"{refusal}, not even by position: its tensor {position}, {key}, "
+                             f"has shape {tuple(value.shape)}, where {own_key} has "
+                             f"{tuple(own_value.shape)}")
+    renamed = OrderedDict(zip(own, state.values()))
+    # The per-module versions some modules read when they load are those of the net built
+    # here: the record's are filed under names that are not the net's.
+    renamed._metadata = own._metadata  # type: ignore[attr-defined]
+    network.load_state_dict(renamed, strict=True)
+    old, new = next((a, b) for a, b in zip(state, own) if a != b)
+    warnings.warn(f"{what} names its {len(state)} tensors otherwise than {model} (the first "
+                  f"that differs: {old} for {new}); they were loaded by position, as "
+                  "BackdoorBench loads them", stacklevel=4)
 
 
 # ----------------------------------------------------------------------------- records
@@ -677,7 +707,8 @@ def load_record(record_dir: PathLike, data_root: PathLike,
         A :class:`BackdoorBenchRecord`. Raises FileNotFoundError for a missing file and
         ValueError for a record, model, image or data set bdfast cannot or will not read (see
         "Records from elsewhere" in docs/backdoorbench.md), in one sentence each; what the
-        record holds is checked before any image or data set file is read.
+        record holds is checked before any image or data set file is read. Warns, in one line,
+        when the model's tensors are loaded by position.
     """
     record_dir = Path(record_dir)
     root = Path(data_root)
@@ -696,7 +727,8 @@ def load_record(record_dir: PathLike, data_root: PathLike,
                          f"{spec.classes} classes")
     size = _image_size(content["img_size"], path)
     network = _build_network(content["model_name"], num_classes,
-                             _without_module_prefix(content["model"]), f"the model in {path}")
+                             _without_module_prefix(content["model"]), f"the model in {path}",
+                             by_position=True)
     roots = [Path(os.path.realpath(record_dir)), Path(os.path.realpath(bb_root))]
     train_plan = None if content["bd_train"] is None else _poison_plan(
         content["bd_train"], "bd_train", path, bb_root, roots, num_classes)
