@@ -107,6 +107,17 @@ def is_channels_last(x: Tensor) -> bool:
             and x.is_contiguous(memory_format=torch.channels_last))
 
 
+def channels_innermost(x: Tensor) -> bool:
+    """Whether ``x [B, C, *spatial]`` (3 dims or more) stores its channels innermost: dim 1 has
+    stride 1 and the other dims are dense in order, i.e. ``x.movedim(1, -1)`` is contiguous.
+
+    That is a 4-D channels_last map, and ``y.movedim(-1, 1)`` of a contiguous token or
+    channels-last output ``y [B, *spatial, C]`` (a Linear's or a LayerNorm's). A tensor with
+    one channel or one position per sample is both this and contiguous.
+    """
+    return x.dim() >= 3 and x.movedim(1, -1).is_contiguous()
+
+
 def channels_last_hint(shape: Sequence[int]) -> str:
     """A hint to transpose when a 4-D image shape looks like [N, H, W, C]; else ""."""
     if len(shape) == 4 and shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4):

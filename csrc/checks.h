@@ -52,9 +52,28 @@ inline void check_medic_lists(at::TensorList t, at::TensorList s, at::TensorList
               "medic_clone_loss: t, s, g, mu and sigma must be non-empty lists of equal length");
 }
 
+// Whether x [B, C, *spatial] (3 dims or more) stores its channels innermost: dim 1 has stride 1
+// and dims last..2, then 0, are dense outside it, i.e. x.movedim(1, -1) is contiguous. That is a
+// channels_last map, or a contiguous token output [B, L, C] seen as [B, C, L] by movedim(-1, 1);
+// either way element i of a sample's row has channel i % C. Like is_contiguous(), a dim of size
+// 1 may have any stride.
+inline bool channels_innermost(const at::Tensor& x) {
+  if (x.dim() < 3) return false;
+  int64_t expected = 1;
+  const auto dense = [&](int64_t d) {
+    if (x.size(d) != 1 && x.stride(d) != expected) return false;
+    expected *= x.size(d);
+    return true;
+  };
+  if (!dense(1)) return false;
+  for (int64_t d = x.dim() - 1; d >= 2; --d)
+    if (!dense(d)) return false;
+  return dense(0);
+}
+
 // Checks layer l: t, s and g share one shape [B, C, *spatial] and one float32/float16/bfloat16
-// dtype and are all contiguous or all channels_last; mu and sigma are contiguous float32 [C].
-// Returns whether the layer is channels_last.
+// dtype and are all contiguous or all channels-innermost (channels_innermost); mu and sigma are
+// contiguous float32 [C]. Returns whether the layer is read channels-innermost.
 inline bool check_medic_layer(at::TensorList t, at::TensorList s, at::TensorList g,
                               at::TensorList mu, at::TensorList sigma, size_t l) {
   const at::Tensor& tl = t[l];
@@ -69,11 +88,11 @@ inline bool check_medic_layer(at::TensorList t, at::TensorList s, at::TensorList
   TORCH_CHECK(s[l].scalar_type() == dtype && g[l].scalar_type() == dtype,
               "medic_clone_loss: t, s and g of layer ", l, " must have the same dtype");
   const bool contiguous = tl.is_contiguous() && s[l].is_contiguous() && g[l].is_contiguous();
-  const auto cl = at::MemoryFormat::ChannelsLast;
-  const bool channels_last = !contiguous && tl.dim() == 4 && tl.is_contiguous(cl) &&
-                             s[l].is_contiguous(cl) && g[l].is_contiguous(cl);
+  const bool channels_last = !contiguous && channels_innermost(tl) &&
+                             channels_innermost(s[l]) && channels_innermost(g[l]);
   TORCH_CHECK(contiguous || channels_last, "medic_clone_loss: t, s and g of layer ", l,
-              " must all be contiguous or all channels_last");
+              " must all be contiguous or all store their channels innermost (dim 1 with stride "
+              "1 and the other dims dense in order, as channels_last)");
   const int64_t channels = tl.size(1);
   TORCH_CHECK(mu[l].numel() == channels && sigma[l].numel() == channels &&
                   mu[l].scalar_type() == at::kFloat && sigma[l].scalar_type() == at::kFloat &&

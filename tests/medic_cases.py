@@ -22,11 +22,13 @@ def rel_err(out, ref) -> float:
 
 
 def make_layer(shape, dtype=torch.float32, *, device="cpu", seed=0, dead=(),
-               channels_last=False, misaligned=False):
+               channels_last=False, innermost=False, misaligned=False):
     """One hooked layer: teacher t, student s (needs grad), teacher gradient g, and mu, sigma.
 
     mu and sigma are the per-channel statistics of t, as MEDIC measures them on clean data;
     the channels in ``dead`` are constant zero in t with sigma = 0 (a dead ReLU channel).
+    ``innermost`` stores t, s and g with their channels innermost in any rank, as
+    ``y.movedim(-1, 1)`` of a contiguous token output ``y [B, L, C]`` is.
     ``misaligned`` stores t, s and g one element past a 16-byte boundary (the CUDA kernels'
     scalar path).
     """
@@ -46,6 +48,8 @@ def make_layer(shape, dtype=torch.float32, *, device="cpu", seed=0, dead=(),
         x = x.to(device=device, dtype=dtype)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if innermost:
+            x = x.movedim(1, -1).contiguous().movedim(-1, 1)
         if misaligned:  # the same strides, one element into a fresh buffer
             moved = x.new_zeros(x.numel() + 1)[1:].as_strided(x.shape, x.stride())
             x = moved.copy_(x)

@@ -4,7 +4,7 @@ CPU kernel and against itself (the same inputs give the same bits twice).
 
 The shapes aim at the kernels' edges: rows of one element, odd widths and unaligned storage
 (the CUDA scalar path), rows of several tiles (the cross-block merge), channels_last, and more
-layers than fit one CUDA launch.
+layers than fit one CUDA launch, and channels-innermost layouts of any rank (token outputs).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bdfast
 from bdfast import ops, reference
@@ -87,6 +88,63 @@ def test_channels_last(device, dtype, signed):
     assert not layers[0][0].is_contiguous()
     _, grads = assert_matches_reference(layers, TOL[dtype], tau=5.0, signed=signed)
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+# Channels innermost in any rank: token outputs [B, L, C] read as [B, C, L] (a position per
+# sample, C = 1, odd widths, more than a 512-element CPU chunk of channels, a row of two CUDA
+# tiles), 5-D maps, and a contiguous layer beside them.
+INNERMOST = [(3, 20, 7), (2, 33, 1), (1, 1, 1), (4, 1, 9), (2, 600, 37), (2, 6, 3, 4, 5),
+             (3, 5, 2, 1, 7)]
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("signed", [False, True], ids=["abs", "signed"])
+def test_channels_innermost_of_any_rank(device, dtype, signed):
+    layers = [make_layer(shape, dtype, device=device, seed=i, innermost=True)
+              for i, shape in enumerate(INNERMOST)]
+    layers.append(make_layer((3, 12), dtype, device=device, seed=9))
+    assert not layers[0][0].is_contiguous() and layers[0][0].stride() == (140, 1, 20)
+    _, grads = assert_matches_reference(layers, TOL[dtype], tau=5.0, signed=signed)
+    for (_, s, _, _, _), grad in zip(layers, grads):
+        assert grad.stride() == s.stride()
+
+
+class CountCopies(TorchDispatchMode):
+    """Counts the copies torch makes while inside, and the strides the medic ops are given."""
+
+    COPIES = (torch.ops.aten.clone.default, torch.ops.aten.copy_.default,
+              torch.ops.aten._to_copy.default)
+
+    def __init__(self):
+        super().__init__()
+        self.copies, self.op_strides = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.COPIES:
+            self.copies += 1
+        if func._schema.name.startswith("bdfast::medic_clone_loss"):
+            self.op_strides.append([x.stride() for x in args[2]])  # s
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_token_and_channels_last_outputs_are_read_in_place(device):
+    # What MEDIC hands the op: y.movedim(-1, 1) views of contiguous [B, L, C] and [B, H, W, C]
+    # outputs of a Linear layer.
+    views = []
+    for i, shape in enumerate([(4, 197, 24), (2, 5, 6, 16)]):
+        t, s, g, mu, sigma = make_layer(shape[:1] + shape[-1:] + shape[1:-1], device=device,
+                                        seed=i, innermost=True)
+        y = s.detach().movedim(1, -1).contiguous().requires_grad_()  # the student's output
+        views.append((t, y.movedim(-1, 1), g, mu, sigma))
+    t, s, g, mu, sigma = unzip(views)
+    with CountCopies() as counted:
+        loss = ops.medic_clone_loss(t, s, g, mu, sigma, backend="native")
+        grads = torch.autograd.grad(loss, s)
+    assert counted.copies == 0
+    assert counted.op_strides == [[x.stride() for x in s]] * 2  # forward and backward
+    assert [gr.stride() for gr in grads] == [x.stride() for x in s]
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from bdfast import _extension, reference
+from bdfast._utils import channels_innermost
 from bdfast.ops._dispatch import (FLOAT_DTYPES, check_same_device, check_scalar, check_tensor,
                                   fake_check, use_native)
 
@@ -38,8 +39,12 @@ def medic_clone_loss(t: Sequence[Tensor], s: Sequence[Tensor], g: Sequence[Tenso
         ``return_weights`` the tuple ``(loss, [w_l])``.
 
     t, s and g of one layer may be float32, float16 or bfloat16 (if their dtypes differ they
-    are promoted to float32), contiguous or channels_last. The compiled kernels make one pass
-    over t, s and g for the loss and one more for the gradient, and never materialise w.
+    are promoted to float32). They are read in place when all three are contiguous or all
+    store their channels innermost, in any rank >= 3 (``x.movedim(1, -1).is_contiguous()``:
+    a channels_last map, or ``y.movedim(-1, 1)`` of a contiguous token output ``y [B, L, C]``);
+    other layouts are copied to contiguous ones first. The compiled kernels make one pass over
+    t, s and g for the loss and one more for the gradient, and never materialise w; the
+    gradient of s has s's strides.
     """
     t, s, g, mu, sigma = _validated(t, s, g, mu, sigma, tau, eps)
     if use_native("medic_clone_loss", backend, s[0].device):
@@ -102,11 +107,10 @@ def _validated(t, s, g, mu, sigma, tau, eps):
 
 
 def _same_kernel_layout(*tensors: Tensor) -> bool:
-    """Whether all tensors are contiguous, or all 4-D channels_last (both read without a copy)."""
-    if all(x.is_contiguous() for x in tensors):
-        return True
-    return all(x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-               for x in tensors)
+    """Whether all tensors are contiguous, or all store their channels innermost (any rank >= 3;
+    :func:`bdfast._utils.channels_innermost`): the kernels read both without a copy."""
+    return (all(x.is_contiguous() for x in tensors)
+            or all(channels_innermost(x) for x in tensors))
 
 
 if _extension.loaded():

@@ -32,7 +32,8 @@ struct Layer {
   void* grad;               // backward only
   at::ScalarType dtype;
   int64_t batch, channels, inner, row_len;
-  bool channels_last;       // element i of a row has channel i % C instead of i / inner
+  bool channels_last;       // channels innermost (any rank): element i of a row has channel
+                            // i % C instead of i / inner
   const float* mu;
   const float* sigma;
   std::vector<float> inv_sig;  // 1 / (sigma + eps)

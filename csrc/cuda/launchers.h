@@ -22,7 +22,9 @@ constexpr int kMedicThreads = 256;
 constexpr int kMedicTile = 16384;
 
 // One hooked layer as the kernels see it. Element i of a row has channel i / inner (contiguous
-// NCHW) or i % channels (channels_last). Rows are numbered layer-major across all layers.
+// [B, C, *spatial]) or i % channels (channels_last: channels innermost in any rank, as a
+// channels_last map or a token output [B, L, C] read as [B, C, L]). Rows are numbered
+// layer-major across all layers.
 struct MedicLayer {
   const void* t;
   const void* s;
