@@ -10,7 +10,7 @@ import contextlib
 import copy
 import warnings
 from collections import OrderedDict
-from typing import Callable, Dict, Iterable, Iterator, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,9 @@ BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 NORM = BATCHNORM + (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                     nn.InstanceNorm3d)
 LINEAR = (nn.Linear,)
+# nn.MultiheadAttention applies its out_proj's weights functionally, so a hook on out_proj never
+# fires; the presets that hook Linear layers hook the attention module's output instead.
+ATTENTION = (nn.MultiheadAttention,)
 ACTIVATION = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
               nn.SiLU, nn.Mish, nn.Hardswish, nn.Softplus)
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -42,13 +45,13 @@ def residual_blocks(model: nn.Module) -> List[str]:
 
 # A preset is either module types or a function of the model that names modules.
 LAYER_PRESETS: Dict[str, Union[Tuple[type, ...], Callable[[nn.Module], List[str]]]] = {
-    "conv+norm+linear": CONV + NORM + LINEAR,
+    "conv+norm+linear": CONV + NORM + LINEAR + ATTENTION,
     "conv+bn": CONV + BATCHNORM,
-    "conv+linear": CONV + LINEAR,
+    "conv+linear": CONV + LINEAR + ATTENTION,
     "bn": BATCHNORM,
-    "act+linear": ACTIVATION + LINEAR,
+    "act+linear": ACTIVATION + LINEAR + ATTENTION,
     "block+linear": lambda model: residual_blocks(model) + [
-        name for name, m in model.named_modules() if isinstance(m, LINEAR)],
+        name for name, m in model.named_modules() if isinstance(m, LINEAR + ATTENTION)],
 }
 
 LayerSpec = Union[str, Sequence[Union[str, type]], Callable[[str, nn.Module], bool]]
@@ -58,7 +61,9 @@ def select_layers(model: nn.Module, layers: LayerSpec = "conv+norm+linear") -> L
     """Names of the modules of ``model`` to hook, in registration order.
 
     ``layers`` is a preset name (see ``LAYER_PRESETS``), a sequence of module types and/or
-    module names, or a predicate ``(name, module) -> bool``.
+    module names, or a predicate ``(name, module) -> bool``. The choice is by name and type
+    only, so it may include modules whose forward never runs (an attention's ``out_proj``);
+    :func:`feature_axes` finds those.
     """
     modules = dict(model.named_modules())
     if isinstance(layers, str):
@@ -106,7 +111,8 @@ class Tap:
     Use as a context manager (entering it forgets earlier captures); after a forward,
     :meth:`values` returns the captured tensors in the order of ``names``, also after the
     context has exited. A module that runs twice in one forward is an error: its two
-    activations would need two different statistics, which the defenses do not define.
+    activations would need two different statistics, which the defenses do not define. Of an
+    nn.MultiheadAttention's ``(output, weights)`` the output is captured.
 
     Args:
         model: the model to hook.
@@ -147,6 +153,7 @@ class Tap:
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
+            output, rest = _first_output(module, output)
             if not isinstance(output, Tensor):
                 raise TypeError(f"module {name!r} produced a {type(output).__name__}, not a "
                                 "tensor; exclude it with layers=")
@@ -161,6 +168,8 @@ class Tap:
                 output = output.detach()
             self._values[name] = output
             self._versions[name] = output._version
+            if handed_on is not None and rest:
+                return (handed_on, *rest)
             return handed_on  # None keeps the module's output
         return hook
 
@@ -179,6 +188,172 @@ class Tap:
     def modified_in_place(self) -> List[str]:
         """Names whose captured tensor was changed in place after it was captured."""
         return [n for n, v in self._values.items() if v._version != self._versions[n]]
+
+
+def _first_output(module: nn.Module, output: Any) -> Tuple[Any, tuple]:
+    """The activation of a module's output and what else it returns: nn.MultiheadAttention
+    returns ``(attention output, attention weights or None)``, whose first element is hooked."""
+    if isinstance(module, ATTENTION) and isinstance(output, tuple) and output:
+        return output[0], output[1:]
+    return output, ()
+
+
+# Modules that say how many features their output has, the attribute that says it, and the dim
+# of an [B, ...] output of `ndim` dims they put them on.
+_FEATURE_MODULES: Tuple[Tuple[Tuple[type, ...], str, Callable[[nn.Module, int], int]], ...] = (
+    (CONV + (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), "out_channels",
+     lambda m, ndim: 1),
+    (BATCHNORM + (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), "num_features",
+     lambda m, ndim: 1),
+    ((nn.GroupNorm,), "num_channels", lambda m, ndim: 1),
+    ((nn.Linear,), "out_features", lambda m, ndim: ndim - 1),
+    ((nn.Embedding,), "embedding_dim", lambda m, ndim: ndim - 1),
+    ((nn.MultiheadAttention,), "embed_dim", lambda m, ndim: ndim - 1),
+    # LayerNorm([C, H, W]) normalises the last three dims: its features are the first of them.
+    ((nn.LayerNorm,), "normalized_shape", lambda m, ndim: ndim - len(m.normalized_shape)),
+)
+
+
+def _known_features(module: nn.Module) -> Optional[Tuple[int, Optional[Callable[[int], int]]]]:
+    """``(feature count, ndim -> axis)`` of a module that says how many features it makes, or
+    None. The axis function is None for a subclass with its own forward (torchvision's
+    ``LayerNorm2d`` permutes to normalise dim 1), whose axis only its output shape can tell."""
+    for types, attribute, axis in _FEATURE_MODULES:
+        if isinstance(module, types):
+            base = next(t for t in types if isinstance(module, t))
+            count = getattr(module, attribute)
+            count = count[0] if isinstance(count, (tuple, list)) else count
+            own_forward = type(module).forward is not base.forward
+            return int(count), None if own_forward else (
+                lambda ndim, m=module, where=axis: where(m, ndim))
+    return None
+
+
+def feature_axes(model: nn.Module, names: Sequence[str], x: Tensor, *,
+                 required: Iterable[str] = ()) -> Dict[str, int]:
+    """The feature (channel) axis of each hooked output, from one probe forward of ``model``
+    on ``x [B, ...]`` (run as it is, without gradients): ``{name: axis}`` for the ``names``
+    whose forward ran, in their order.
+
+    A conv, BatchNorm, GroupNorm or InstanceNorm output ``[B, C, *spatial]`` has its features
+    on dim 1; a Linear, LayerNorm or nn.MultiheadAttention output on tokens ``[B, L, C]`` or
+    on a channels-last map ``[B, H, W, C]`` on the last dim (the module's ``out_features``,
+    ``normalized_shape`` or ``embed_dim`` says how many). A module that does not say (an
+    activation, Identity, Dropout, a block), or a subclass with its own forward whose count
+    fits both dim 1 and the last dim, takes the count of the last module that says and ran
+    before it: its features are on whichever of dim 1 and the last dim has that many. If both
+    do, an output of that module's shape keeps its axis when it is dim 1 or the output has 3
+    dims (tokens); a 4-D map after a Linear or LayerNorm on channels-last maps may have been
+    permuted back (as ConvNeXt blocks do), so that is undecided. A 2-D output ``[B, C]`` has
+    them on dim 1.
+
+    A name that did not run (nn.MultiheadAttention's ``out_proj``, whose weights the attention
+    applies itself) is left out, or is a ValueError if it is in ``required`` (the layers a
+    user named). An output whose axis cannot be decided, or whose dim 0 is not the batch, is a
+    ValueError naming the layer and its shape.
+    """
+    modules = dict(model.named_modules())
+    ran: List[Tuple[str, nn.Module, torch.Size]] = []  # in the order their forwards finished
+
+    def record(name: str):
+        def hook(module, inputs, output):
+            output, _ = _first_output(module, output)
+            if isinstance(output, Tensor):
+                ran.append((name, module, output.shape))
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    first: Dict[str, int] = {}
+    for index, (name, _, _) in enumerate(ran):
+        first.setdefault(name, index)
+    missing = [n for n in required if n not in first]
+    if missing:
+        raise ValueError(f"layers names modules whose forward never runs: {missing} (nn."
+                         "MultiheadAttention applies its out_proj's weights itself, for example: "
+                         "hook the attention module instead)")
+    axes = {}
+    decided: Dict[int, Tuple[Optional[int], str]] = {}
+    for name in names:
+        if name not in first:
+            continue
+        _, module, shape = ran[first[name]]
+        where = f"layer {name!r} (output shape {list(shape)})"
+        if len(shape) < 2 or shape[0] != len(x) or (
+                isinstance(module, ATTENTION) and not module.batch_first):
+            raise ValueError(f"{where} does not hold the batch of {len(x)} samples on dim 0 "
+                             "followed by features (an nn.MultiheadAttention needs "
+                             "batch_first=True); choose other layers with layers=")
+        axis, why = _decide_axis(ran, first[name], decided)
+        if axis is None:
+            raise ValueError(f"cannot tell the feature axis of {where}: {why}; choose layers "
+                             "whose features are clear with layers= (e.g. the Linear, conv or "
+                             "norm layers that feed it)")
+        axes[name] = axis
+    return axes
+
+
+def _decide_axis(ran: Sequence[Tuple[str, nn.Module, torch.Size]], index: int,
+                 decided: Dict[int, Tuple[Optional[int], str]]) -> Tuple[Optional[int], str]:
+    """``(axis or None, why not)`` of the output of ``ran[index]`` (see :func:`feature_axes`),
+    memoised in ``decided``."""
+    if index in decided:
+        return decided[index]
+    _, module, shape = ran[index]
+    known = _known_features(module)
+    if len(shape) == 2:
+        result: Tuple[Optional[int], str] = (1, "")
+    elif known is not None and (known[1] is not None
+                                or _axis_by_count(shape, known[0], None) is not None):
+        result = (_axis_by_count(shape, known[0], known[1]),
+                  f"it has {known[0]} features, {_fit(shape, known[0])}")
+    else:
+        feeder = next((i for i in range(index - 1, -1, -1)
+                       if _known_features(ran[i][1]) is not None), None)
+        if feeder is None:
+            result = (None, "no module that says its feature count ran before it")
+        else:
+            f_name, f_module, f_shape = ran[feeder]
+            count = (known or _known_features(f_module))[0]
+            axis = _axis_by_count(shape, count, None)
+            if axis is None and f_shape == shape and shape[1] == shape[-1] == count:
+                # Dim 1 and the last dim both fit. A map of the feeder's shape keeps its
+                # channels on dim 1 after a conv-style feeder, and tokens keep theirs last;
+                # a channels-last feeder's map may have been permuted back to NCHW (a ConvNeXt
+                # block's output), which the shapes cannot tell.
+                f_axis = _decide_axis(ran, feeder, decided)[0]
+                if f_axis == 1 or len(shape) == 3:
+                    axis = f_axis
+            result = (axis, f"it takes its features from {f_name!r} (output shape "
+                            f"{list(f_shape)}, {count} features), {_fit(shape, count)}")
+    decided[index] = result
+    return result
+
+
+def _fit(shape: torch.Size, count: int) -> str:
+    """Says which of dim 1 and the last dim of ``shape`` have ``count`` entries."""
+    both = shape[1] == count and shape[-1] == count
+    return (f"and both dim 1 and the last dim have {count} entries" if both
+            else f"and neither dim 1 nor the last dim has {count} entries")
+
+
+def _axis_by_count(shape: torch.Size, count: int,
+                   natural: Optional[Callable[[int], int]]) -> Optional[int]:
+    """The dim of ``shape [B, ...]`` that holds ``count`` features: where the module puts them
+    (``natural``), or else the one of dim 1 and the last dim of that size; None if neither or
+    both (2-D: dim 1)."""
+    ndim = len(shape)
+    if ndim == 2:
+        return 1
+    if natural is not None and shape[natural(ndim)] == count:
+        return natural(ndim)
+    fits = {d for d in (1, ndim - 1) if shape[d] == count}
+    return fits.pop() if len(fits) == 1 else None
 
 
 def find_inplace_overwrites(model: nn.Module, names: Sequence[str], x: Tensor) -> List[str]:

@@ -10,7 +10,10 @@ The story of :meth:`Medic.fit`:
 1. prepare: deep copies of the teacher (frozen, eval) and of the student; in-place activation
    modules switched off; layers that a functional in-place op still overwrites are found with
    the version counter and handed on as clones (one warning);
-2. teacher statistics: exact per-channel mean and std of every hooked output over the whole
+   one probe forward on the first batch keeps the selected layers whose forward runs and
+   decides each one's feature axis (:func:`bdfast.hooks.feature_axes`: dim 1 of a conv
+   output, the last dim of a Linear or LayerNorm output on tokens or a channels-last map);
+2. teacher statistics: exact per-feature mean and std of every hooked output over the whole
    loader, merged in float64 (all-reduced under DDP);
 3. student: the same architecture with every parameter re-initialised (or ``student=``);
 4. train (:mod:`bdfast.distill`): per step, one teacher forward with the hooked outputs in the
@@ -26,7 +29,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +41,8 @@ from bdfast.augment import AugmentSpec, RandomCrop, resolve_augment
 from bdfast._utils import (check_logits, check_number, distributed, eval_mode, iter_batches,
                            model_input_errors, resolve_device, seed_everything)
 from bdfast.hooks import (ACTIVATION, BATCHNORM, NORM, LayerSpec, Tap, copy_without_hooks,
-                          disable_inplace, find_inplace_overwrites, select_layers, warn_inplace)
+                          disable_inplace, feature_axes, find_inplace_overwrites, select_layers,
+                          warn_inplace)
 from bdfast.reinit import reinit_model
 from bdfast.stats import ChannelMoments
 from bdfast.checkpoint import Checkpoint, check_options as check_checkpoint
@@ -170,19 +174,21 @@ class Medic:
         check_batch(0, x_first)
         x_first = x_first.to(device)
         t_clone, s_clone = _overwritten_layers(t_model, s_model, names, x_first)
+        axes = _layer_axes(t_model, names, layers, x_first)
+        names = list(axes)
         layout = _memory_format(cfg.channels_last, t_model, s_model, x_first)
         timings = {"prepare": time.perf_counter() - clock}
 
         # 2. teacher statistics (mu, sigma per hooked channel), validating every batch on the way.
         clock = time.perf_counter()
         mu, sigma = teacher_statistics(t_model, names, loader, device=device, clone=t_clone,
-                                       labels=cfg.labels)
+                                       labels=cfg.labels, axes=axes)
         timings["statistics"] = time.perf_counter() - clock
 
         # 3-4. train the student.
         cache = _teacher_cache(cfg, loader, device)
         step = MedicStep(t_model, s_model, names, mu, sigma, cfg, t_clone=t_clone, s_clone=s_clone,
-                         cache=cache, memory_format=layout)
+                         cache=cache, memory_format=layout, axes=axes)
         optimizer = torch.optim.Adam(s_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         checkpoint = Checkpoint.for_run(cfg.checkpoint, cfg.resume, defense="medic",
                                         teacher=t_model, first_batch=x_first,
@@ -215,6 +221,10 @@ class MedicStep:
     The caller runs backward and the optimizer step.
 
     4-D batches are brought into ``memory_format``, the models' layout (:func:`_memory_format`).
+    ``axes`` maps each hooked name to the dim of its output that holds the features
+    (:func:`bdfast.hooks.feature_axes`; 1 where it has no entry): t, s and g reach the loss as
+    views with the features moved to dim 1, which the loss reads in place (a token output
+    [B, L, C] becomes [B, C, L] with its channels innermost), and the cache keeps them so.
     With a ``cache`` (:class:`bdfast.teacher_cache.TeacherCache`) the first epoch (``epoch`` 0)
     stores each image's t, g and label, and later epochs look them up instead of running the
     teacher; a miss computes them as without the cache.
@@ -224,9 +234,11 @@ class MedicStep:
                  mu: Sequence[Tensor], sigma: Sequence[Tensor], config: MedicConfig, *,
                  t_clone: Iterable[str] = (), s_clone: Iterable[str] = (),
                  cache: Optional[TeacherCache] = None,
-                 memory_format: torch.memory_format = torch.contiguous_format):
+                 memory_format: torch.memory_format = torch.contiguous_format,
+                 axes: Optional[Mapping[str, int]] = None):
         self.teacher, self.mu, self.sigma, self.config = teacher, list(mu), list(sigma), config
         self.cache, self.memory_format = cache, memory_format
+        self.axes = [1 if axes is None else axes.get(name, 1) for name in names]
         # Hooks are on only while a captured forward runs, so eval_fn sees plain models.
         self.t_tap = Tap(teacher, names, clone=t_clone, require_grad=True)
         self.s_tap = Tap(student, names, clone=s_clone)
@@ -252,7 +264,8 @@ class MedicStep:
                 cache.store(x, keys, y, t, g)
         with self.s_tap:
             logits_s = net(x)
-        clone = ops.medic_clone_loss(t, self.s_tap.values(), g, self.mu, self.sigma,
+        s = _features_first(self.s_tap.values(), self.axes)
+        clone = ops.medic_clone_loss(t, s, g, self.mu, self.sigma,
                                      tau=cfg.tau, signed=self.signed, backend=cfg.backend)
         return F.cross_entropy(logits_s.float(), y) + cfg.lam * clone
 
@@ -271,8 +284,9 @@ class MedicStep:
 
     def teacher_outputs(self, x: Tensor, y: Optional[Tensor]
                         ) -> Tuple[List[Tensor], List[Tensor], Tensor]:
-        """The hooked teacher outputs t, their proxy gradients g (lists of [B, C_l, *spatial])
-        and the labels [B] (``y``, or the teacher's argmax when ``y`` is None)."""
+        """The hooked teacher outputs t, their proxy gradients g (lists of [B, C_l, *spatial],
+        the features moved to dim 1) and the labels [B] (``y``, or the teacher's argmax when
+        ``y`` is None)."""
         with torch.enable_grad(), self.t_tap:
             logits_t = self.teacher(x)
             t = self.t_tap.values()
@@ -284,7 +298,7 @@ class MedicStep:
                                    reduction="mean" if self.config.reference_compat else "sum")
             g = torch.autograd.grad(ce_t, t, allow_unused=True)
         g = [torch.zeros_like(t_l) if g_l is None else g_l for t_l, g_l in zip(t, g)]
-        return t, g, y
+        return _features_first(t, self.axes), _features_first(g, self.axes), y
 
 
 def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: float = 20.0,
@@ -312,7 +326,10 @@ def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: 
             "conv+norm+linear" (the paper, Appendix D), "conv+bn" (the released code),
             "act+linear", "block+linear" (the residual blocks' outputs,
             :func:`bdfast.hooks.residual_blocks`), "conv+linear", "bn", or module types /
-            names / a predicate.
+            names / a predicate. The presets' "linear" includes nn.MultiheadAttention's
+            output. Selected modules whose forward never runs on the first batch are left
+            out (a named one is an error), and each output's features are found on dim 1
+            or the last dim (:func:`bdfast.hooks.feature_axes`, docs/medic.md).
         signed: signed z-scores and proxy gradients instead of absolute values.
         reference_compat: the released code's importance: ``signed=True`` and g from the
             batch-mean CE (``layers`` stays as given; add ``layers="conv+bn"`` for its hooks).
@@ -387,15 +404,18 @@ def auto_layers(model: nn.Module) -> str:
 @torch.no_grad()
 def teacher_statistics(model: nn.Module, names: Sequence[str], loader: Iterable, *,
                        device: torch.device, clone: Iterable[str] = (),
-                       labels: str = "auto") -> Tuple[List[Tensor], List[Tensor]]:
-    """Exact per-channel mean and (unbiased) std of each hooked output over the whole loader.
+                       labels: str = "auto", axes: Optional[Mapping[str, int]] = None
+                       ) -> Tuple[List[Tensor], List[Tensor]]:
+    """Exact per-feature mean and (unbiased) std of each hooked output over the whole loader.
 
-    ``model`` runs as it is (the caller puts it in eval mode); outputs are [B, C, *spatial] and
-    every channel is reduced over all samples and spatial positions, merged in float64 and
-    all-reduced over ranks under DDP. Every batch is validated on the way (see
-    :func:`_check_labels`). Returns two lists of float32 [C_l] tensors (mu, sigma).
+    ``model`` runs as it is (the caller puts it in eval mode); the features of each output lie
+    on dim ``axes[name]`` (:func:`bdfast.hooks.feature_axes`; dim 1, [B, C, *spatial], for a
+    name it lacks or without ``axes``), and each feature is reduced over all samples and other
+    positions, merged in float64 and all-reduced over ranks under DDP. Every batch is
+    validated on the way (see :func:`_check_labels`). Returns two lists of float32 [C_l]
+    tensors (mu, sigma), C_l the layer's feature count.
     """
-    moments = [ChannelMoments() for _ in names]
+    moments = [ChannelMoments(1 if axes is None else axes.get(name, 1)) for name in names]
     tap = Tap(model, names, clone=clone, detach=True)
     for index, (x, y) in enumerate(iter_batches(loader)):
         check_batch(index, x)
@@ -417,6 +437,27 @@ def teacher_statistics(model: nn.Module, names: Sequence[str], loader: Iterable,
         mu.append(m.mean.float())
         sigma.append(m.std().float())
     return mu, sigma
+
+
+def _layer_axes(model: nn.Module, names: Sequence[str], layers: LayerSpec,
+                x: Tensor) -> Dict[str, int]:
+    """``{name: feature axis}`` of the selected layers whose forward runs on the first batch
+    ``x`` (:func:`bdfast.hooks.feature_axes`). A preset, types or a predicate may select modules
+    that never run (an attention's ``out_proj``), which are left out; a module the user named
+    that never runs is a ValueError."""
+    named = ([] if isinstance(layers, str) or callable(layers)
+             else [spec for spec in layers if isinstance(spec, str)])
+    axes = feature_axes(model, names, x, required=named)
+    if not axes:
+        raise ValueError(f"layers={layers!r} selects no module whose forward runs on the "
+                         "loader's images")
+    return axes
+
+
+def _features_first(values: Sequence[Tensor], axes: Sequence[int]) -> List[Tensor]:
+    """Each value with its feature axis moved to dim 1: a view, no copy."""
+    return [v if axis in (1, 1 - v.dim()) else v.movedim(axis, 1)
+            for v, axis in zip(values, axes)]
 
 
 def _check_labels(index: int, x: Tensor, y: Optional[Tensor], logits: Tensor, labels: str) -> None:

@@ -11,25 +11,30 @@ from bdfast._utils import distributed
 
 
 class ChannelMoments:
-    """Running count, mean and sum of squared deviations of each channel of [B, C, *spatial].
+    """Running count, mean and sum of squared deviations of each channel of a batch of
+    activations, whose channels lie on dim ``axis``: 1 for [B, C, *spatial] (conv outputs),
+    -1 for [B, L, C] tokens or [B, H, W, C] channels-last maps (Linear, LayerNorm outputs).
 
     Batches are merged with Chan et al.'s parallel update in float64, so the result equals a
-    two-pass computation over all samples and spatial positions up to float64 rounding, for
+    two-pass computation over all samples and other positions up to float64 rounding, for
     any batch sizes. :meth:`all_reduce` merges the moments of all ranks the same way.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, axis: int = 1) -> None:
+        self.axis = axis
         # [C] float64 (a count per channel keeps merges simple)
         self.count: Optional[Tensor] = None
         self.mean: Optional[Tensor] = None    # [C] float64
         self.m2: Optional[Tensor] = None      # [C] float64
 
     def update(self, x: Tensor) -> None:
-        """Add a batch x [B, C, *spatial] (any float dtype, any device)."""
-        if x.dim() < 2:
-            raise ValueError(f"expected a [B, C, *spatial] activation, got shape {list(x.shape)}")
-        per_channel = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
-        n = torch.full((x.shape[1],), float(per_channel.shape[1]), dtype=torch.float64,
+        """Add a batch x [B, ...] with C channels on dim ``axis`` (any float dtype, device)."""
+        if x.dim() < 2 or not -x.dim() < self.axis < x.dim() or self.axis % x.dim() == 0:
+            raise ValueError(f"expected an activation [B, ...] with channels on dim {self.axis} "
+                             f"(not the batch), got shape {list(x.shape)}")
+        channels = x.shape[self.axis]
+        per_channel = x.detach().double().movedim(self.axis, 0).reshape(channels, -1)
+        n = torch.full((channels,), float(per_channel.shape[1]), dtype=torch.float64,
                        device=x.device)
         mean = per_channel.mean(dim=1)
         m2 = (per_channel - mean[:, None]).square().sum(dim=1)

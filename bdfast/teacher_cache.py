@@ -19,7 +19,8 @@ step then computes the teacher as without the cache (``"auto"``: one warning, th
 dropped) or raises (``True``).
 
 Shapes: per hooked layer l the table holds ``t[l], g[l]`` as ``[N, C_l, *spatial_l]`` rows in
-``dtype`` (float32 or a 16-bit type; ``[N, H, W, C_l]`` when the outputs are channels-last),
+``dtype`` (float32 or a 16-bit type; ``[N, *spatial_l, C_l]`` when the outputs store their
+channels innermost, as channels-last maps and token outputs do),
 with ``keys [N]`` (int64, sorted), ``check [N]`` (int64) and ``labels [N]`` (int64). See
 docs/medic.md for the memory per image.
 """
@@ -31,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from bdfast._utils import is_channels_last
+from bdfast._utils import channels_innermost
 
 __all__ = ["CACHE_DTYPES", "TeacherCache", "fingerprints", "default_budget",
            "resolve_cache_dtype"]
@@ -140,9 +141,10 @@ class TeacherCache:
         self._t_wide = False
         self._narrow = False  # "auto" stores float32 outputs in 16 bits (the table is too big)
         self._numels: List[int] = []
-        # Columns whose outputs came channels-last: stored as [N, H, W, C] rows, so that a
-        # looked-up batch is channels-last again and the loss kernel reads t, s and g in place.
-        self._nhwc: List[bool] = []
+        # Columns whose outputs store their channels innermost (channels-last maps, token
+        # outputs [B, L, C] seen as [B, C, L]): stored as [N, *spatial, C] rows, so that a
+        # looked-up batch has that layout again and the loss kernel reads t, s and g in place.
+        self._inner: List[bool] = []
 
     # -- epoch 1 ----------------------------------------------------------------------------
     def keys(self, x: Tensor, y: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -160,7 +162,7 @@ class TeacherCache:
             self._shape, self._layers = x.shape[1:], len(t)
             self._out_dtypes = [v.dtype for v in (*t, *g)]
             self._numels = [v[0].numel() for v in (*t, *g)]
-            self._nhwc = [is_channels_last(v) for v in (*t, *g)]
+            self._inner = [channels_innermost(v) and not v.is_contiguous() for v in (*t, *g)]
             self.bytes_per_image = self._row_bytes()
             if self.batches is not None:
                 needed = self.batches * len(x) * self.bytes_per_image
@@ -180,13 +182,13 @@ class TeacherCache:
             v = v.detach()
             if self.rescale and i >= self._layers:  # store B * g: the per-sample gradient
                 v = (v.float() * len(x)).to(v.dtype)
-            if self._nhwc[i]:
-                v = v.permute(0, 2, 3, 1)
+            if self._inner[i]:
+                v = v.movedim(1, -1)
             stored = v.to(self._storage(v.dtype, i < self._layers)).contiguous()
             if (self._narrow and stored.dtype == torch.float16 and v.dtype == torch.float32
                     and not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(v).all())):
                 self._widen_t()  # a value past float16's 65504: keep t in float32 instead
-                stored = v.contiguous()  # (already permuted for a channels-last column)
+                stored = v.contiguous()  # (already moved for a channels-innermost column)
             rows.append(stored)
         self._chunks.append(rows)
         self.images += len(x)
@@ -227,9 +229,9 @@ class TeacherCache:
         self.hits += len(x)
         labels = table[2][rows]
         values = []
-        for column, dtype, nhwc in zip(table[3:], self._out_dtypes, self._nhwc):
+        for column, dtype, inner in zip(table[3:], self._out_dtypes, self._inner):
             value = column.index_select(0, rows)
-            values.append((value.permute(0, 3, 1, 2) if nhwc else value).to(dtype))
+            values.append((value.movedim(-1, 1) if inner else value).to(dtype))
         if self.rescale:  # the rows are fresh tensors: divide in place
             for v in values[self._layers:]:
                 v.div_(len(x))
