@@ -161,14 +161,16 @@ def bcu_ratios(model: nn.Module, x: Tensor, ratios: RatioSpec = "adaptive") -> D
     "adaptive" (the paper): the first layer to run gets 0.01 and the last one (the classifier)
     0.10. The layers in between are cut into *stages*, the runs of consecutive layers with the
     same output resolution (a ResNet's or a ConvNeXt's stages: downsampling changes the
-    resolution, and a 1x1 shortcut conv has its stage's resolution). Where all of them share
-    one resolution (a ViT), the stages are the residual blocks
-    (:func:`bdfast.hooks.residual_blocks`) the layers belong to instead. Stage s of S goes to
-    depth group ``floor(4 (s + 1/2) / S)`` with ratio 0.01, 0.03, 0.09 or 0.27: four stages get
-    one group each (the CIFAR ResNet-18 mapping of the paper), fewer stages are spread over the
-    groups by their centre (2 stages: 0.03, 0.27; 3 stages: 0.01, 0.09, 0.27), more stages
-    share groups in order (a 12-block ViT: three blocks per group). Layers that take no part in
-    the forward pass get 0.
+    resolution, and a 1x1 shortcut conv has its stage's resolution); a layer inside a residual
+    block (:func:`bdfast.hooks.residual_blocks`, the outermost one) counts with the resolution
+    of the block's last layer, so that a squeeze-excitation's 1x1 convs or a window
+    attention's projections stay in their block's stage. Where all of them share one
+    resolution (a ViT), the stages are the residual blocks the layers belong to instead.
+    Stage s of S goes to depth group ``floor(4 (s + 1/2) / S)`` with ratio 0.01, 0.03, 0.09 or
+    0.27: four stages get one group each (the CIFAR ResNet-18 mapping of the paper), fewer
+    stages are spread over the groups by their centre (2 stages: 0.03, 0.27; 3 stages: 0.01,
+    0.09, 0.27), more stages share groups in order (a 12-block ViT: three blocks per group).
+    Layers that take no part in the forward pass get 0.
 
     "uniform:<p>" gives every layer p; a ``{prefix: p}`` mapping gives each layer the p of the
     longest prefix that names it or one of its parents ("" matches all), else 0.
@@ -191,12 +193,15 @@ def bcu_ratios(model: nn.Module, x: Tensor, ratios: RatioSpec = "adaptive") -> D
     result[order[0][0]] = ADAPTIVE_RATIOS["first"]
     result[order[-1][0]] = ADAPTIVE_RATIOS["classifier"]
     middle = order[1:-1]
-    keys: List[Any] = [resolution for _, resolution in middle]
+    blocks = residual_blocks(model)
+    outer = {name: min((b for b in blocks if _under(name, b)), key=len, default=name)
+             for name, _ in middle}
+    # A block's layers take the resolution of its last layer, the block's output: a squeeze-
+    # excitation's 1x1 convs or a window attention's [windows, tokens, C] stay in their stage.
+    block_resolution = {outer[name]: resolution for name, resolution in middle}
+    keys: List[Any] = [block_resolution[outer[name]] for name, _ in middle]
     if len(set(keys)) == 1:
-        # One resolution throughout (a ViT): depth is the residual block a layer belongs to.
-        blocks = residual_blocks(model)
-        keys = [min((b for b in blocks if _under(name, b)), key=len, default=name)
-                for name, _ in middle]
+        keys = [outer[name] for name, _ in middle]  # one resolution throughout (a ViT)
     stages: List[List[str]] = []
     previous = None
     for (name, _), key in zip(middle, keys):

@@ -165,3 +165,18 @@ def test_adaptive_ratios_on_channels_last_nets_go_by_resolution(factory, stages)
         # Every conv and Linear of a stage's blocks, Swin's functional qkv and proj included.
         inside = {k: v for k, v in ratios.items() if k.startswith(stage + ".")}
         assert len(inside) >= 6 and set(inside.values()) == {group}, stage
+
+
+def test_a_blocks_layers_share_its_stage_squeeze_excitation_included():
+    model = tvm.efficientnet_b0(num_classes=10).eval()
+    ratios = bcu_ratios(model, torch.rand(2, 3, 64, 64))
+    # The MBConv blocks are features.1 to features.7 (features.0 and .8: a conv, BN, SiLU).
+    blocks = {".".join(name.split(".")[:3]) for name in ratios
+              if name.split(".")[:2] in [["features", str(i)] for i in range(1, 8)]}
+    assert len(blocks) == 16
+    for block in blocks:
+        inside = {p for name, p in ratios.items() if name.startswith(block + ".")}
+        assert len(inside) == 1, block  # expansion, depthwise, both SE convs and projection
+    # Stages by resolution on a 64x64 input: 16x16, 8x8, 4x4, 2x2 after the stem's 32x32 stage.
+    assert [ratios[f"features.{i}.0.block.0.0"] for i in (2, 3, 4, 6)] == [0.03, 0.09, 0.09,
+                                                                          0.27]
