@@ -24,11 +24,17 @@ RESNET18 = (
     + [(512, 4, 4)] * 10      # layer4
 )
 
-# case -> (layer shapes, batch per device). ResNet-18 at batch 128 needs ~10 GB and minutes
-# per reference step on a 2-core CPU, so the CPU runs it at batch 16.
+# Hooked token outputs (L, C) of two ViT-Ti/16 encoder blocks on 224x224 inputs (197 tokens
+# of width 192): attention, GELU of the MLP's first Linear, the MLP's second Linear. MEDIC
+# hands them to the op as [B, C, L] views of the [B, L, C] outputs (channels innermost).
+VIT_TINY = [(197, 192), (197, 768), (197, 192)] * 2
+
+# case -> (layer shapes, batch per device, token layout). ResNet-18 at batch 128 needs ~10 GB
+# and minutes per reference step on a 2-core CPU, so the CPU runs it at batch 16.
 MEDIC_CASES = {
-    "wrn16_1": (WRN16_1, {"cpu": 64, "cuda": 64}),
-    "resnet18": (RESNET18, {"cpu": 16, "cuda": 128}),
+    "wrn16_1": (WRN16_1, {"cpu": 64, "cuda": 64}, False),
+    "resnet18": (RESNET18, {"cpu": 16, "cuda": 128}, False),
+    "vit_tiny_tokens": (VIT_TINY, {"cpu": 64, "cuda": 64}, True),
 }
 
 # BatchNorm channels of CIFAR ResNet-18 in forward order (20 layers, 4,800 columns), and the
@@ -54,18 +60,23 @@ def _require_native(op, variant, device):
         pytest.skip(f"no native {device.type} kernel for {op} in this build")
 
 
-def medic_inputs(shapes, batch, device, seed=0):
-    """Teacher/student activations, teacher gradients and channel statistics of every layer."""
+def medic_inputs(shapes, batch, device, seed=0, tokens=False):
+    """Teacher/student activations, teacher gradients and channel statistics of every layer;
+    with ``tokens``, each shape is (L, C) and t, s, g are [B, C, L] views of [B, L, C] tensors."""
     gen = torch.Generator(device=device).manual_seed(seed)
     t, s, g, mu, sigma = [], [], [], [], []
     for shape in shapes:
         t_l = torch.randn(batch, *shape, generator=gen, device=device)
+        s_l = (t_l + 0.1 * torch.randn(t_l.shape, generator=gen, device=device)).requires_grad_()
+        g_l = 1e-3 * torch.randn(t_l.shape, generator=gen, device=device)
+        if tokens:
+            t_l, s_l, g_l = (x.movedim(-1, 1) for x in (t_l, s_l, g_l))
         t.append(t_l)
-        s.append((t_l + 0.1 * torch.randn(t_l.shape, generator=gen, device=device))
-                 .requires_grad_())
-        g.append(1e-3 * torch.randn(t_l.shape, generator=gen, device=device))
-        mu.append(t_l.mean((0, 2, 3)))
-        sigma.append(t_l.std((0, 2, 3)))
+        s.append(s_l)
+        g.append(g_l)
+        dims = [0] + list(range(2, t_l.dim()))
+        mu.append(t_l.mean(dims))
+        sigma.append(t_l.std(dims))
     return t, s, g, mu, sigma
 
 
@@ -74,9 +85,9 @@ def medic_inputs(shapes, batch, device, seed=0):
 def bench_medic_clone_loss(benchmark, device, sync, copy_bandwidth, case, variant):
     """Forward + backward (gradient w.r.t. the student activations) over all hooked layers."""
     _require_native("medic_clone_loss", variant, device)
-    shapes, batches = MEDIC_CASES[case]
+    shapes, batches, tokens = MEDIC_CASES[case]
     batch = batches[device.type]
-    t, s, g, mu, sigma = medic_inputs(shapes, batch, device)
+    t, s, g, mu, sigma = medic_inputs(shapes, batch, device, tokens=tokens)
     loss_fn = MEDIC_VARIANTS[variant]
 
     def step():
