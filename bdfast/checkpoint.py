@@ -179,10 +179,14 @@ class Checkpoint:
         if folder is None:
             check_options(folder, resume)
             return None
+        data = [f"{int(batch_digest(first_batch)) & (2**64 - 1):016x}"]
+        if distributed():  # each rank reads its own shard: the identity holds every rank's
+            ours, data = data[0], [""] * dist.get_world_size()
+            dist.all_gather_object(data, ours)
         return cls(folder, resume=resume, identity={
             "defense": defense,
             "teacher": tensor_digest(teacher.state_dict().items()),
-            "data": f"{int(batch_digest(first_batch)) & (2**64 - 1):016x}",
+            "data": ",".join(data),
             "options": describe_options(options)})
 
     def files(self) -> List[str]:

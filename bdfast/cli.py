@@ -3,7 +3,9 @@
 Every user error (missing file, unimportable factory, data that does not fit the model, a
 checkpoint that does not fit the architecture, an unknown or invalid option, a device that is
 not there) prints one line and exits with code 2, and nothing is written. Checks that need no
-defense run before it, so a mistake costs seconds.
+defense run before it, so a mistake costs seconds. A ``clean --checkpoint DIR`` run stopped by
+SIGTERM or Ctrl-C writes a checkpoint after the step it is running and exits with code 75
+(:data:`bdfast.checkpoint.EXIT_INTERRUPTED`); ``--resume`` continues it (docs/long-runs.md).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from torch import nn
 
 from bdfast import defenses
 from bdfast._utils import channels_last_hint, check_pixel_range, eval_mode
+from bdfast.checkpoint import EXIT_INTERRUPTED, Interrupted
 
 
 class UsageError(Exception):
@@ -255,6 +258,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     defense = _method_options(args.method, options)
     if "seed" in options:
         raise UsageError("give the seed with --seed, not --option seed=...")
+    _checkpoint_options(args, defense, options)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be a positive int, got {args.batch_size}")
     if args.device:
@@ -324,6 +328,25 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     if evaluation:
         _print_metrics(before, evaluate(cleaned, *evaluation))
     return 0
+
+
+def _checkpoint_options(args: argparse.Namespace, defense: defenses.Defense,
+                        options: Dict[str, object]) -> None:
+    """Hand ``--checkpoint DIR`` and ``--resume`` to a training defense as its options."""
+    given = sorted({"checkpoint", "resume"} & set(options))
+    if given:
+        raise UsageError(f"give {' and '.join('--' + name for name in given)} as "
+                         f"{'flags' if len(given) > 1 else 'a flag'}, not as --option")
+    if args.checkpoint is None:
+        if args.resume:
+            raise UsageError("--resume needs --checkpoint DIR, the folder to resume from")
+        return
+    if "checkpoint" not in defense.options():
+        raise UsageError(f"--checkpoint is for the defenses that train (medic, bcu); "
+                         f"{args.method} trains nothing, so it has nothing to resume")
+    if os.path.exists(args.checkpoint) and not os.path.isdir(args.checkpoint):
+        raise UsageError(f"--checkpoint {args.checkpoint} is a file; give a folder")
+    options.update(checkpoint=args.checkpoint, resume=args.resume)
 
 
 def _print_metrics(before: Dict[str, float], after: Dict[str, float]) -> None:
@@ -510,6 +533,14 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--seed", type=int, default=0, help="seed of the shuffling and, for medic "
                        "and bcu, of the initialisation (default: %(default)s); stored in the "
                        "checkpoint with the options")
+    clean.add_argument("--checkpoint", metavar="DIR",
+                       help="medic and bcu: write a resumable training checkpoint to this "
+                            "folder after every epoch and, on SIGTERM or Ctrl-C, after the "
+                            "current step (then exit with code 75); the last two are kept")
+    clean.add_argument("--resume", action="store_true",
+                       help="continue the run saved in --checkpoint DIR (from the start if it "
+                            "holds none); the same inputs give the same model as an "
+                            "uninterrupted run")
     clean.add_argument("--backdoorbench", metavar="RECORD",
                        help="a BackdoorBench attack record, record/NAME: clean its model with "
                             "the data a BackdoorBench defense gets and write "
@@ -565,6 +596,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as error:
         print(f"bdfast {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"bdfast {args.command}: {stop}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("bdfast: interrupted", file=sys.stderr)
         return 130
