@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bdfast
 from bdfast import ops, reference
+from bdfast.ops.medic_clone_loss import _same_kernel_layout
 from devices import CUDA, CUDA_DEVICES, DEVICES, cpu_kernels, gpu_only
 from medic_cases import DTYPES, TOL, assert_matches_reference, make_layer, native, rel_err, unzip
 
@@ -145,6 +146,32 @@ def test_token_and_channels_last_outputs_are_read_in_place(device):
     assert counted.copies == 0
     assert counted.op_strides == [[x.stride() for x in s]] * 2  # forward and backward
     assert [gr.stride() for gr in grads] == [x.stride() for x in s]
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("student, copies", [("innermost", 1), ("contiguous", 1),
+                                             ("transposed", 2)])
+def test_only_tensors_out_of_layout_are_copied(device, student, copies):
+    # Autograd may hand the teacher's gradient back in another layout than t's, and
+    # nn.MultiheadAttention's output is a transposed view whose samples interleave in memory:
+    # only the tensors out of s's layout (g's, when s has none the kernels read) are copied.
+    t, s, g, mu, sigma = make_layer((3, 24, 37), device=device,
+                                    innermost=student != "contiguous")
+    if student == "transposed":  # [B, C, L] views of [L, B, C] tensors
+        t, s = (x.detach().permute(2, 0, 1).contiguous().permute(1, 2, 0) for x in (t, s))
+        s.requires_grad_()
+    elif student == "innermost":
+        g = g.contiguous()
+    else:
+        g = g.movedim(1, -1).contiguous().movedim(-1, 1)
+    assert not _same_kernel_layout(t, s, g)
+    with CountCopies() as counted:
+        loss = ops.medic_clone_loss([t], [s], [g], [mu], [sigma], backend="native")
+        (grad,) = torch.autograd.grad(loss, [s])
+    assert counted.copies == copies
+    if student != "transposed":
+        assert grad.stride() == s.stride()
+    assert_matches_reference([(t, s, g, mu, sigma)], TOL[torch.float32])
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
