@@ -148,28 +148,30 @@ def test_token_and_channels_last_outputs_are_read_in_place(device):
     assert [gr.stride() for gr in grads] == [x.stride() for x in s]
 
 
+def _laid_out(x, layout):
+    """x [B, C, L] contiguous, channels innermost, or transposed: a [B, C, L] view of an
+    [L, B, C] tensor, whose samples interleave (nn.MultiheadAttention's output is one)."""
+    order = {"contiguous": (0, 1, 2), "innermost": (0, 2, 1), "transposed": (2, 0, 1)}[layout]
+    inverse = [order.index(d) for d in range(3)]
+    return x.detach().permute(*order).contiguous().permute(*inverse)
+
+
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
-@pytest.mark.parametrize("student, copies", [("innermost", 1), ("contiguous", 1),
-                                             ("transposed", 2)])
-def test_only_tensors_out_of_layout_are_copied(device, student, copies):
-    # Autograd may hand the teacher's gradient back in another layout than t's, and
-    # nn.MultiheadAttention's output is a transposed view whose samples interleave in memory:
-    # only the tensors out of s's layout (g's, when s has none the kernels read) are copied.
-    t, s, g, mu, sigma = make_layer((3, 24, 37), device=device,
-                                    innermost=student != "contiguous")
-    if student == "transposed":  # [B, C, L] views of [L, B, C] tensors
-        t, s = (x.detach().permute(2, 0, 1).contiguous().permute(1, 2, 0) for x in (t, s))
-        s.requires_grad_()
-    elif student == "innermost":
-        g = g.contiguous()
-    else:
-        g = g.movedim(1, -1).contiguous().movedim(-1, 1)
+@pytest.mark.parametrize("student, gradient, copies", [
+    ("innermost", "transposed", 1),   # a ViT LayerNorm's output feeding attention
+    ("contiguous", "innermost", 1),   # a conv output under a channels-last gradient
+    ("innermost", "contiguous", 2),   # one of them contiguous: all three contiguous, as before
+    ("transposed", "innermost", 2),   # an attention output
+])
+def test_only_tensors_out_of_layout_are_copied(device, student, gradient, copies):
+    t, s, g, mu, sigma = make_layer((3, 24, 37), device=device)
+    t, s, g = _laid_out(t, student), _laid_out(s, student).requires_grad_(), _laid_out(g, gradient)
     assert not _same_kernel_layout(t, s, g)
     with CountCopies() as counted:
         loss = ops.medic_clone_loss([t], [s], [g], [mu], [sigma], backend="native")
         (grad,) = torch.autograd.grad(loss, [s])
     assert counted.copies == copies
-    if student != "transposed":
+    if copies == 1:  # s was read in place
         assert grad.stride() == s.stride()
     assert_matches_reference([(t, s, g, mu, sigma)], TOL[torch.float32])
 

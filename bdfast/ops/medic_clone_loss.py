@@ -42,7 +42,8 @@ def medic_clone_loss(t: Sequence[Tensor], s: Sequence[Tensor], g: Sequence[Tenso
     are promoted to float32). They are read in place when all three are contiguous or all
     store their channels innermost, in any rank >= 3 (``x.movedim(1, -1).is_contiguous()``:
     a channels_last map, or ``y.movedim(-1, 1)`` of a contiguous token output ``y [B, L, C]``);
-    otherwise the fewest of them are copied into one of those layouts (s's when it has one).
+    otherwise all three are made contiguous if one of them is, else channels-innermost if one of
+    them is, which copies only the others.
     The compiled kernels make one pass over t, s and g for the loss and one more for the
     gradient, and never materialise w; the gradient of s has s's strides.
     """
@@ -99,10 +100,12 @@ def _validated(t, s, g, mu, sigma, tau, eps):
         if t_l.dtype == torch.float64 or not (t_l.dtype == s_l.dtype == g_l.dtype):
             t_l, s_l, g_l = t_l.float(), s_l.float(), g_l.float()
         if not _same_kernel_layout(t_l, s_l, g_l):
-            # One layout for the three, copying as few as possible: s's if it is one the kernels
-            # read (its gradient then keeps s's strides), else g's or t's.
-            like = next((v for v in (s_l, g_l, t_l) if _same_kernel_layout(v)), s_l)
-            t_l, s_l, g_l = (_in_layout_of(v, like) for v in (t_l, s_l, g_l))
+            # One layout for the three: contiguous if one of them is (as always, so that a conv
+            # net's rounding does not move), else channels innermost if one of them is, so that
+            # a token output's gradient that autograd laid out differently is the only copy.
+            innermost = (not any(v.is_contiguous() for v in (t_l, s_l, g_l))
+                         and any(channels_innermost(v) for v in (t_l, s_l, g_l)))
+            t_l, s_l, g_l = (_in_kernel_layout(v, innermost) for v in (t_l, s_l, g_l))
         for lst, v in zip(out, (t_l.detach(), s_l, g_l.detach(), mu_l.detach().float().contiguous(),
                                 sigma_l.detach().float().contiguous())):
             lst.append(v)
@@ -116,11 +119,10 @@ def _same_kernel_layout(*tensors: Tensor) -> bool:
             or all(channels_innermost(x) for x in tensors))
 
 
-def _in_layout_of(x: Tensor, like: Tensor) -> Tensor:
-    """``x`` with its channels innermost if ``like`` has them so (and is not also contiguous),
-    else contiguous; a copy only if ``x`` is not laid out so already. A teacher gradient whose
-    layout autograd chose differently from t's and s's then costs one copy, not three."""
-    if channels_innermost(like) and not like.is_contiguous():
+def _in_kernel_layout(x: Tensor, innermost: bool) -> Tensor:
+    """``x`` with its channels innermost (``innermost``) or contiguous; a copy only if it is not
+    laid out so already."""
+    if innermost:
         return x if channels_innermost(x) else x.movedim(1, -1).contiguous().movedim(-1, 1)
     return x.contiguous()
 
