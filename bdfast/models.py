@@ -11,6 +11,10 @@
 - :func:`gn_resnet`, :func:`convnext_lab`, :func:`plain_cnn`: small lab nets *without* BatchNorm
   (GroupNorm, channels-first LayerNorm, no normalisation at all), on which DDE and MBNS refuse
   to run and MEDIC and BCU must still work.
+- :func:`vit_lab`, :func:`convnext_cl_lab`: the layouts of today's downloaded nets in lab size: a
+  ViT (patch embedding, bare class token and position embedding, ``nn.MultiheadAttention``,
+  LayerNorm on tokens ``[B, L, C]``) and a channels-last ConvNeXt (LayerNorm and ``nn.Linear``
+  pointwise layers on ``[B, H, W, C]``, a bare layer scale), as torchvision and timm build them.
 
 Every model maps ``x [B, C, H, W]`` to logits ``[B, num_classes]``.
 """
@@ -18,15 +22,17 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdfast._utils import check_number
 
 __all__ = ["DigitsCNN", "VGGSmall", "ResNet18CIFAR", "PreActResNet18", "WideResNet",
-           "GNResNet", "ConvNeXtLab", "LayerNorm2d", "PlainCNN",
+           "GNResNet", "ConvNeXtLab", "LayerNorm2d", "PlainCNN", "ViTLab", "ConvNeXtCLLab",
            "digits_cnn", "vgg_small", "resnet18_cifar", "preact_resnet18",
-           "preact_resnet18_backdoorbench", "wrn16_1", "gn_resnet", "convnext_lab", "plain_cnn"]
+           "preact_resnet18_backdoorbench", "wrn16_1", "gn_resnet", "convnext_lab", "plain_cnn",
+           "vit_lab", "convnext_cl_lab"]
 
 
 def _check(num_classes: int, in_channels: int) -> None:
@@ -449,3 +455,116 @@ class PlainCNN(nn.Module):
 def plain_cnn(num_classes: int = 10, in_channels: int = 1) -> PlainCNN:
     """A small conv + ReLU net without any normalisation layer."""
     return PlainCNN(num_classes, in_channels)
+
+
+class _EncoderBlock(nn.Module):
+    """Pre-LayerNorm transformer block on tokens ``[B, L, C]``:
+    x + attention(ln1(x)), then + mlp(ln2(x)) with a C -> 4C -> C GELU MLP."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, L, C]`` -> ``[B, L, C]``."""
+        y = self.ln1(x)
+        x = x + self.attention(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class ViTLab(nn.Module):
+    """A small vision transformer: a 4x4 stride-4 patch-embedding conv (a 16x16 image is 16
+    tokens of 64 features), a bare ``class_token`` [1, 1, 64] and ``pos_embedding`` [1, 17, 64]
+    (torchvision's names and initialisations: zeros, normal std 0.02), three pre-LayerNorm
+    encoder blocks of 4-head ``nn.MultiheadAttention`` and a GELU MLP, a final LayerNorm and
+    ``head``, a Linear on the class token. ``image_size`` must be a multiple of 4."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 16):
+        super().__init__()
+        _check(num_classes, in_channels)
+        patch, dim, depth, heads = 4, 64, 3, 4
+        if image_size % patch != 0:
+            raise ValueError(f"image_size must be a multiple of {patch}, got {image_size}")
+        tokens = (image_size // patch) ** 2 + 1
+        self.patch_embedding = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embedding = nn.Parameter(torch.empty(1, tokens, dim).normal_(std=0.02))
+        self.blocks = nn.Sequential(*(_EncoderBlock(dim, heads) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, in_channels, image_size, image_size]`` -> logits ``[B, num_classes]``."""
+        tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, L - 1, C]
+        tokens = torch.cat([self.class_token.expand(len(x), -1, -1), tokens], dim=1)
+        tokens = self.blocks(tokens + self.pos_embedding)
+        return self.head(self.norm(tokens)[:, 0])
+
+
+def vit_lab(num_classes: int = 10, in_channels: int = 1) -> ViTLab:
+    """A small ViT for 16x16 images (patch 4, 3 blocks of width 64, ``nn.MultiheadAttention``)."""
+    return ViTLab(num_classes, in_channels)
+
+
+class _ConvNeXtCLBlock(nn.Module):
+    """ConvNeXt block as torchvision and timm write it: a depthwise 5x5 conv on ``[B, C, H, W]``,
+    then, permuted to ``[B, H, W, C]``, LayerNorm over the last dim, Linear C -> 4C, GELU, Linear
+    4C -> C and the layer scale ``gamma`` [C], permuted back and added to the input."""
+
+    def __init__(self, channels: int, init_values: float):
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, 5, padding=2, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.pw1 = nn.Linear(channels, 4 * channels)
+        self.act = nn.GELU()
+        self.pw2 = nn.Linear(4 * channels, channels)
+        # Kept, as timm's blocks keep it, so a fresh copy starts from the same layer scale.
+        self.init_values = init_values
+        self.gamma = nn.Parameter(torch.full((channels,), init_values))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, C, H, W]`` -> ``[B, C, H, W]``."""
+        y = self.depthwise(x).permute(0, 2, 3, 1)
+        y = self.gamma * self.pw2(self.act(self.pw1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtCLLab(nn.Module):
+    """Channels-last ConvNeXt-style net: a 2x2 stride-2 patchify stem + LayerNorm2d, two stages
+    of ConvNeXt blocks (32 and 64 channels, 2 blocks each; :class:`_ConvNeXtCLBlock`) with a
+    LayerNorm2d + 2x2 stride-2 conv downsampling before the second, global average pooling, a
+    final LayerNorm and ``fc``. A 16x16 image ends as a 4x4 map. The layer scales start at 0.1
+    rather than ConvNeXt's 1e-6: CaiT's value for shallow nets, with which this 4-block net
+    learns in the lab's 30 epochs."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        _check(num_classes, in_channels)
+        widths, depths, init_values = (32, 64), (2, 2), 0.1
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 2, stride=2),
+                                  LayerNorm2d(widths[0]))
+        stages, c_in = [], widths[0]
+        for c_out, depth in zip(widths, depths):
+            downsample = [] if c_out == c_in else [LayerNorm2d(c_in),
+                                                   nn.Conv2d(c_in, c_out, 2, stride=2)]
+            stages.append(nn.Sequential(*downsample, *(_ConvNeXtCLBlock(c_out, init_values)
+                                                       for _ in range(depth))))
+            c_in = c_out
+        self.stage1, self.stage2 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.norm = nn.LayerNorm(c_in)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, in_channels, H, W]`` -> logits ``[B, num_classes]``."""
+        x = self.stage2(self.stage1(self.stem(x)))
+        return self.fc(self.norm(self.avgpool(x).flatten(1)))
+
+
+def convnext_cl_lab(num_classes: int = 10, in_channels: int = 1) -> ConvNeXtCLLab:
+    """A small ConvNeXt-style net with channels-last LayerNorms, Linear pointwise layers and
+    layer scales (no BatchNorm)."""
+    return ConvNeXtCLLab(num_classes, in_channels)

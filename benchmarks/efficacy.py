@@ -16,8 +16,10 @@ Data, subsampled so that the whole matrix fits a 2-core machine:
 Models: ``digits_cnn``, ``vgg_small`` and ``preact_resnet18`` at width 16 (the DDE/MBNS papers'
 architecture with a quarter of its channels: 976 BN channels), and three nets without BatchNorm:
 ``gn_resnet`` (GroupNorm, GELU, depthwise-separable residual blocks), ``convnext_lab``
-(LayerNorm, ConvNeXt blocks) and ``plain_cnn`` (no normalisation). DDE and MBNS need BatchNorm
-and are not run on the last three.
+(LayerNorm, ConvNeXt blocks) and ``plain_cnn`` (no normalisation), and two in the layouts of
+today's downloaded nets: ``vit_lab`` (a small ViT: LayerNorm and ``nn.MultiheadAttention`` on
+tokens) and ``convnext_cl_lab`` (a channels-last ConvNeXt: LayerNorm and Linear layers on
+``[B, H, W, C]``, layer scales). DDE and MBNS need BatchNorm and are not run on the last five.
 
 Each defense gets its data as a user would give it: MEDIC the clean set with labels, BCU the
 clean images without labels (the ``images2000`` setting: 2,000, the 500 clean
@@ -64,7 +66,8 @@ ASR_MAX = 0.10
 MAX_ACC_DROP = 0.03
 
 DATA = lab.DATA
-ARCHS = ("digits_cnn", "preact_resnet18", "vgg_small", "gn_resnet", "convnext_lab", "plain_cnn")
+ARCHS = ("digits_cnn", "preact_resnet18", "vgg_small", "gn_resnet", "convnext_lab", "plain_cnn",
+         "vit_lab", "convnext_cl_lab")
 ATTACKS = ("badnets", "blended", "wanet", "sig")
 # The baselines first, then the library's defenses, in the registry's order.
 DEFENSES = tuple(sorted(defenses.names(baselines=True), key=lambda n: not defenses.get(n).baseline))

@@ -12,6 +12,8 @@ from bdfast.data import load_digits, tensor_loader
 from bdfast.hooks import BATCHNORM, NORM
 
 NO_BATCHNORM = [models.gn_resnet, models.convnext_lab, models.plain_cnn]
+# The nets in the layouts of torchvision's and timm's transformers and ConvNeXts.
+TOKEN_NETS = [models.vit_lab, models.convnext_cl_lab]
 
 
 def _count(model: nn.Module, kind: type) -> int:
@@ -28,6 +30,8 @@ def _count(model: nn.Module, kind: type) -> int:
     (models.gn_resnet, (3, 1, 16, 16)),
     (models.convnext_lab, (3, 1, 16, 16)),
     (models.plain_cnn, (3, 1, 16, 16)),
+    (models.vit_lab, (3, 1, 16, 16)),
+    (models.convnext_cl_lab, (3, 3, 16, 16)),
 ])
 def test_logits_shape_and_backward(factory, shape):
     torch.manual_seed(0)
@@ -164,7 +168,7 @@ def test_wrn16_1_architecture():
 
 @pytest.mark.parametrize("factory", [models.digits_cnn, models.vgg_small, models.resnet18_cifar,
                                      models.preact_resnet18, models.preact_resnet18_backdoorbench,
-                                     models.wrn16_1, *NO_BATCHNORM])
+                                     models.wrn16_1, *NO_BATCHNORM, *TOKEN_NETS])
 def test_bad_arguments_are_rejected(factory):
     with pytest.raises(ValueError, match="num_classes"):
         factory(num_classes=0)
@@ -248,13 +252,68 @@ def test_layer_norm_2d_normalises_each_position_over_channels_only():
     assert not torch.allclose(norm(x), nn.GroupNorm(1, 6)(x), atol=1e-3)
 
 
+def _outputs(model: nn.Module, x: torch.Tensor):
+    """{module name: output shape} of every module of ``model`` that runs on ``x``."""
+    shapes = {}
+    handles = [m.register_forward_hook(
+        lambda mod, args, out, name=name: shapes.__setitem__(
+            name, tuple((out[0] if isinstance(out, tuple) else out).shape)))
+        for name, m in model.named_modules() if name]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return shapes
+
+
+def test_vit_lab_layout():
+    model = models.vit_lab().eval()
+    assert _count(model, BATCHNORM) == 0 and _count(model, nn.MultiheadAttention) == 3
+    # Bare parameters as torchvision's VisionTransformer holds them: no module resets them.
+    own = dict(model.named_parameters(recurse=False))
+    assert set(own) == {"class_token", "pos_embedding"}
+    assert own["class_token"].shape == (1, 1, 64) and not own["class_token"].any()
+    assert own["pos_embedding"].shape == (1, 17, 64)
+    assert 0.01 < float(own["pos_embedding"].detach().std()) < 0.03
+    shapes = _outputs(model, torch.rand(2, 1, 16, 16))
+    assert shapes["patch_embedding"] == (2, 64, 4, 4)
+    # LayerNorms, attention and MLP outputs are tokens [B, L, C]: 16 patches + the class token.
+    for name in ("blocks.0.ln1", "blocks.0.attention", "blocks.0.mlp.1", "blocks.2", "norm"):
+        assert shapes[name][:2] == (2, 17)
+    assert shapes["blocks.0.mlp.1"][2] == 256 and shapes["head"] == (2, 10)
+    # The attention's out_proj is applied functionally, so its hook never fires.
+    assert "blocks.0.attention.out_proj" not in shapes
+    with pytest.raises(ValueError, match="multiple of 4"):
+        models.ViTLab(image_size=18)
+
+
+def test_convnext_cl_lab_layout():
+    model = models.convnext_cl_lab().eval()
+    assert _count(model, BATCHNORM) == 0
+    gammas = [(n, p) for n, p in model.named_parameters() if n.endswith("gamma")]
+    assert len(gammas) == 4 and all(torch.all(p == 0.1) for _, p in gammas)
+    shapes = _outputs(model, torch.rand(2, 1, 16, 16))
+    # Inside a block the norm and the pointwise Linears see channels-last maps [B, H, W, C].
+    assert shapes["stage1.0.norm"] == (2, 8, 8, 32) and shapes["stage1.0.pw1"] == (2, 8, 8, 128)
+    assert shapes["stage2.2.pw2"] == (2, 4, 4, 64)
+    # The blocks themselves, the depthwise convs and the downsampling stay channels-first.
+    assert shapes["stage1.0.depthwise"] == (2, 32, 8, 8) and shapes["stage2.3"] == (2, 64, 4, 4)
+    assert shapes["fc"] == (2, 10)
+
+
+@pytest.mark.parametrize("factory", TOKEN_NETS)
+def test_token_nets_are_small(factory):
+    # Small enough for the lab to train one in a few minutes on two CPU cores.
+    assert 50_000 <= sum(p.numel() for p in factory().parameters()) <= 160_000
+
+
 @pytest.fixture(scope="module")
 def clean_loader():
     x, y = load_digits().clean
     return tensor_loader(x[:64], y[:64], batch_size=32, shuffle=True, seed=0)
 
 
-@pytest.mark.parametrize("factory", NO_BATCHNORM)
+@pytest.mark.parametrize("factory", NO_BATCHNORM + TOKEN_NETS)
 @pytest.mark.parametrize("defense", [bdfast.medic_clone, bdfast.bcu_cleanse])
 def test_medic_and_bcu_clean_nets_without_batchnorm(factory, defense, clean_loader):
     torch.manual_seed(0)
