@@ -199,7 +199,8 @@ class Medic:
                       amp=cfg.amp, progress=cfg.progress, eval_fn=cfg.eval_fn,
                       eval_every=cfg.eval_every,
                       augment=RandomCrop.from_spec(cfg.augment, cfg.seed), desc="medic",
-                      checkpoint=checkpoint, replay=step.fill_cache)
+                      checkpoint=checkpoint,
+                      replay=step.fill_cache if cache is not None else None)
         timings.update(trained.timings)
         timings["total"] = sum(timings[k] for k in ("prepare", "statistics", "train", "eval"))
         report = cache.summary() if cache is not None else {"used": False, "reason_off": ""}
