@@ -248,11 +248,12 @@ def feature_axes(model: nn.Module, names: Sequence[str], x: Tensor, *,
     them on dim 1.
 
     A name that did not run (nn.MultiheadAttention's ``out_proj``, whose weights the attention
-    applies itself) is left out, or is a ValueError if it is in ``required`` (the layers a
-    user named). An output whose axis cannot be decided, or whose dim 0 is not the batch, is a
-    ValueError naming the layer and its shape.
+    applies itself), or whose output does not hold one sample per row of dim 0 (a Swin window
+    attention's ``[B * windows, tokens, C]``, an attention without ``batch_first``), is left
+    out, or is a ValueError if it is in ``required`` (the layers a user named). An output whose
+    axis cannot be decided is a ValueError naming the layer and its shape.
     """
-    modules = dict(model.named_modules())
+    modules, required = dict(model.named_modules()), list(required)
     ran: List[Tuple[str, nn.Module, torch.Size]] = []  # in the order their forwards finished
 
     def record(name: str):
@@ -286,6 +287,8 @@ def feature_axes(model: nn.Module, names: Sequence[str], x: Tensor, *,
         where = f"layer {name!r} (output shape {list(shape)})"
         if len(shape) < 2 or shape[0] != len(x) or (
                 isinstance(module, ATTENTION) and not module.batch_first):
+            if name not in required:
+                continue  # e.g. a Swin window attention's [B * windows, tokens, C]
             raise ValueError(f"{where} does not hold the batch of {len(x)} samples on dim 0 "
                              "followed by features (an nn.MultiheadAttention needs "
                              "batch_first=True); choose other layers with layers=")

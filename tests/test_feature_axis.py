@@ -171,7 +171,29 @@ def test_undecidable_axes_and_layers_that_never_run_fail_clearly():
         Medic(**FAST, layers=["tokens"]).fit(model, [(x, y)])
     unbatched = SelfAttention(nn.MultiheadAttention(4, 1))  # batch_first=False: [L, B, E]
     with pytest.raises(ValueError, match="batch of 2 samples on dim 0.*batch_first=True"):
-        feature_axes(unbatched, ["attn"], torch.rand(2, 3, 4))
+        feature_axes(unbatched, ["attn"], torch.rand(2, 3, 4), required=["attn"])
+    # Chosen by a preset rather than by name, such a layer is left out.
+    assert feature_axes(unbatched, ["attn"], torch.rand(2, 3, 4)) == {}
+
+
+class Windows(nn.Module):
+    """Attention inside windows, as Swin runs it: [B * windows, tokens, C] in between."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):  # x [B, 8, 4] -> 2 windows of 4 tokens per sample
+        windows = self.qkv(x.reshape(-1, 4, 4))
+        return self.head(windows.reshape(len(x), 8, 4).mean(1))
+
+
+def test_a_preset_leaves_out_outputs_that_mix_samples_into_dim_0():
+    model, x = Windows(), torch.rand(3, 8, 4)
+    assert feature_axes(model, ["qkv", "head"], x) == {"head": 1}
+    with pytest.raises(ValueError, match=r"layer 'qkv' \(output shape \[6, 4, 4\]\) does not "
+                                         "hold the batch of 3 samples on dim 0"):
+        feature_axes(model, ["qkv", "head"], x, required=["qkv"])
 
 
 class SelfAttention(nn.Module):

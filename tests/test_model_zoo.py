@@ -44,6 +44,8 @@ TIMM = {
     "vit_tiny_patch16_224": dict(img_size=32),
     "deit_tiny_patch16_224": dict(img_size=32),
     "convnext_atto": {},
+    # Its window attention's outputs are [B * windows, tokens, C]: layers="auto" leaves them out.
+    "swin_tiny_patch4_window7_224": dict(img_size=32, window_size=4),
 }
 
 
