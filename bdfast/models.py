@@ -510,13 +510,13 @@ def vit_lab(num_classes: int = 10, in_channels: int = 1) -> ViTLab:
 
 
 class _ConvNeXtCLBlock(nn.Module):
-    """ConvNeXt block as torchvision and timm write it: a depthwise 5x5 conv on ``[B, C, H, W]``,
+    """ConvNeXt block as torchvision and timm write it: a depthwise 7x7 conv on ``[B, C, H, W]``,
     then, permuted to ``[B, H, W, C]``, LayerNorm over the last dim, Linear C -> 4C, GELU, Linear
     4C -> C and the layer scale ``gamma`` [C], permuted back and added to the input."""
 
     def __init__(self, channels: int, init_values: float):
         super().__init__()
-        self.depthwise = nn.Conv2d(channels, channels, 5, padding=2, groups=channels)
+        self.depthwise = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
         self.norm = nn.LayerNorm(channels)
         self.pw1 = nn.Linear(channels, 4 * channels)
         self.act = nn.GELU()
@@ -533,17 +533,20 @@ class _ConvNeXtCLBlock(nn.Module):
 
 
 class ConvNeXtCLLab(nn.Module):
-    """Channels-last ConvNeXt-style net: a 2x2 stride-2 patchify stem + LayerNorm2d, two stages
-    of ConvNeXt blocks (32 and 64 channels, 2 blocks each; :class:`_ConvNeXtCLBlock`) with a
-    LayerNorm2d + 2x2 stride-2 conv downsampling before the second, global average pooling, a
-    final LayerNorm and ``fc``. A 16x16 image ends as a 4x4 map. The layer scales start at 0.1
-    rather than ConvNeXt's 1e-6: CaiT's value for shallow nets, with which this 4-block net
-    learns in the lab's 30 epochs."""
+    """Channels-last ConvNeXt-style net: :class:`ConvNeXtLab`'s layout (2x2 stride-2 patchify
+    stem + LayerNorm2d; stages of 16, 32, 64 channels with 2, 2, 1 blocks; LayerNorm2d + 2x2
+    stride-2 conv downsampling; global average pooling, a final LayerNorm and ``fc``) with the
+    blocks of :class:`_ConvNeXtCLBlock`. A 16x16 image ends as a 2x2 map.
+
+    The layer scales start at 1.0, not ConvNeXt's 1e-6: under the lab's SGD recipe a layer scale
+    of 1e-6 or 0.1 left the net at a clean accuracy of 0.14 on the digits (badnets, seed 0), and
+    with AdamW (lr 2e-3, weight decay 0.05) it reached 0.91 and 0.93 but implanted badnets only
+    to an ASR of 0.59 and 0.72; at 1.0 the block starts as :class:`ConvNeXtLab`'s."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
         _check(num_classes, in_channels)
-        widths, depths, init_values = (32, 64), (2, 2), 0.1
+        widths, depths, init_values = (16, 32, 64), (2, 2, 1), 1.0
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 2, stride=2),
                                   LayerNorm2d(widths[0]))
         stages, c_in = [], widths[0]
@@ -553,14 +556,14 @@ class ConvNeXtCLLab(nn.Module):
             stages.append(nn.Sequential(*downsample, *(_ConvNeXtCLBlock(c_out, init_values)
                                                        for _ in range(depth))))
             c_in = c_out
-        self.stage1, self.stage2 = stages
+        self.stage1, self.stage2, self.stage3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.norm = nn.LayerNorm(c_in)
         self.fc = nn.Linear(c_in, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, in_channels, H, W]`` -> logits ``[B, num_classes]``."""
-        x = self.stage2(self.stage1(self.stem(x)))
+        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
         return self.fc(self.norm(self.avgpool(x).flatten(1)))
 
 

@@ -291,14 +291,22 @@ def test_convnext_cl_lab_layout():
     model = models.convnext_cl_lab().eval()
     assert _count(model, BATCHNORM) == 0
     gammas = [(n, p) for n, p in model.named_parameters() if n.endswith("gamma")]
-    assert len(gammas) == 4 and all(torch.all(p == 0.1) for _, p in gammas)
+    assert len(gammas) == 5 and all(torch.all(p == 1.0) for _, p in gammas)
     shapes = _outputs(model, torch.rand(2, 1, 16, 16))
     # Inside a block the norm and the pointwise Linears see channels-last maps [B, H, W, C].
-    assert shapes["stage1.0.norm"] == (2, 8, 8, 32) and shapes["stage1.0.pw1"] == (2, 8, 8, 128)
-    assert shapes["stage2.2.pw2"] == (2, 4, 4, 64)
+    assert shapes["stage1.0.norm"] == (2, 8, 8, 16) and shapes["stage1.0.pw1"] == (2, 8, 8, 64)
+    assert shapes["stage3.2.pw2"] == (2, 2, 2, 64)
     # The blocks themselves, the depthwise convs and the downsampling stay channels-first.
-    assert shapes["stage1.0.depthwise"] == (2, 32, 8, 8) and shapes["stage2.3"] == (2, 64, 4, 4)
+    assert shapes["stage1.0.depthwise"] == (2, 16, 8, 8) and shapes["stage2.3"] == (2, 32, 4, 4)
     assert shapes["fc"] == (2, 10)
+    # At a layer scale of 1 the blocks compute ConvNeXtLab's, whose 1x1 convs these Linears are.
+    torch.manual_seed(0)
+    reference = models.convnext_lab().eval()
+    state = {k: v.reshape(model.state_dict()[k].shape) for k, v in reference.state_dict().items()}
+    model.load_state_dict(state, strict=False)
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("factory", TOKEN_NETS)
