@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -20,7 +21,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence
+import warnings
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -236,6 +238,25 @@ def _method_options(method: str, options: Dict[str, object]) -> defenses.Defense
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
+
+
+@contextlib.contextmanager
+def _warnings_on_one_line() -> Iterator[None]:
+    """Within: a warning is one line on stderr, ``bdfast: RuntimeWarning: <message>``, instead of
+    Python's two (the second being the library's source line that raised it). Left as it is when
+    someone already shows warnings their own way (pytest, an embedding program)."""
+    if getattr(warnings.showwarning, "__module__", None) != "warnings":
+        yield
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"bdfast: {category.__name__}: {_one_line(message)}", file=file or sys.stderr)
+
+    original, warnings.showwarning = warnings.showwarning, show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
 
 
 # The flags of a checkpoint run, and those of a --backdoorbench run; the other mode refuses them.
@@ -592,7 +613,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
-        return args.run(args)
+        with _warnings_on_one_line():
+            return args.run(args)
     except UsageError as error:
         print(f"bdfast {args.command}: error: {error}", file=sys.stderr)
         return 2

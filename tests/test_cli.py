@@ -426,3 +426,23 @@ def test_a_failing_defense_is_one_line_not_a_traceback(files, capsys, monkeypatc
     monkeypatch.setenv("BDFAST_TRACEBACK", "1")
     with pytest.raises(RuntimeError, match="illegal memory access"):
         _clean(files, "mbns", out=out)
+
+
+
+WARNS = """
+import warnings
+from bdfast.cli import _warnings_on_one_line
+with _warnings_on_one_line():
+    warnings.warn("two\\n words", UserWarning)
+warnings.warn("after", UserWarning)
+"""
+
+
+def test_a_warning_is_one_line_from_the_command():
+    """Python shows a warning on two lines, the second the library's source line; `bdfast`
+    shows one, and only while it runs a command."""
+    result = subprocess.run([sys.executable, "-c", WARNS], capture_output=True, text=True,
+                            timeout=120)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 0 and lines[0] == "bdfast: UserWarning: two words"
+    assert lines[1:] == ["<string>:6: UserWarning: after"]  # restored afterwards
