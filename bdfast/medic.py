@@ -40,19 +40,22 @@ from bdfast.ops import BACKENDS
 from bdfast.augment import AugmentSpec, RandomCrop, resolve_augment
 from bdfast._utils import (check_logits, check_number, distributed, eval_mode, iter_batches,
                            model_input_errors, resolve_device, seed_everything)
-from bdfast.hooks import (ACTIVATION, BATCHNORM, NORM, LayerSpec, Tap, copy_without_hooks,
-                          disable_inplace, feature_axes, find_inplace_overwrites, select_layers,
-                          warn_inplace)
+from bdfast.hooks import (ACTIVATION, ATTENTION, BATCHNORM, NORM, LayerSpec, Tap,
+                          copy_without_hooks, disable_inplace, feature_axes,
+                          find_inplace_overwrites, select_layers, warn_inplace)
 from bdfast.reinit import reinit_model
 from bdfast.stats import ChannelMoments
 from bdfast.checkpoint import Checkpoint, check_options as check_checkpoint
-from bdfast.distill import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
+from bdfast.distill import (AmpSpec, CollapseGuard, EvalFn, check_batch, check_loader, fit,
+                            resolve_amp)
 from bdfast.teacher_cache import (CacheSpec, TeacherCache, default_budget, resolve_cache_dtype)
 
 __all__ = ["MedicConfig", "MedicResult", "Medic", "MedicStep", "medic_clone", "teacher_statistics",
            "auto_layers"]
 
 LABEL_MODES = ("auto", "given", "teacher")
+# What the collapse guard's warning suggests (bdfast.distill.CollapseGuard).
+MEDIC_ADVICE = "a lower lr (e.g. lr=3e-3) or more epochs"
 
 
 @dataclass
@@ -119,11 +122,15 @@ def _check_auto_or_bool(value: Any, name: str) -> None:
 class MedicResult:
     """The cleaned ``model`` (eval mode, on the teacher's device), the per-epoch ``history``
     (see :class:`bdfast.distill.TrainResult`), ``timings`` in seconds (prepare, statistics,
-    train, eval, total), the hooked ``layers``, what the teacher ``cache`` did (``used``:
+    train, eval, guard, total), the hooked ``layers``, what the teacher ``cache`` did (``used``:
     whether later epochs read it, ``images``, ``bytes_per_image``, ``bytes``, ``hits`` and
     ``reason_off``: why it was off, when it was; empty if ``cache_teacher=False``), whether
-    the run trained ``channels_last``, and ``layer_preset``: the preset that ``layers="auto"``
-    chose (the given preset name otherwise; None for types, names or a predicate)."""
+    the run trained ``channels_last``, ``layer_preset``: the preset that ``layers="auto"``
+    chose (the given preset name otherwise; None for types, names or a predicate), and the
+    collapse guard's ``agreement_before`` / ``agreement_after`` (the teacher's and the
+    student's accuracy on the loader's labels, or agreement with the teacher's predictions
+    where there are none or ``labels="teacher"``) and ``collapse``: its warning, or None
+    (:class:`bdfast.distill.TrainResult`)."""
 
     model: nn.Module
     history: List[Dict[str, Any]] = field(default_factory=list)
@@ -132,6 +139,9 @@ class MedicResult:
     cache: Dict[str, Any] = field(default_factory=dict)
     channels_last: bool = False
     layer_preset: Optional[str] = None
+    agreement_before: Optional[float] = None
+    agreement_after: Optional[float] = None
+    collapse: Optional[str] = None
 
 
 class Medic:
@@ -200,14 +210,19 @@ class Medic:
                       eval_every=cfg.eval_every,
                       augment=RandomCrop.from_spec(cfg.augment, cfg.seed), desc="medic",
                       checkpoint=checkpoint,
-                      replay=step.fill_cache if cache is not None else None)
+                      replay=step.fill_cache if cache is not None else None,
+                      guard=CollapseGuard(t_model, labels=cfg.labels != "teacher",
+                                          defense="medic", advice=MEDIC_ADVICE))
         timings.update(trained.timings)
-        timings["total"] = sum(timings[k] for k in ("prepare", "statistics", "train", "eval"))
+        timings["total"] = sum(timings[k] for k in ("prepare", "statistics", "train", "eval",
+                                                    "guard"))
         report = cache.summary() if cache is not None else {"used": False, "reason_off": ""}
         s_model.to(home, memory_format=torch.contiguous_format)
         return MedicResult(s_model.eval(), trained.history, timings, names, report,
                            channels_last=layout == torch.channels_last,
-                           layer_preset=layers if isinstance(layers, str) else None)
+                           layer_preset=layers if isinstance(layers, str) else None,
+                           agreement_before=trained.agreement_before,
+                           agreement_after=trained.agreement_after, collapse=trained.collapse)
 
 
 class MedicStep:
@@ -383,6 +398,11 @@ def medic_clone(teacher: nn.Module, loader: Iterable, *, epochs: int = 60, tau: 
     return Medic(config).fit(teacher, loader, student=student).model
 
 
+# Bare parameters that only transformers hold (bdfast.reinit's token and position rules).
+TRANSFORMER_PARAMETERS = ("class_token", "cls_token", "pos_embedding", "pos_embed",
+                          "relative_position_bias_table")
+
+
 def auto_layers(model: nn.Module) -> str:
     """The layer preset that ``layers="auto"`` hooks on ``model``, by how it normalises
     (docs/medic.md, "Nets without BatchNorm"):
@@ -393,13 +413,21 @@ def auto_layers(model: nn.Module) -> str:
       activation modules (``nn.GELU``, ``nn.ReLU``, ...): ``"act+linear"``, the activations
       and the classifier. Cloning such a net's conv and norm outputs carried the blended
       backdoor into the student on Fashion-MNIST (ASR 0.20-0.38); cloning its activations did
-      not, and on the unnormalised net the activations alone cost accuracy.
+      not, and on the unnormalised net the activations alone cost accuracy;
+    - except on a transformer (an ``nn.MultiheadAttention``, or a bare class token, position
+      embedding or relative position bias table, :data:`TRANSFORMER_PARAMETERS`):
+      ``"conv+norm+linear"``. On the lab's ViT the activations and attention outputs alone
+      cost 0.09-0.12 of clean accuracy and let blended through (docs/medic.md,
+      "Transformers"); its LayerNorm outputs, the inputs of every attention and MLP, did not.
     """
     modules = list(model.modules())
     normalised = any(isinstance(m, NORM) for m in modules)
     batchnorm = any(isinstance(m, BATCHNORM) for m in modules)
     activations = any(isinstance(m, ACTIVATION) for m in modules)
-    return "act+linear" if normalised and not batchnorm and activations else "conv+norm+linear"
+    transformer = any(isinstance(m, ATTENTION) for m in modules) or any(
+        name.rsplit(".", 1)[-1] in TRANSFORMER_PARAMETERS for name, _ in model.named_parameters())
+    return "act+linear" if (normalised and not batchnorm and activations and not transformer) \
+        else "conv+norm+linear"
 
 
 @torch.no_grad()

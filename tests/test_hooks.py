@@ -186,6 +186,22 @@ def test_medic_auto_layers_picks_by_architecture():
     assert auto_layers(unnormalised) == "conv+norm+linear"
 
 
+def test_medic_auto_layers_takes_the_paper_layers_on_transformers():
+    from bdfast import models
+
+    # The lab's ViT and channels-last ConvNeXt: LayerNorm and GELU, no BatchNorm.
+    assert auto_layers(models.vit_lab()) == "conv+norm+linear"
+    assert auto_layers(models.convnext_cl_lab()) == "act+linear"
+    # A transformer is known by its attention module or by a bare token or position parameter.
+    blocks = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU())
+    assert auto_layers(blocks) == "act+linear"
+    assert auto_layers(nn.Sequential(blocks, nn.MultiheadAttention(8, 2))) == "conv+norm+linear"
+    for name in ("cls_token", "pos_embed", "relative_position_bias_table"):
+        with_parameter = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU())
+        with_parameter.register_parameter(name, nn.Parameter(torch.zeros(1, 1, 8)))
+        assert auto_layers(with_parameter) == "conv+norm+linear", name
+
+
 def test_medic_records_the_layers_auto_chose():
     torch.manual_seed(0)
     x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))
