@@ -93,7 +93,9 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
               "augment": {"augment": True}, "crop": {"augment": "crop"},
               # Which outputs to clone on the nets without BatchNorm (docs/medic.md).
               "block+linear": {"layers": "block+linear"}, "act+linear": {"layers": "act+linear"},
-              "conv+norm+linear": {"layers": "conv+norm+linear"}},
+              "conv+norm+linear": {"layers": "conv+norm+linear"},
+              # The student's Adam step on the transformer-style nets (docs/medic.md).
+              "lr0.001": {"lr": 0.001}},
     "bcu": {"default": {},
             "paper": {"lr": 0.01, "epochs": 100, "init": "reset", "ratio_scale": 1.0},
             "lr0.05": {"lr": 0.05, "epochs": 100, "init": "reset", "ratio_scale": 1.0},
