@@ -538,10 +538,11 @@ class ConvNeXtCLLab(nn.Module):
     stride-2 conv downsampling; global average pooling, a final LayerNorm and ``fc``) with the
     blocks of :class:`_ConvNeXtCLBlock`. A 16x16 image ends as a 2x2 map.
 
-    The layer scales start at 1.0, not ConvNeXt's 1e-6: under the lab's SGD recipe a layer scale
-    of 1e-6 or 0.1 left the net at a clean accuracy of 0.14 on the digits (badnets, seed 0), and
-    with AdamW (lr 2e-3, weight decay 0.05) it reached 0.91 and 0.93 but implanted badnets only
-    to an ASR of 0.59 and 0.72; at 1.0 the block starts as :class:`ConvNeXtLab`'s."""
+    The layer scales start at 1.0, not ConvNeXt's 1e-6, so a block starts as
+    :class:`ConvNeXtLab`'s. A first two-stage variant (32 and 64 channels, 5x5 depthwise convs)
+    did not make a usable lab net: with layer scales at 1e-6 or 0.1 the lab's SGD left it at a
+    clean accuracy of 0.14 on the digits (badnets, seed 0), AdamW (lr 2e-3, weight decay 0.05)
+    implanted badnets only to an ASR of 0.59 and 0.72, and at 1.0 to 0.70."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
