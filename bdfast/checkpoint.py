@@ -336,7 +336,10 @@ def _files(folder: str) -> List[str]:
 def write_atomically(payload: Any, path: str) -> None:
     """``torch.save(payload)`` to ``path`` so that ``path`` holds the old file or the whole new
     one: a temporary file in the same folder, flushed to disk (fsync), renamed over ``path``;
-    the folder is synced too, so that the rename survives a power cut."""
+    the folder is synced too, so that the rename survives a power cut. An error or an interrupt
+    (Ctrl-C, or SIGTERM where the CLI turns it into KeyboardInterrupt) removes the temporary
+    file; it is created with ``open``, so its mode follows the umask. ``bdfast clean`` writes
+    its output file this way too."""
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     try:

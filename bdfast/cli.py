@@ -30,7 +30,7 @@ from torch import nn
 
 from bdfast import defenses
 from bdfast._utils import channels_last_hint, check_pixel_range, eval_mode
-from bdfast.checkpoint import EXIT_INTERRUPTED, Interrupted
+from bdfast.checkpoint import EXIT_INTERRUPTED, Interrupted, write_atomically
 
 
 class UsageError(Exception):
@@ -344,7 +344,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
                "arch": args.arch, "bdfast_version": bdfast.__version__}
     if outcome.report is not None:
         payload["report"] = json.loads(json.dumps(outcome.report, default=_jsonable))
-    _save_atomically(payload, args.out)
+    write_atomically(payload, args.out)  # an interrupt leaves no temporary file
     print(f"{args.method}: cleaned model written to {args.out} ({seconds:.1f}s)")
     if evaluation:
         _print_metrics(before, evaluate(cleaned, *evaluation))
@@ -420,27 +420,6 @@ def _clean_backdoorbench(args: argparse.Namespace, defense: defenses.Defense,
           f"{len(clean[0])} clean images, {ratio:g} of the training set)")
     _print_metrics(before, after)
     return 0
-
-
-def _save_atomically(payload: dict, path: str) -> None:
-    """``torch.save(payload)`` to ``path`` so that it holds the old file or the whole new one.
-
-    The data goes to a temporary file next to ``path``, is flushed to disk (fsync) and then
-    renamed over ``path``; an error or an interrupt (Ctrl-C, or SIGTERM, which :func:`main`
-    turns into KeyboardInterrupt) removes the temporary file. The file is created with
-    ``open``, so its mode follows the umask like any other file the user writes.
-    """
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _jsonable(value):
