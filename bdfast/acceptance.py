@@ -132,4 +132,8 @@ CASES = [
     # 1 and 2 threads), so it checks 0.05 and the ASR bound.
     Case("medic", "blended", "gn_resnet", data="fmnist", options=MEDIC),
     Case("bcu", "badnets", "gn_resnet", options=BCU, max_acc_drop=0.05),
+    # A channels-last ConvNeXt (LayerNorm and Linear layers on [B, H, W, C], layer scales),
+    # where the statistics must be per feature on the last dim (docs/medic.md, "Transformers").
+    # The lab ViT has no case: MEDIC missed the bound on it on held-out seeds.
+    Case("medic", "blended", "convnext_cl_lab", options=MEDIC),
 ]
