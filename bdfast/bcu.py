@@ -19,7 +19,9 @@ See docs/bcu.md.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -32,9 +34,11 @@ from bdfast.augment import AugmentSpec, RandomCrop, resolve_augment
 from bdfast.hooks import CONV, LINEAR, copy_without_hooks, residual_blocks
 from bdfast.reinit import reinit_module
 from bdfast.checkpoint import Checkpoint, check_options as check_checkpoint
-from bdfast.distill import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
+from bdfast.distill import (AmpSpec, CollapseGuard, EvalFn, check_batch, check_loader, fit,
+                            resolve_amp)
 
-__all__ = ["bcu_cleanse", "bcu_ratios", "partial_reinit", "ADAPTIVE_RATIOS"]
+__all__ = ["bcu_cleanse", "bcu_fit", "BcuResult", "bcu_ratios", "partial_reinit",
+           "ADAPTIVE_RATIOS"]
 
 # The paper's ratios (Sec. 4): first conv, the four depth groups, the final classifier.
 ADAPTIVE_RATIOS = {"first": 0.01, "groups": (0.01, 0.03, 0.09, 0.27), "classifier": 0.10}
@@ -44,6 +48,8 @@ RatioSpec = Union[str, Mapping[str, float]]
 # The layers BCU re-initialises: convs, linears, and nn.MultiheadAttention, whose input
 # projection is a linear layer's weight held as a parameter of the attention itself.
 LAYERS = CONV + LINEAR + (nn.MultiheadAttention,)
+# What the collapse guard's warning suggests (docs/bcu.md, "Nets without BatchNorm").
+BCU_ADVICE = "a lower lr (e.g. lr=0.01), init='reset' or more epochs"
 
 
 def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
@@ -92,8 +98,48 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
 
     Returns:
         The student in eval mode, on the teacher's device. The teacher's forward and backward
-        hooks never fire inside the defense, and the student has none of them.
+        hooks never fire inside the defense, and the student has none of them. A student that
+        agrees with the teacher on fewer than half of the loader's images gets one
+        RuntimeWarning (the collapse guard, :class:`bdfast.distill.CollapseGuard`);
+        :func:`bcu_fit` returns the same run with what it measured.
     """
+    given = locals()
+    return _bcu(**given).model
+
+
+def bcu_fit(teacher: nn.Module, loader: Iterable, **options: Any) -> "BcuResult":
+    """:func:`bcu_cleanse` with its options, returning the run's :class:`BcuResult`."""
+    defaults = {name: p.default for name, p in inspect.signature(bcu_cleanse).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"bcu_fit got unknown options {unknown}; it takes {sorted(defaults)}")
+    return _bcu(teacher, loader, **{**defaults, **options})
+
+
+@dataclass
+class BcuResult:
+    """What :func:`bcu_fit` returns: the cleaned ``model`` (eval mode, on the teacher's device),
+    the per-epoch ``history`` and the ``timings`` of :class:`bdfast.distill.TrainResult`, each
+    layer's re-initialisation ``ratios`` (``ratio_scale`` applied), and the collapse guard's
+    ``agreement_before`` (1.0) and ``agreement_after`` (the share of the loader's images on
+    which the student's argmax is the teacher's) and ``collapse``: its warning, or None."""
+
+    model: nn.Module
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    timings: Dict[str, float] = field(default_factory=dict)
+    ratios: Dict[str, float] = field(default_factory=dict)
+    agreement_before: Optional[float] = None
+    agreement_after: Optional[float] = None
+    collapse: Optional[str] = None
+
+
+def _bcu(teacher: nn.Module, loader: Iterable, *, epochs: int, ratios: RatioSpec,
+         ratio_scale: float, temperature: Optional[float], lr: float, momentum: float,
+         weight_decay: float, init: str, schedule_epochs: Optional[int], augment: AugmentSpec,
+         amp: AmpSpec, device: Any, seed: Optional[int], progress: bool,
+         eval_fn: Optional[EvalFn], checkpoint: Optional[str], resume: bool) -> BcuResult:
+    """The run of :func:`bcu_cleanse`, every option given."""
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
     _check_options(epochs, temperature, lr, momentum, weight_decay, eval_fn)
@@ -140,10 +186,13 @@ def bcu_cleanse(teacher: nn.Module, loader: Iterable, *, epochs: int = 100,
                                 weight_decay=weight_decay)
     saver = Checkpoint.for_run(checkpoint, resume, defense="bcu", teacher=t_model,
                                first_batch=x, options=options)
-    fit(student, loader, step, optimizer, epochs=epochs, device=device, schedule="epoch",
-        schedule_epochs=schedule_epochs, augment=RandomCrop.from_spec(augment, seed), amp=amp,
-        progress=progress, eval_fn=eval_fn, desc="bcu", checkpoint=saver)
-    return student.eval().to(home)
+    trained = fit(student, loader, step, optimizer, epochs=epochs, device=device,
+                  schedule="epoch", schedule_epochs=schedule_epochs,
+                  augment=RandomCrop.from_spec(augment, seed), amp=amp, progress=progress,
+                  eval_fn=eval_fn, desc="bcu", checkpoint=saver,
+                  guard=CollapseGuard(t_model, labels=False, defense="bcu", advice=BCU_ADVICE))
+    return BcuResult(student.eval().to(home), trained.history, trained.timings, layer_ratios,
+                     trained.agreement_before, trained.agreement_after, trained.collapse)
 
 
 def bcu_ratios(model: nn.Module, x: Tensor, ratios: RatioSpec = "adaptive") -> Dict[str, float]:

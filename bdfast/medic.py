@@ -46,13 +46,16 @@ from bdfast.hooks import (ACTIVATION, ATTENTION, BATCHNORM, NORM, LayerSpec, Tap
 from bdfast.reinit import reinit_model
 from bdfast.stats import ChannelMoments
 from bdfast.checkpoint import Checkpoint, check_options as check_checkpoint
-from bdfast.distill import AmpSpec, EvalFn, check_batch, check_loader, fit, resolve_amp
+from bdfast.distill import (AmpSpec, CollapseGuard, EvalFn, check_batch, check_loader, fit,
+                            resolve_amp)
 from bdfast.teacher_cache import (CacheSpec, TeacherCache, default_budget, resolve_cache_dtype)
 
 __all__ = ["MedicConfig", "MedicResult", "Medic", "MedicStep", "medic_clone", "teacher_statistics",
            "auto_layers"]
 
 LABEL_MODES = ("auto", "given", "teacher")
+# What the collapse guard's warning suggests (bdfast.distill.CollapseGuard).
+MEDIC_ADVICE = "a lower lr (e.g. lr=3e-3) or more epochs"
 
 
 @dataclass
@@ -119,11 +122,15 @@ def _check_auto_or_bool(value: Any, name: str) -> None:
 class MedicResult:
     """The cleaned ``model`` (eval mode, on the teacher's device), the per-epoch ``history``
     (see :class:`bdfast.distill.TrainResult`), ``timings`` in seconds (prepare, statistics,
-    train, eval, total), the hooked ``layers``, what the teacher ``cache`` did (``used``:
+    train, eval, guard, total), the hooked ``layers``, what the teacher ``cache`` did (``used``:
     whether later epochs read it, ``images``, ``bytes_per_image``, ``bytes``, ``hits`` and
     ``reason_off``: why it was off, when it was; empty if ``cache_teacher=False``), whether
-    the run trained ``channels_last``, and ``layer_preset``: the preset that ``layers="auto"``
-    chose (the given preset name otherwise; None for types, names or a predicate)."""
+    the run trained ``channels_last``, ``layer_preset``: the preset that ``layers="auto"``
+    chose (the given preset name otherwise; None for types, names or a predicate), and the
+    collapse guard's ``agreement_before`` / ``agreement_after`` (the teacher's and the
+    student's accuracy on the loader's labels, or agreement with the teacher's predictions
+    where there are none or ``labels="teacher"``) and ``collapse``: its warning, or None
+    (:class:`bdfast.distill.TrainResult`)."""
 
     model: nn.Module
     history: List[Dict[str, Any]] = field(default_factory=list)
@@ -132,6 +139,9 @@ class MedicResult:
     cache: Dict[str, Any] = field(default_factory=dict)
     channels_last: bool = False
     layer_preset: Optional[str] = None
+    agreement_before: Optional[float] = None
+    agreement_after: Optional[float] = None
+    collapse: Optional[str] = None
 
 
 class Medic:
@@ -200,14 +210,19 @@ class Medic:
                       eval_every=cfg.eval_every,
                       augment=RandomCrop.from_spec(cfg.augment, cfg.seed), desc="medic",
                       checkpoint=checkpoint,
-                      replay=step.fill_cache if cache is not None else None)
+                      replay=step.fill_cache if cache is not None else None,
+                      guard=CollapseGuard(t_model, labels=cfg.labels != "teacher",
+                                          defense="medic", advice=MEDIC_ADVICE))
         timings.update(trained.timings)
-        timings["total"] = sum(timings[k] for k in ("prepare", "statistics", "train", "eval"))
+        timings["total"] = sum(timings[k] for k in ("prepare", "statistics", "train", "eval",
+                                                    "guard"))
         report = cache.summary() if cache is not None else {"used": False, "reason_off": ""}
         s_model.to(home, memory_format=torch.contiguous_format)
         return MedicResult(s_model.eval(), trained.history, timings, names, report,
                            channels_last=layout == torch.channels_last,
-                           layer_preset=layers if isinstance(layers, str) else None)
+                           layer_preset=layers if isinstance(layers, str) else None,
+                           agreement_before=trained.agreement_before,
+                           agreement_after=trained.agreement_after, collapse=trained.collapse)
 
 
 class MedicStep:
