@@ -20,6 +20,7 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 
 import torch
 
@@ -126,6 +127,9 @@ def main() -> int:
     parser.add_argument("--ddp", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the run must not depend on the machine's cores
+    # The student of an untrained teacher matches it on few images, so the collapse guard's
+    # warning is expected here; the tests read this process's stderr line by line.
+    warnings.filterwarnings("ignore", message=".*training collapsed", category=RuntimeWarning)
     interrupt_at_step(args)
     if args.kill_write is not None:
         kill_in_write(args.kill_write)
