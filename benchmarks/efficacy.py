@@ -81,8 +81,8 @@ CORE_CELLS = {(data, arch, attack) for data in DATA for arch in ("digits_cnn", "
 # A setting's lab-side option, not the defense's: how many unlabeled images BCU gets.
 UNLABELED = "unlabeled_images"
 # Named option sets per defense. "default" is the library's own; the others are the papers'
-# values and the candidates the defaults were chosen from (docs/medic.md, docs/bcu.md,
-# docs/pruning.md).
+# values and the candidates the defaults were chosen from (docs/medic-experiments.md,
+# docs/bcu.md, docs/pruning.md).
 SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "none": {"default": {}},
     "finetune": {"default": {"epochs": 20, "lr": 0.01}},
@@ -91,10 +91,10 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
               "lam3-tau20": {"lam": 3.0, "tau": 20.0}, "lam10-tau20": {"lam": 10.0, "tau": 20.0},
               "lam1-tau20": {"lam": 1.0, "tau": 20.0}, "lam3-tau40": {"lam": 3.0, "tau": 40.0},
               "augment": {"augment": True}, "crop": {"augment": "crop"},
-              # Which outputs to clone on the nets without BatchNorm (docs/medic.md).
+              # Which outputs to clone on the nets without BatchNorm (docs/medic-experiments.md).
               "block+linear": {"layers": "block+linear"}, "act+linear": {"layers": "act+linear"},
               "conv+norm+linear": {"layers": "conv+norm+linear"},
-              # The student's Adam step on the transformer-style nets (docs/medic.md).
+              # The student's Adam step on the transformer-style nets (docs/medic-experiments.md).
               "lr0.001": {"lr": 0.001}},
     "bcu": {"default": {},
             "paper": {"lr": 0.01, "epochs": 100, "init": "reset", "ratio_scale": 1.0},
