@@ -172,6 +172,7 @@ def table(rows) -> str:
 
 
 def main(argv=None) -> int:
+    code_version = lab.code_version()  # of the code this process loaded, before it runs
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--images", type=int, default=270, help="clean images (at most 270)")
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
                       f"ASR {row['asr']:.3f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = dict(torch=torch.__version__, threads=torch.get_num_threads(),
-                   cpu=os.cpu_count())
+                   cpu=os.cpu_count(), code_version=code_version)
     args.out.write_text(json.dumps(dict(machine=machine, rows=rows), indent=1))
     print(table(rows))
     return 0

@@ -10,6 +10,11 @@ import pytest
 import torch
 
 import bdfast
+from bdfast import lab
+
+# The code version the timed kernels were loaded from, taken when the suite starts: the JSON's
+# commit_info is read at the end, after any edit made to the working tree during the run.
+CODE_VERSION = lab.code_version()
 
 
 def pytest_configure(config):
@@ -86,5 +91,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["bdfast_native_cpu"] = info["native_cpu"]
     machine_info["bdfast_native_cuda"] = info["native_cuda"]
+    machine_info["bdfast_cpu_isa"] = info["cpu_isa"]
+    machine_info["bdfast_code_version"] = CODE_VERSION
     if torch.cuda.is_available():
         machine_info["gpu"] = torch.cuda.get_device_name(0)

@@ -71,7 +71,11 @@ def main(argv=None) -> int:
     machine = report.get("machine_info", {})
     print(f"machine: {machine.get('cpu_model', machine.get('cpu', {}).get('brand_raw', '?'))}, "
           f"{machine.get('torch_threads', '?')} torch threads, torch {machine.get('torch', '?')}"
-          + (f", GPU {machine['gpu']}" if machine.get("gpu") else ""))
+          + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")
+          + (f", bdfast ISA {machine['bdfast_cpu_isa']}" if machine.get("bdfast_cpu_isa") else ""))
+    commit = report.get("commit_info", {})
+    print(f"code version {machine.get('bdfast_code_version', 'not recorded')}, commit "
+          f"{commit.get('id', '?')[:12]}{' (working tree dirty at the end)' if commit.get('dirty') else ''}")
     print(markdown(table))
     return 0
 
