@@ -14,15 +14,20 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bdfast._utils import check_labelled_images, check_number, resolve_device, seed_everything
+from bdfast.augment import RandomCrop
 from bdfast.bcu import bcu_cleanse
+from bdfast.checkpoint import Checkpoint, check_options as check_checkpoint
 from bdfast.dde import dde_prune
+from bdfast.distill import fit
 from bdfast.mbns import mbns_prune
 from bdfast.medic import medic_clone
 from bdfast.data import tensor_loader
 from bdfast.pruning import PruneResult
-from bdfast.trainer import train as train_classifier
 
 __all__ = ["Defense", "DEFENSES", "Outcome", "run", "names", "get", "cleaned_model",
            "data_help", "DataSpec"]
@@ -79,11 +84,75 @@ def _no_defense(model: nn.Module, *, progress: bool = True) -> nn.Module:
 
 def _finetune(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 20, lr: float = 0.01,
               batch_size: int = TRAIN_BATCH, device: Any = None, seed: Optional[int] = None,
-              progress: bool = True) -> nn.Module:
-    """The ``finetune`` baseline: a copy of ``model`` trained on the clean set with
-    :func:`bdfast.train` (shifts, SGD, cosine schedule) at a fine-tuning learning rate."""
-    return train_classifier(copy.deepcopy(model), x, y, epochs=epochs, lr=lr,
-                            batch_size=batch_size, device=device, seed=seed, progress=progress)
+              progress: bool = True, checkpoint: Optional[str] = None,
+              resume: bool = False) -> nn.Module:
+    """The ``finetune`` baseline: a copy of ``model`` trained on the clean set ``(x, y)`` with
+    cross-entropy, through the defenses' training loop (:func:`bdfast.distill.fit`).
+
+    The recipe is :func:`bdfast.train`'s at a fine-tuning learning rate: SGD with Nesterov
+    momentum 0.9 and weight decay 5e-4, a per-step cosine schedule from ``lr`` to 0, batches of
+    ``batch_size`` reshuffled every epoch (a trailing batch of one image is left out, for
+    BatchNorm), each image shifted by up to ``max(1, min(H, W) // 8)`` pixels (zero-filled, no
+    flip). The order and the shifts come from one generator seeded with ``seed``, drawn in
+    :func:`bdfast.train`'s order, so a seed gives the model that trainer gives. ``checkpoint``
+    (a folder) and ``resume`` make the run resumable (docs/long-runs.md). Returns the copy in
+    eval mode, on ``device`` (default: the model's). No collapse guard: the loss is the labels'
+    own cross-entropy, so a run that stops matching them shows in its loss.
+    """
+    check_labelled_images(model, x, y)
+    if len(x) < 2:
+        raise ValueError(f"x must hold at least 2 images to train with BatchNorm, got {len(x)}")
+    if int(y.min()) < 0:
+        raise ValueError(f"y must hold class indices >= 0, got {int(y.min())}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        check_number(value, name, integer=True)
+    if not lr > 0:  # inf passes; its first update then fails with a FloatingPointError
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    check_checkpoint(checkpoint, resume)
+    options = dict(epochs=epochs, lr=lr, batch_size=batch_size, device=device, seed=seed,
+                   progress=progress, checkpoint=checkpoint, resume=resume)
+    seed_everything(seed)
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    device = resolve_device(device, model)
+    student = copy.deepcopy(model).to(device)
+    loader = _Reshuffled(x, y, batch_size, generator)
+    shift = RandomCrop(flip=False, padding=max(1, min(x.shape[-2:]) // 8), generator=generator)
+    optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                                weight_decay=5e-4)
+
+    def step(net: nn.Module, xb: Tensor, yb: Optional[Tensor], epoch: int) -> Tensor:
+        return F.cross_entropy(net(xb), yb)
+
+    saver = Checkpoint.for_run(checkpoint, resume, defense="finetune", teacher=model,
+                               first_batch=x[:batch_size], options=options)
+    fit(student, loader, step, optimizer, epochs=epochs, device=device, schedule="step",
+        amp=False, progress=progress, augment=shift, desc="finetune", checkpoint=saver)
+    return student.eval()
+
+
+class _Reshuffled:
+    """The batches ``(x [b, ...], y [b])`` of :func:`_finetune`, in an order drawn from
+    ``generator`` at the start of every pass (where :func:`bdfast.train` draws it); a trailing
+    batch of one image is left out. :func:`bdfast.distill.fit` saves and restores
+    ``generator`` with a checkpoint."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator):
+        self.x, self.y, self.batch_size, self.generator = x, y, batch_size, generator
+        n = len(x)
+        self.steps = n // batch_size + (1 if n % batch_size > 1 else 0)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        order = torch.randperm(len(self.x), generator=self.generator)
+        for step in range(self.steps):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            yield self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)]
 
 
 DEFENSES: Dict[str, Defense] = {d.name: d for d in (

@@ -1,18 +1,19 @@
-"""One small MEDIC or BCU run with ``checkpoint=``, for tests/test_checkpoint.py to interrupt.
+"""One small MEDIC, BCU or finetune run with ``checkpoint=``, for tests/test_checkpoint.py to
+interrupt.
 
-    python tests/checkpoint_worker.py medic|bcu DATA.pt OUT.pt [--checkpoint DIR] [--resume]
-        [--kill-step N | --term-step N | --kill-write N] [--ddp]
+    python tests/checkpoint_worker.py medic|bcu|finetune DATA.pt OUT.pt [--checkpoint DIR]
+        [--resume] [--kill-step N | --term-step N | --kill-write N] [--ddp]
 
 Cleans an untrained digits CNN teacher (:func:`clean`) on the 96 images of DATA.pt in 3
 shuffled batches of 32 for 3 epochs on one thread and saves the student's state_dict to
-OUT.pt. The
-interruptions are counted in the run's own terms: ``--kill-step N`` sends SIGKILL to this
-process just before global step N (0-based, counted across epochs from the resumed
-position) would run, ``--term-step N`` sends SIGTERM there instead (the run then finishes that
-step, writes a checkpoint and exits with bdfast.checkpoint.EXIT_INTERRUPTED), and
-``--kill-write N`` sends SIGKILL halfway through writing this process's N-th checkpoint file.
-With ``--ddp`` it runs under torchrun (gloo): each rank trains on its half of the batches and
-rank 1 kills itself at ``--kill-step`` on the first attempt only.
+OUT.pt (finetune: trains a copy of it on the labelled images). The interruptions are counted
+in the run's own terms: ``--kill-step N`` sends SIGKILL to this process just before global
+step N (0-based, counted across epochs from the resumed position) would run, ``--term-step N``
+sends SIGTERM there instead (the run then finishes that step, writes a checkpoint and exits
+with bdfast.checkpoint.EXIT_INTERRUPTED), and ``--kill-write N`` sends SIGKILL halfway through
+writing this process's N-th checkpoint file. With ``--ddp`` it runs under torchrun (gloo):
+each rank trains on its half of the batches and rank 1 kills itself at ``--kill-step`` on the
+first attempt only.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import warnings
 import torch
 
 import bdfast
-from bdfast import bcu, checkpoint, medic
+from bdfast import bcu, checkpoint, defenses, medic
 from bdfast.checkpoint import EXIT_INTERRUPTED, Interrupted
 from bdfast.data import tensor_loader
 from bdfast.distill import fit
@@ -65,7 +66,7 @@ def interrupt_at_step(args: argparse.Namespace) -> None:
             return step_fn(net, x, y, epoch)
         return fit(student, loader, counted_step, optimizer, **options)
 
-    medic.fit = bcu.fit = counted_fit
+    medic.fit = bcu.fit = defenses.fit = counted_fit
 
 
 def kill_in_write(number: int) -> None:
@@ -106,6 +107,9 @@ def clean(defense: str, data: str, *, rank: int = 0, world: int = 1, teacher_see
     torch.manual_seed(teacher_seed)
     teacher = digits_cnn().eval()
     x, y = (t[rank::world] for t in torch.load(data, weights_only=True))
+    if defense == "finetune":  # the baseline takes tensors and shuffles them itself
+        return defenses.run("finetune", teacher, clean=(x, y), batch_size=BATCH // world,
+                            seed=0, epochs=EPOCHS, progress=False, **options).model
     loader = tensor_loader(x, y, batch_size=BATCH // world, shuffle=True, seed=0)
     options = dict(epochs=EPOCHS, seed=0, progress=False, amp=False, **options)
     if defense == "medic":
@@ -116,7 +120,7 @@ def clean(defense: str, data: str, *, rank: int = 0, world: int = 1, teacher_see
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("defense", choices=("medic", "bcu"))
+    parser.add_argument("defense", choices=("medic", "bcu", "finetune"))
     parser.add_argument("data")
     parser.add_argument("out")
     parser.add_argument("--checkpoint")

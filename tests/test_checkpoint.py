@@ -1,9 +1,11 @@
-"""Checkpoint and resume (bdfast.checkpoint, docs/long-runs.md): runs that are really
-interrupted (SIGKILL, SIGTERM, a kill inside a checkpoint write, a killed torchrun rank) in a
-subprocess resume to the same bytes as an uninterrupted run; a corrupt newest checkpoint falls
-back to the previous one; another teacher, other options or data are refused."""
+"""Checkpoint and resume (bdfast.checkpoint, docs/long-runs.md): MEDIC, BCU and finetune runs
+that are really interrupted (SIGKILL, SIGTERM, a kill inside a checkpoint write, a killed
+torchrun rank) in a subprocess resume to the same bytes as an uninterrupted run; a corrupt
+newest checkpoint falls back to the previous one; another teacher, other options or data are
+refused."""
 from __future__ import annotations
 
+import copy
 import os
 import random
 import shutil
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 import bdfast
+from bdfast import defenses
 from bdfast.checkpoint import EXIT_INTERRUPTED, KEEP, Checkpoint, Interrupted
 from bdfast.data import tensor_loader
 from bdfast.models import digits_cnn
@@ -65,7 +68,7 @@ def uninterrupted(tmp_path_factory, data):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for defense in ("medic", "bcu"):
+        for defense in ("medic", "bcu", "finetune"):
             paths[defense] = folder / f"{defense}.pt"
             torch.save(clean(defense, data).state_dict(), paths[defense])
     finally:
@@ -73,7 +76,7 @@ def uninterrupted(tmp_path_factory, data):
     return paths
 
 
-@pytest.mark.parametrize("defense", ["medic", "bcu"])
+@pytest.mark.parametrize("defense", ["medic", "bcu", "finetune"])
 def test_killed_at_seeded_points_resumes_to_the_same_bytes(defense, data, uninterrupted,
                                                            tmp_path):
     # Five SIGKILLs (four before a seeded step, one halfway through a checkpoint write) and one
@@ -136,6 +139,26 @@ def tiny(digits):
 
 
 FAST = dict(epochs=1, seed=0, progress=False, amp=False)
+
+
+def test_finetune_trains_as_the_lab_trainer_and_resumes_a_finished_run(tiny, tmp_path, digits):
+    # Through the shared loop the baseline keeps bdfast.train's recipe and draws: the same seed
+    # gives the same bytes. 33 images in batches of 16 leave a trailing batch of one, left out
+    # by both. A finished run's checkpoint gives the same model again without training.
+    teacher, _ = tiny
+    x, y = (t[:33] for t in digits.clean)
+    options = dict(epochs=2, seed=0, progress=False)
+    lab = bdfast.train(copy.deepcopy(teacher), x, y, lr=0.01, batch_size=16, **options)
+    runs = [defenses.run("finetune", teacher, clean=(x, y), batch_size=16, **options,
+                         checkpoint=str(tmp_path), resume=resume).model
+            for resume in (False, True)]
+    assert checkpoints(tmp_path) == ["ckpt-e000001-s000000000.pt", "ckpt-e000002-s000000000.pt"]
+    for model in runs:
+        for key, value in lab.state_dict().items():
+            assert torch.equal(value, model.state_dict()[key]), key
+    with pytest.raises(ValueError, match=r"other options \(lr=0.01 there, 0.02 here\)"):
+        defenses.run("finetune", teacher, clean=(x, y), batch_size=16, **options, lr=0.02,
+                     checkpoint=str(tmp_path), resume=True)
 
 
 def test_other_options_are_refused_naming_them(tiny, tmp_path):
