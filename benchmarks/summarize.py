@@ -74,8 +74,9 @@ def main(argv=None) -> int:
           + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")
           + (f", bdfast ISA {machine['bdfast_cpu_isa']}" if machine.get("bdfast_cpu_isa") else ""))
     commit = report.get("commit_info", {})
+    dirty = " (working tree dirty at the end)" if commit.get("dirty") else ""
     print(f"code version {machine.get('bdfast_code_version', 'not recorded')}, commit "
-          f"{commit.get('id', '?')[:12]}{' (working tree dirty at the end)' if commit.get('dirty') else ''}")
+          f"{commit.get('id', '?')[:12]}{dirty}")
     print(markdown(table))
     return 0
 
