@@ -82,7 +82,7 @@ CORE_CELLS = {(data, arch, attack) for data in DATA for arch in ("digits_cnn", "
 UNLABELED = "unlabeled_images"
 # Named option sets per defense. "default" is the library's own; the others are the papers'
 # values and the candidates the defaults were chosen from (docs/medic-experiments.md,
-# docs/bcu.md, docs/pruning.md).
+# docs/bcu-experiments.md, docs/pruning.md).
 SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "none": {"default": {}},
     "finetune": {"default": {"epochs": 20, "lr": 0.01}},
@@ -109,7 +109,7 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
             "images2000": {UNLABELED: 2000},
             "T1": {"temperature": 1.0},
             # Every conv/linear weight replaced: how low distillation alone takes ASR, whatever
-            # the ratios (docs/bcu.md, "How low can any ratio go?").
+            # the ratios (docs/bcu-experiments.md, "How low can any ratio go?").
             "fresh": {"ratios": "uniform:1.0", "ratio_scale": 1.0}},
     "dde": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
     "mbns": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
