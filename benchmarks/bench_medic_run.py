@@ -55,7 +55,7 @@ from bdfast._utils import seed_everything
 from bdfast.augment import RandomCrop
 from bdfast.data import tensor_loader
 from bdfast.hooks import copy_without_hooks, disable_inplace, select_layers
-from bdfast.medic import Medic, MedicConfig, _student, teacher_statistics
+from bdfast.medic import Medic, MedicConfig, _student, auto_layers, teacher_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,8 @@ def released_run(teacher, loader, *, epochs: int, seed: int, augment):
     seed_everything(seed)
     t_model = copy_without_hooks(teacher).eval().requires_grad_(False)
     disable_inplace(t_model)
-    names = select_layers(t_model, cfg.layers)
+    # MedicConfig's layers="auto" resolves by how the net normalises, as Medic.fit does.
+    names = select_layers(t_model, auto_layers(t_model) if cfg.layers == "auto" else cfg.layers)
     student = _student(teacher, names, fresh=True)
     next(iter(loader))  # Medic.fit reads the first batch here too: the same order of batches
     mu, sigma = teacher_statistics(t_model, names, loader, device=torch.device("cpu"))
