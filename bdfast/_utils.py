@@ -5,6 +5,8 @@ import contextlib
 import math
 import numbers
 import random
+import sys
+import time
 from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
@@ -243,9 +245,80 @@ def write(line: str) -> None:
         _tqdm.write(line)
 
 
-def progress(iterable: Iterable, *, enabled: bool = True, **kwargs) -> Iterable:
-    """A tqdm progress bar over ``iterable`` when ``enabled`` and tqdm is installed."""
-    if not enabled or _tqdm is None:
+def _stderr_is_terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except (ValueError, OSError):  # a closed or detached stream is no terminal
+        return False
+
+
+def _plural(count: int, unit: str) -> str:
+    if count == 1:
+        return f"1 {unit}"
+    return f"{count} {unit}{'es' if unit.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
+
+
+class LineProgress:
+    """What :func:`progress` gives when stderr is not a terminal (a CI log, a file, a pipe).
+
+    A tqdm bar there writes a carriage-return redraw per update, which a log keeps as one
+    endless line or as thousands. Instead, over a loop of epochs (``unit="epoch"``) this
+    prints one line on stderr per finished epoch, ``train: epoch 3/30, loss=0.1234 (1.2s)``,
+    with whatever the loop gave :meth:`set_postfix`; over any other loop (the batches of a
+    statistics pass, the demo's defenses) it prints one line when the loop ends,
+    ``dde statistics: 12 batches in 3.4s``.
+    """
+
+    def __init__(self, iterable: Iterable, *, desc: Optional[str] = None, unit: str = "it",
+                 total: Optional[int] = None, initial: int = 0, **_ignored: Any) -> None:
+        self.iterable = iterable
+        self.desc = desc or "progress"
+        self.unit = unit
+        self.initial = initial
+        if total is None and hasattr(iterable, "__len__"):
+            total = initial + len(iterable)  # type: ignore[arg-type]
+        self.total = total
+        self.postfix: dict = {}
+
+    def set_postfix(self, ordered_dict: Optional[dict] = None, refresh: bool = True,
+                    **kwargs: Any) -> None:
+        """Like tqdm's: ``key=value`` pairs shown with the next line."""
+        self.postfix = {**(ordered_dict or {}), **kwargs}
+
+    def _epoch_line(self, done: int, seconds: float) -> str:
+        of = f"/{self.total}" if self.total is not None else ""
+        details = "".join(f", {key}={value}" for key, value in self.postfix.items())
+        return f"{self.desc}: {self.unit} {done}{of}{details} ({seconds:.1f}s)"
+
+    def __iter__(self) -> Iterator:
+        per_iteration = self.unit == "epoch"
+        done = self.initial
+        start = time.perf_counter()
+        for item in self.iterable:
+            started = time.perf_counter()
+            yield item  # the loop's body runs here, then asks for the next item
+            done += 1
+            if per_iteration:
+                print(self._epoch_line(done, time.perf_counter() - started), file=sys.stderr,
+                      flush=True)
+        if not per_iteration:
+            print(f"{self.desc}: {_plural(done - self.initial, self.unit)} in "
+                  f"{time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+
+
+def progress(iterable: Iterable, *, enabled: bool = True, **kwargs: Any) -> Iterable:
+    """``iterable`` with its progress shown, when ``enabled``.
+
+    On a terminal that is a tqdm bar (when tqdm is installed); when stderr is not a terminal, a
+    :class:`LineProgress`: one line per finished epoch (``unit="epoch"``), or one line at the
+    end of any other loop. ``kwargs`` are tqdm's (``desc``, ``unit``, ``total``, ``initial``).
+    """
+    if not enabled:
+        return iterable
+    if not _stderr_is_terminal():
+        return LineProgress(iterable, **kwargs)
+    if _tqdm is None:
         return iterable
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
