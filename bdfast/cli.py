@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -39,6 +39,10 @@ class UsageError(Exception):
 
 # ----------------------------------------------------------------------------- demo
 
+# Where `bdfast demo` writes its report unless --out says otherwise.
+DEMO_OUT = "bdfast-demo"
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from bdfast.demo import (IMPLANTED_ASR, DemoConfig, best_per_attack, environment,
                              rows_as_dicts, run_demo)
@@ -51,14 +55,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         overrides["defenses"] = args.defenses
     if args.device:
         _check_device(args.device, "--device")
+    if args.save_model is not None:
+        return _save_demo_model(args, overrides)
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+    out = DEMO_OUT if args.out is None else args.out
     config = dataclasses.asdict(cfg)
     config["quick"] = args.quick
     env = environment()
 
     def report(rows, complete: bool):
         best = {a: dataclasses.asdict(r) for a, r in best_per_attack(rows).items()}
-        return write_report(args.out, rows_as_dicts(rows), config, env, best,
+        return write_report(out, rows_as_dicts(rows), config, env, best,
                             implanted_asr=IMPLANTED_ASR, complete=complete)
 
     start = time.perf_counter()
@@ -80,6 +87,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           + (f" and {paths['chart']}" if paths["chart"] else f" (no chart: {PLOT_HINT})")
           + f" in {total:.0f}s.")
     print(best_sentence(best, not_implanted(row_dicts, IMPLANTED_ASR), IMPLANTED_ASR))
+    return 0
+
+
+def _save_demo_model(args: argparse.Namespace, overrides: Dict[str, object]) -> int:
+    """``bdfast demo --save-model PATH``: train the demo's backdoored model for one attack, save
+    its state_dict and stop, so that a newcomer has a suspicious model to clean in seconds."""
+    from bdfast.demo import DEMO_ARCH, DemoConfig, backdoored_teacher
+    from bdfast.metrics import evaluate
+
+    given = [flag for flag, value in (("--defenses", args.defenses), ("--out", args.out))
+             if value is not None]
+    if given:
+        raise UsageError(f"--save-model only trains the backdoored model and saves it, so it "
+                         f"takes no {' or '.join(given)}; run the demo without --save-model "
+                         "for the defenses' report")
+    attacks = overrides.pop("attacks", ["badnets"])
+    if len(attacks) != 1:
+        raise UsageError(f"--save-model saves one model, so give one attack with --attacks, "
+                         f"got {len(attacks)}")
+    _check_output_file(args.save_model, "--save-model")
+    cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+    attack = attacks[0]
+    lab_model = backdoored_teacher(attack, cfg, show_progress=not args.no_progress)
+    write_atomically({k: v.detach().cpu() for k, v in lab_model.model.state_dict().items()},
+                     args.save_model)
+    metrics = evaluate(lab_model.model, *lab_model.data.test, attack=lab_model.attack)
+    print(f"Wrote the {attack}-backdoored digits model to {args.save_model} (acc "
+          f"{metrics['acc']:.3f}, asr {metrics['asr']:.3f} on the digits test split); load it "
+          f"into bdfast.models.{DEMO_ARCH}() with load_state_dict(torch.load(path, "
+          "weights_only=True)).")
     return 0
 
 
@@ -227,9 +264,27 @@ def _check_device(value: object, flag: str) -> torch.device:
     return device
 
 
+# Options of the Python API that --option refuses, and why: their values are Python objects
+# that a shell cannot write, or the command has its own flag for them. ``checkpoint`` and
+# ``resume`` are flags too (see _checkpoint_options).
+SHELL_REFUSED_OPTIONS = {
+    "eval_fn": "it is a Python function called after each epoch; give --eval TEST.npz --attack "
+               "NAME to measure the model before and after",
+    "student": "it is a model object, which a shell cannot pass; call bdfast.medic_clone from "
+               "Python to clone into your own student",
+    "val_loader": "it is a Python loader of held-out clean images, which a shell cannot pass; "
+                  "call the defense from Python to give one",
+    "device": "give the device with --device",
+    "seed": "give the seed with --seed",
+}
+
+
 def _method_options(method: str, options: Dict[str, object]) -> defenses.Defense:
     defense = defenses.get(method)
-    accepted = list(defense.options())
+    accepted = [name for name in defense.options() if name not in SHELL_REFUSED_OPTIONS]
+    for name in options:
+        if name in SHELL_REFUSED_OPTIONS:
+            raise UsageError(f"--option {name} is refused: {SHELL_REFUSED_OPTIONS[name]}")
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise UsageError(f"unknown --option {unknown} for {method}; it accepts {accepted}")
@@ -264,6 +319,15 @@ CHECKPOINT_FLAGS = ("arch", "weights", "data", "out", "eval", "attack", "target"
 BACKDOORBENCH_FLAGS = ("data_root", "bb_root", "clean_ratio")
 
 
+def _check_output_file(path: str, flag: str) -> None:
+    """A UsageError unless ``path`` can be written as a file: not a folder, in one that exists."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a directory; give the path of the file to write")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} folder does not exist: {folder}")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -277,15 +341,11 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     # mistake costs seconds, not a whole training run.
     options = dict(_parse_option(o) for o in args.option)
     defense = _method_options(args.method, options)
-    if "seed" in options:
-        raise UsageError("give the seed with --seed, not --option seed=...")
     _checkpoint_options(args, defense, options)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be a positive int, got {args.batch_size}")
     if args.device:
         _check_device(args.device, "--device")
-    if "device" in options:
-        _check_device(options["device"], "--option device")
     if args.backdoorbench is not None:
         return _clean_backdoorbench(args, defense, options)
     given = [_flag(name) for name in BACKDOORBENCH_FLAGS if getattr(args, name) is not None]
@@ -298,12 +358,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         raise UsageError(f"clean needs {', '.join(missing)} (or --backdoorbench RECORD with "
                          "--data-root DIR)")
     target = 0 if args.target is None else args.target
-    if os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out} is a directory; give the path of the checkpoint "
-                         "file to write")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise UsageError(f"--out folder does not exist: {out_dir}")
+    _check_output_file(args.out, "--out")
 
     model = _load_factory(args.arch)
     _load_weights(model, args.weights)
@@ -324,18 +379,10 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         _check_label_range(y_test, classes, "--eval")
         attack = attacks.get(args.attack, target=target, num_classes=classes)
         evaluation = (x_test, y_test, attack)
-    if args.device:
-        model = model.to(args.device)
-        options.setdefault("device", args.device)
-
     data = {"clean" if defense.data == "clean" else "train": (x, y)}
-    try:
-        before = evaluate(model, *evaluation) if evaluation else None
-        outcome = defenses.run(args.method, model, batch_size=args.batch_size, seed=args.seed,
-                               **data, **options)
-    except (ValueError, TypeError, FloatingPointError) as error:
-        # The defenses validate their options and data with one-sentence errors.
-        raise UsageError(f"{args.method}: {_one_line(error)}") from error
+    before, outcome = _run_defense(
+        args, defense, model, options, data,
+        measure=(lambda m: evaluate(m, *evaluation)) if evaluation else (lambda m: None))
     cleaned, seconds = outcome.model, outcome.seconds
     # Plain Python values (not their repr) so that a run can be repeated from its checkpoint,
     # and so that torch.load(..., weights_only=True) reads the whole file.
@@ -345,7 +392,9 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     if outcome.report is not None:
         payload["report"] = json.loads(json.dumps(outcome.report, default=_jsonable))
     write_atomically(payload, args.out)  # an interrupt leaves no temporary file
-    print(f"{args.method}: cleaned model written to {args.out} ({seconds:.1f}s)")
+    read = _data_read(defense, outcome, clean=f"{len(x)} clean images from --data",
+                      train=f"{len(x)} training images from --data")
+    print(f"{args.method}: cleaned model written to {args.out} ({seconds:.1f}s; read {read})")
     if evaluation:
         _print_metrics(before, evaluate(cleaned, *evaluation))
     return 0
@@ -368,6 +417,40 @@ def _checkpoint_options(args: argparse.Namespace, defense: defenses.Defense,
     if os.path.exists(args.checkpoint) and not os.path.isdir(args.checkpoint):
         raise UsageError(f"--checkpoint {args.checkpoint} is a file; give a folder")
     options.update(checkpoint=args.checkpoint, resume=args.resume)
+
+
+def _run_defense(args: argparse.Namespace, defense: defenses.Defense, model: nn.Module,
+                 options: Dict[str, object], data: Dict[str, object],
+                 measure: Callable[[nn.Module], Optional[Dict[str, float]]]
+                 ) -> Tuple[Optional[Dict[str, float]], defenses.Outcome]:
+    """Move ``model`` to --device, ``measure`` it, and run the defense on ``data`` (its
+    ``clean`` and ``train`` sets): the metrics before and the outcome. The one-sentence errors
+    of the defenses' checks become a UsageError naming the method."""
+    if args.device:
+        model = model.to(args.device)
+        options.setdefault("device", args.device)
+    try:
+        before = measure(model)
+        outcome = defenses.run(defense.name, model, batch_size=args.batch_size, seed=args.seed,
+                               **data, **options)
+    except (ValueError, TypeError, FloatingPointError) as error:
+        raise UsageError(f"{defense.name}: {_one_line(error)}") from error
+    return before, outcome
+
+
+def _data_read(defense: defenses.Defense, outcome: defenses.Outcome, *, clean: Optional[str],
+               train: Optional[str]) -> str:
+    """What the success line says the defense read, from the descriptions of the ``clean`` and
+    ``train`` sets it was offered: the set it declares (:attr:`Defense.data`), and, for DDE
+    with ``u="auto"``, also the clean images it chose u on."""
+    if defense.data == "clean":
+        return str(clean)
+    read = str(train)
+    chose_u_on_clean = outcome.report is not None and outcome.report.get("sweep") is not None \
+        and "val_loader" in outcome.options
+    if chose_u_on_clean and clean is not None:
+        read += f", and {clean} to choose u"
+    return read
 
 
 def _print_metrics(before: Dict[str, float], after: Dict[str, float]) -> None:
@@ -403,21 +486,16 @@ def _clean_backdoorbench(args: argparse.Namespace, defense: defenses.Defense,
             raise UsageError(f"{args.method} needs the poisoned training set, and the record "
                              f"{args.backdoorbench} holds none (its bd_train is None)")
         train = record.bd_train.batches(args.batch_size)
-    model = record.model
-    if args.device:
-        model = model.to(args.device)
-        options.setdefault("device", args.device)
-
-    before = bb.evaluate_record(model, record)
-    try:
-        outcome = defenses.run(args.method, model, clean=clean, train=train,
-                               batch_size=args.batch_size, seed=args.seed, **options)
-    except (ValueError, TypeError, FloatingPointError) as error:
-        raise UsageError(f"{args.method}: {_one_line(error)}") from error
+    before, outcome = _run_defense(args, defense, record.model, options,
+                                   {"clean": clean, "train": train},
+                                   measure=lambda m: bb.evaluate_record(m, record))
     after = bb.evaluate_record(outcome.model, record)
     path = bb.save_defense_result(record.record_dir, args.method, outcome.model, after)
-    print(f"{args.method}: cleaned model written to {path} ({outcome.seconds:.1f}s; "
-          f"{len(clean[0])} clean images, {ratio:g} of the training set)")
+    read = _data_read(defense, outcome,
+                      clean=f"{len(clean[0])} clean images ({ratio:g} of the clean training set)",
+                      train=None if train is None else
+                      f"the {len(record.bd_train)} poisoned training images of the record")
+    print(f"{args.method}: cleaned model written to {path} ({outcome.seconds:.1f}s; read {read})")
     _print_metrics(before, after)
     return 0
 
@@ -472,7 +550,8 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    from bdfast.demo import ATTACKS, DEMO_DEFENSES, FULL_RUN_SECONDS, QUICK_RUN_SECONDS
+    from bdfast.demo import (ATTACKS, DEMO_ARCH, DEMO_DEFENSES, FULL_RUN_SECONDS,
+                             QUICK_RUN_SECONDS, DemoConfig)
     from bdfast.interop.backdoorbench import DEFAULT_CLEAN_RATIO
     parser = argparse.ArgumentParser(
         prog="bdfast",
@@ -487,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "handwritten digits, run every defense on it, print an ACC/ASR/RA/DER/time "
                     f"table and write report.json, report.md and chart.png. {FULL_RUN_SECONDS} s "
                     f"on a 2-core CPU machine; --quick is a {QUICK_RUN_SECONDS} s smoke run.")
-    demo.add_argument("--out", default="bdfast-demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--out", default=None, help=f"output folder (default: {DEMO_OUT})")
     demo.add_argument("--attacks", nargs="+", choices=ATTACKS, metavar="ATTACK",
                       help=f"attacks to run (default: all of {', '.join(ATTACKS)})")
     demo.add_argument("--defenses", nargs="+", choices=DEMO_DEFENSES, metavar="DEFENSE",
@@ -499,7 +578,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"tiny budgets: a smoke test of everything ({QUICK_RUN_SECONDS} s on "
                            "2 CPU cores), marked as such in the report; its numbers do not "
                            "measure the defenses")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--save-model", metavar="PATH",
+                      help="instead of the demo, only train the demo's backdoored model for one "
+                           "attack (--attacks, default badnets) and save its state_dict to "
+                           "PATH, a suspicious model to try the README's quick start on; it "
+                           f"loads into bdfast.models.{DEMO_ARCH}(). It trains "
+                           f"{DemoConfig().attack_epochs} epochs (--quick: "
+                           f"{DemoConfig.quick().attack_epochs}); no defense runs and no report "
+                           "is written")
+    demo.add_argument("--no-progress", action="store_true",
+                      help="no progress (by default a bar on a terminal, else a line per epoch)")
     demo.set_defaults(run=_cmd_demo)
 
     clean = sub.add_parser(
@@ -522,7 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--data", metavar="DATA.npz")
     clean.add_argument("--out", metavar="OUT.pt")
     clean.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                       help="any keyword option of the method, e.g. epochs=20 (repeatable)")
+                       help="any keyword option of the method, e.g. epochs=20 (repeatable); "
+                            "not those whose values are Python objects (eval_fn, student, "
+                            "val_loader) nor those with a flag of their own (device, seed, "
+                            "checkpoint, resume)")
     clean.add_argument("--eval", metavar="TEST.npz", help="labelled test set: report ACC/ASR "
                        "before and after")
     clean.add_argument("--attack", metavar="NAME", help="attack used with --eval")

@@ -96,6 +96,22 @@ def _run_defense(name: str, lab_model: LabModel, cfg: DemoConfig, show: bool) ->
                              progress=show, **options).model
 
 
+# The architecture of the demo's models: bdfast.models.digits_cnn() with its defaults (10 classes,
+# one channel) loads a state_dict that `bdfast demo --save-model` wrote.
+DEMO_ARCH = "digits_cnn"
+
+
+def backdoored_teacher(attack_name: str, cfg: DemoConfig, *,
+                       show_progress: bool = True) -> LabModel:
+    """The demo's backdoored model for ``attack_name``: :func:`bdfast.models.digits_cnn`
+    trained on the lab's digits poisoned by that attack at ``cfg.poison_rate``, for
+    ``cfg.attack_epochs`` epochs, seeded by ``cfg.seed``; the model every defense then cleans."""
+    _check_names([attack_name], ATTACKS, "attacks")
+    return backdoored("digits", DEMO_ARCH, attack_name, cfg.seed, rate=cfg.poison_rate,
+                      epochs=cfg.attack_epochs, device=resolve_device(cfg.device),
+                      progress=show_progress)
+
+
 def _check_names(names: Sequence[str], known: Sequence[str], what: str) -> List[str]:
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -117,18 +133,16 @@ def run_demo(cfg: DemoConfig, *, show_progress: bool = True,
     """
     attack_names = _check_names(cfg.attacks, ATTACKS, "attacks")
     defense_names = _check_names(cfg.defenses, DEMO_DEFENSES, "defenses")
-    device = resolve_device(cfg.device)
     rows: List[DemoRow] = []
     for attack_name in attack_names:
         start = time.perf_counter()
-        lab_model = backdoored("digits", "digits_cnn", attack_name, cfg.seed,
-                               rate=cfg.poison_rate, epochs=cfg.attack_epochs, device=device,
-                               progress=show_progress)
+        lab_model = backdoored_teacher(attack_name, cfg, show_progress=show_progress)
         data, attack = lab_model.data, lab_model.attack
         before = evaluate(lab_model.model, *data.test, attack=attack)
         log(f"[{attack_name}] backdoored model: acc {before['acc']:.3f}, asr {before['asr']:.3f} "
             f"({time.perf_counter() - start:.1f}s to train)")
-        for defense in progress(defense_names, enabled=show_progress, desc=f"{attack_name}"):
+        for defense in progress(defense_names, enabled=show_progress, desc=f"{attack_name}",
+                                unit="defense"):
             start = time.perf_counter()
             defended = _run_defense(defense, lab_model, cfg, show_progress)
             seconds = time.perf_counter() - start

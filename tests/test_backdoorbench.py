@@ -377,6 +377,7 @@ def test_saving_a_model_of_another_layout_writes_nothing(bench, tmp_path):
     ("medic", ["--option", "epochs=1"]),
     ("bcu", ["--option", "epochs=1"]),
     ("dde", []),
+    ("dde", ["--option", "u=auto"]),
     ("mbns", []),
 ])
 def test_cli_cleans_a_record_and_writes_the_result(bench, tmp_path, capsys, method, options):
@@ -386,7 +387,16 @@ def test_cli_cleans_a_record_and_writes_the_result(bench, tmp_path, capsys, meth
                  *options])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "20 clean images" in printed and "before" in printed and "after" in printed
+    assert "before" in printed and "after" in printed
+    # The success line names the data the defense read: DDE reads the poisoned training set,
+    # and the clean subset only to choose u="auto"; the others read the clean subset.
+    read = printed.splitlines()[0].split("; read ", 1)[1]
+    if method == "dde":
+        assert read.startswith("the ") and "poisoned training images of the record" in read
+        assert ("20 clean images (0.2 of the clean training set) to choose u" in read) \
+            == ("u=auto" in options), read
+    else:
+        assert read == "20 clean images (0.2 of the clean training set))", read
     result = torch.load(record / "defense" / f"bdfast-{method}" / "defense_result.pt",
                         weights_only=True)
     preact_resnet18_backdoorbench(10, width=WIDTH).load_state_dict(result["model"], strict=True)

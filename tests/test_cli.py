@@ -64,6 +64,19 @@ def test_clean_round_trip(files, method, options, capsys):
         assert "report" in checkpoint
 
 
+@pytest.mark.parametrize("method,options,read", [
+    ("mbns", [], "read 270 clean images from --data"),
+    # DDE reads the model's own, possibly poisoned, training set: --data is that set here.
+    ("dde", ["--option", "u=3.0"], "read 270 training images from --data"),
+])
+def test_the_success_line_names_the_data_the_defense_read(files, method, options, read, capsys):
+    code, out = _clean(files, method, *options, "--option", "progress=False")
+    assert code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{method}: cleaned model written to {out} (")
+    assert line.endswith(f"; {read})"), line
+
+
 def test_clean_reads_uint8_images_without_labels(files):
     code, out = main(["clean", "--method", "mbns", "--arch", ARCH, "--weights",
                       str(files["weights"]), "--data", str(files["images"]), "--out",
@@ -168,7 +181,7 @@ BAD_CASES = [
     ("epochs=ten", lambda f, b: ["--method", "medic", "--option", "epochs=ten"], "'ten'"),
     ("epochs=2.0", lambda f, b: ["--method", "bcu", "--option", "epochs=2.0"], "2.0"),
     ("option device=cuda", lambda f, b: ["--method", "medic", "--option", "device=cuda"],
-     "device"),
+     "--device"),
     ("--device cuda", lambda f, b: ["--method", "mbns", "--device", "cuda"], "--device"),
     ("--device nonsense", lambda f, b: ["--method", "mbns", "--device", "gpu0"], "--device"),
     ("labels >= classes in --data",
@@ -199,6 +212,15 @@ BAD_CASES = [
      "whole class numbers"),
     ("NHWC images", lambda f, b: ["--method", "mbns", "--data", str(b["nhwc"])], "transpose"),
     ("--option seed", lambda f, b: ["--method", "bcu", "--option", "seed=1"], "--seed"),
+    # Python objects have no shell spelling: one line says so and what to use instead.
+    ("--option eval_fn", lambda f, b: ["--method", "medic", "--option", "eval_fn=print"],
+     "--option eval_fn is refused: it is a Python function"),
+    ("--option student", lambda f, b: ["--method", "medic", "--option", "student=None"],
+     "--option student is refused: it is a model object"),
+    ("--option val_loader", lambda f, b: ["--method", "dde", "--option", "val_loader=x"],
+     "--option val_loader is refused: it is a Python loader"),
+    ("--option device=cpu", lambda f, b: ["--method", "mbns", "--option", "device=cpu"],
+     "--option device is refused: give the device with --device"),
     ("dde step too small for the compat grid",
      lambda f, b: ["--method", "dde", "--option", "step=1e-9", "--option",
                    "reference_compat=True", "--option", "progress=False"], "larger step"),
@@ -378,6 +400,51 @@ def test_no_best_defense_is_named_for_an_attack_that_did_not_implant(tmp_path):
     assert report["not_implanted"] == {"sig": 0.02}
     with open(paths["markdown"]) as f:
         assert "sig: none named" in f.read()
+
+
+def test_demo_save_model_writes_the_backdoored_model_the_demo_trains(tmp_path, capsys,
+                                                                     monkeypatch):
+    import bdfast.demo
+    from bdfast.demo import IMPLANTED_ASR
+    from bdfast.metrics import evaluate
+
+    trained = []
+    real_teacher = bdfast.demo.backdoored_teacher
+
+    def remember(*args, **kwargs):
+        trained.append(real_teacher(*args, **kwargs))
+        return trained[-1]
+
+    monkeypatch.setattr(bdfast.demo, "backdoored_teacher", remember)
+    path = tmp_path / "suspicious.pt"
+    assert main(["demo", "--save-model", str(path), "--quick", "--no-progress"]) == 0
+    assert "bdfast.models.digits_cnn()" in capsys.readouterr().out
+    assert len(trained) == 1 and not (tmp_path / "bdfast-demo").exists()  # no defense ran
+    teacher = trained[0]
+    # A plain state_dict, as the README's quick start loads it, of the named architecture.
+    model = digits_cnn()
+    model.load_state_dict(torch.load(path, weights_only=True))
+    model.eval()
+    x_test, y_test = teacher.data.test
+    with torch.no_grad():
+        assert torch.equal(model(x_test).argmax(1), teacher.model(x_test).argmax(1))
+    # The badnets teacher, and backdoored: its trigger sends most test images to the target.
+    assert teacher.attack.name == "badnets"
+    assert evaluate(model, x_test, y_test, attack=teacher.attack)["asr"] >= IMPLANTED_ASR
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--defenses", "medic"], "takes no --defenses"),
+    (["--out", "report"], "takes no --out"),
+    (["--attacks", "badnets", "sig"], "give one attack with --attacks, got 2"),
+])
+def test_demo_save_model_refuses_what_it_would_ignore(extra, fragment, tmp_path, capsys):
+    _expect_error(capsys, ["demo", "--save-model", str(tmp_path / "m.pt"), *extra], fragment,
+                  tmp_path / "m.pt")
+
+
+def test_demo_save_model_refuses_a_folder(tmp_path, capsys):
+    _expect_error(capsys, ["demo", "--save-model", str(tmp_path)], "is a directory")
 
 
 def test_demo_run_times_are_the_same_in_the_readme_and_the_help():
