@@ -45,12 +45,16 @@ cuda-build: venv
 	$(BIN)/python -c "import bdfast; info = bdfast.backend_info(); assert info['native_cuda'], info['why']; print('CUDA kernels compiled:', info['native_cuda'])"
 
 # csrc/cuda (host code and kernels) compiled as C++ for the tests' CPU execution layer
-# (tests/cuda_emu): no GPU or nvcc needed. `make test` runs every CUDA op test on it.
-EMU_TESTS := tests/test_ops_medic.py tests/test_ops_histogram.py tests/test_ops_kl_outliers.py \
-	tests/test_ops_errors.py tests/test_cuda_emu.py
-# $(call emu-build,DIR,CMAKE OPTIONS): configures once, then builds incrementally.
+# (tests/support/cuda_emu): no GPU or nvcc needed. `make test` runs every CUDA op test on it.
+EMU_TESTS := tests/ops/test_ops_medic.py tests/ops/test_ops_histogram.py \
+	tests/ops/test_ops_kl_outliers.py tests/ops/test_ops_errors.py tests/ops/test_cuda_emu.py
+# $(call emu-build,DIR,CMAKE OPTIONS): configures once, then builds incrementally. A build folder
+# configured from another source folder (the emulation lived in tests/support/cuda_emu before) is
+# configured afresh, since CMake refuses to switch sources in place.
+EMU_SOURCES := $(abspath tests/support/cuda_emu)
 define emu-build
-	test -f $(1)/build.ninja || cmake -S tests/cuda_emu -B $(1) -G Ninja \
+	grep -qsx "CMAKE_HOME_DIRECTORY:INTERNAL=$(EMU_SOURCES)" $(1)/CMakeCache.txt || rm -rf $(1)
+	test -f $(1)/build.ninja || cmake -S $(EMU_SOURCES) -B $(1) -G Ninja \
 		-DCMAKE_MAKE_PROGRAM=$(abspath $(BIN))/ninja -DPython_EXECUTABLE=$(abspath $(BIN))/python $(2) >/dev/null
 	cmake --build $(1) -j $(MAX_JOBS)
 endef
@@ -98,8 +102,8 @@ sanitize-cuda: venv
 # launch adds only launch-to-launch ordering, which the pool serialises. Measured on this 2-core
 # machine while others loaded it (load 10): the TSan build 1.5 min of CPU (4.5 min wall), the
 # tests 2.1 min of CPU (8.4 min wall).
-TSAN_CI_TESTS := tests/test_ops_medic.py tests/test_cuda_emu.py \
-	--deselect "tests/test_ops_medic.py::test_cuda_more_layers_than_one_launch_holds[cuda-emu]"
+TSAN_CI_TESTS := tests/ops/test_ops_medic.py tests/ops/test_cuda_emu.py \
+	--deselect "tests/ops/test_ops_medic.py::test_cuda_more_layers_than_one_launch_holds[cuda-emu]"
 sanitize-cuda-ci: venv
 	$(call tsan-run,$(TSAN_CI_TESTS))
 

@@ -223,7 +223,7 @@ def check_not_tensor(loader: Any, what: str = "loader") -> None:
     """A bare tensor is iterable (over its rows), but it is not a loader of batches."""
     if isinstance(loader, Tensor):
         raise TypeError(f"{what} must be an iterable of batches x or (x, y), not a single tensor; "
-                        "wrap the tensor with bdfast.data.tensor_loader(x)")
+                        "wrap the tensor with bdfast.loaders.tensor_loader(x)")
 
 
 def iter_batches(loader: Iterable,

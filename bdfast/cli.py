@@ -5,7 +5,8 @@ checkpoint that does not fit the architecture, an unknown or invalid option, a d
 not there) prints one line and exits with code 2, and nothing is written. Checks that need no
 defense run before it, so a mistake costs seconds. A ``clean --checkpoint DIR`` run stopped by
 SIGTERM or Ctrl-C writes a checkpoint after the step it is running and exits with code 75
-(:data:`bdfast.checkpoint.EXIT_INTERRUPTED`); ``--resume`` continues it (docs/long-runs.md).
+(:data:`bdfast.defenses.checkpoint.EXIT_INTERRUPTED`); ``--resume`` continues it
+(docs/long-runs.md).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from torch import nn
 
 from bdfast import defenses
 from bdfast._utils import channels_last_hint, check_pixel_range, eval_mode
-from bdfast.checkpoint import EXIT_INTERRUPTED, Interrupted, write_atomically
+from bdfast.defenses.checkpoint import EXIT_INTERRUPTED, Interrupted, write_atomically
 
 
 class UsageError(Exception):
@@ -44,9 +45,9 @@ DEMO_OUT = "bdfast-demo"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from bdfast.demo import (IMPLANTED_ASR, DemoConfig, best_per_attack, environment,
-                             rows_as_dicts, run_demo)
-    from bdfast.report import PLOT_HINT, best_sentence, not_implanted, table, write_report
+    from bdfast.lab.demo import (IMPLANTED_ASR, DemoConfig, best_per_attack, environment,
+                                 rows_as_dicts, run_demo)
+    from bdfast.lab.report import PLOT_HINT, best_sentence, not_implanted, table, write_report
 
     overrides = {"device": args.device, "seed": args.seed}
     if args.attacks:
@@ -93,8 +94,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _save_demo_model(args: argparse.Namespace, overrides: Dict[str, object]) -> int:
     """``bdfast demo --save-model PATH``: train the demo's backdoored model for one attack, save
     its state_dict and stop, so that a newcomer has a suspicious model to clean in seconds."""
-    from bdfast.demo import DEMO_ARCH, DemoConfig, backdoored_teacher
-    from bdfast.metrics import evaluate
+    from bdfast.lab.demo import DEMO_ARCH, DemoConfig, backdoored_teacher
+    from bdfast.lab.metrics import evaluate
 
     given = [flag for flag, value in (("--defenses", args.defenses), ("--out", args.out))
              if value is not None]
@@ -115,7 +116,7 @@ def _save_demo_model(args: argparse.Namespace, overrides: Dict[str, object]) -> 
     metrics = evaluate(lab_model.model, *lab_model.data.test, attack=lab_model.attack)
     print(f"Wrote the {attack}-backdoored digits model to {args.save_model} (acc "
           f"{metrics['acc']:.3f}, asr {metrics['asr']:.3f} on the digits test split); load it "
-          f"into bdfast.models.{DEMO_ARCH}() with load_state_dict(torch.load(path, "
+          f"into bdfast.lab.models.{DEMO_ARCH}() with load_state_dict(torch.load(path, "
           "weights_only=True)).")
     return 0
 
@@ -334,8 +335,8 @@ def _flag(name: str) -> str:
 
 def _cmd_clean(args: argparse.Namespace) -> int:
     import bdfast
-    from bdfast import attacks
-    from bdfast.metrics import evaluate
+    from bdfast.lab import attacks
+    from bdfast.lab.metrics import evaluate
 
     # Everything that can be checked without running the defense is checked first, so that a
     # mistake costs seconds, not a whole training run.
@@ -536,7 +537,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:
-    from bdfast import selftest
+    from bdfast.ops import selftest
     devices = args.device or selftest.available_devices()
     if not devices:
         raise UsageError("no device has compiled kernels for every op (see `bdfast info`)")
@@ -550,8 +551,8 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    from bdfast.demo import (ATTACKS, DEMO_ARCH, DEMO_DEFENSES, FULL_RUN_SECONDS,
-                             QUICK_RUN_SECONDS, DemoConfig)
+    from bdfast.lab.demo import (ATTACKS, DEMO_ARCH, DEMO_DEFENSES, FULL_RUN_SECONDS,
+                                 QUICK_RUN_SECONDS, DemoConfig)
     from bdfast.interop.backdoorbench import DEFAULT_CLEAN_RATIO
     parser = argparse.ArgumentParser(
         prog="bdfast",
@@ -582,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="instead of the demo, only train the demo's backdoored model for one "
                            "attack (--attacks, default badnets) and save its state_dict to "
                            "PATH, a suspicious model to try the README's quick start on; it "
-                           f"loads into bdfast.models.{DEMO_ARCH}(). It trains "
+                           f"loads into bdfast.lab.models.{DEMO_ARCH}(). It trains "
                            f"{DemoConfig().attack_epochs} epochs (--quick: "
                            f"{DemoConfig.quick().attack_epochs}); no defense runs and no report "
                            "is written")
@@ -598,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "write the result into the record.",
         epilog="DATA.npz holds x (N,C,H,W; float in [0,1] or uint8) and optionally y. "
                + defenses.data_help() + " Example: bdfast "
-               "clean --method mbns --arch bdfast.models:digits_cnn --weights model.pt --data "
+               "clean --method mbns --arch bdfast.lab.models:digits_cnn --weights model.pt --data "
                "clean.npz --out cleaned.pt --option u=3. From BackdoorBench's folder: bdfast "
                "clean --backdoorbench record/NAME --data-root data/cifar10 --method mbns "
                "(docs/backdoorbench.md).")

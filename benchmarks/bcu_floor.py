@@ -33,8 +33,9 @@ def measure(seed: int, cache: Path) -> List[Dict]:
     import torch
     from torch import nn
 
-    from bdfast import bcu, defenses, lab
-    from bdfast.metrics import evaluate
+    from bdfast import defenses, lab
+    from bdfast.defenses import bcu
+    from bdfast.lab.metrics import evaluate
 
     rows = []
     poisoned = lab.backdoored("fmnist", "digits_cnn", "blended", seed, cache=cache)

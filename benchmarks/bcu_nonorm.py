@@ -6,7 +6,7 @@ thread counts of the efficacy matrix's rows, this runs BCU with the library defa
 one option changed at a time: the learning rate, the replacement values (``init``), the ratios
 (``ratio_scale``) and the epochs. Each row holds ACC / ASR after (digits test split) and the
 student's agreement with the teacher on the 270 clean images BCU trained on, which is what the
-collapse guard (``bdfast.distill``) measures.
+collapse guard (``bdfast.defenses.distill``) measures.
 
 Rows are appended to ``--results`` as they finish; a later run skips rows already there.
 
@@ -24,7 +24,7 @@ from typing import Dict
 import torch
 
 from bdfast import defenses, lab
-from bdfast.metrics import evaluate
+from bdfast.lab.metrics import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("plain_cnn", "gn_resnet", "convnext_lab")

@@ -17,10 +17,10 @@ under ``.cache/bench_medic_run/``.
 
 Variants (every one from the same teacher, data, epochs and seed):
 
-- ``released``: statistics by :func:`bdfast.medic.teacher_statistics`, the student re-initialised
-  as bdfast does, then per batch :func:`bench_medic_step.released_step` (batch-mean CE, full
-  backward through both nets with ``retain_graph``, a second backward, per-layer softmax loop),
-  Adam with the same per-step cosine schedule;
+- ``released``: statistics by :func:`bdfast.defenses.medic.teacher_statistics`, the student
+  re-initialised as bdfast does, then per batch :func:`bench_medic_step.released_step` (batch-mean
+  CE, full backward through both nets with ``retain_graph``, a second backward, per-layer softmax
+  loop), Adam with the same per-step cosine schedule;
 - ``nocache``: ``Medic(cache_teacher=False)``; ``cache``: ``cache_teacher=True`` with the
   default ``cache_dtype="auto"`` (float32 here: the table fits the default budget);
   ``cache-nchw``: the same with ``channels_last=False`` (every other bdfast variant runs the
@@ -52,10 +52,10 @@ from bench_medic_step import released_step
 
 from bdfast import lab
 from bdfast._utils import seed_everything
-from bdfast.augment import RandomCrop
-from bdfast.data import tensor_loader
+from bdfast.defenses.augment import RandomCrop
+from bdfast.loaders import tensor_loader
 from bdfast.hooks import copy_without_hooks, disable_inplace, select_layers
-from bdfast.medic import Medic, MedicConfig, _student, auto_layers, teacher_statistics
+from bdfast.defenses.medic import Medic, MedicConfig, _student, auto_layers, teacher_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 

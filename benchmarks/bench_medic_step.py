@@ -3,7 +3,7 @@
 A step is: teacher forward + proxy gradients g, student forward and backward through
 CE + lam * clone loss, and the Adam step. Variants, all on the same models and batch:
 
-- ``native``: bdfast's step (:class:`bdfast.medic.MedicStep`): one teacher forward with the
+- ``native``: bdfast's step (:class:`bdfast.defenses.medic.MedicStep`): one teacher forward with the
   hooked outputs in the graph, ``torch.autograd.grad`` w.r.t. them only, one student forward,
   one backward, the fused ``medic_clone_loss`` kernel;
 - ``reference``: the same step with the pure-PyTorch loss (what the kernel saves);
@@ -27,11 +27,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bdfast import _extension
+from bdfast.ops import _extension
 from bdfast.hooks import select_layers
-from bdfast.medic import MedicConfig, MedicStep, teacher_statistics
-from bdfast.models import wrn16_1
-from bdfast.teacher_cache import TeacherCache
+from bdfast.defenses.medic import MedicConfig, MedicStep, teacher_statistics
+from bdfast.lab.models import wrn16_1
+from bdfast.defenses.teacher_cache import TeacherCache
 
 BATCH = 64
 VARIANTS = ["native", "reference", "released-style", "native bf16", "native cached",

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bdfast import _extension, ops, reference
+from bdfast import ops, reference
+from bdfast.ops import _extension
 
 # Hooked conv and BN outputs (C, H, W) of WRN-16-1 on 32x32 inputs: 25 layers.
 WRN16_1 = [(16, 32, 32)] * 10 + [(32, 16, 16)] * 8 + [(64, 8, 8)] * 7

@@ -54,10 +54,10 @@ import torch
 from torch import nn
 
 from bdfast import defenses, lab
-from bdfast.data import LabData
+from bdfast.lab.data import LabData
 from bdfast.hooks import BATCHNORM
-from bdfast.medic import auto_layers
-from bdfast.metrics import evaluate
+from bdfast.defenses.medic import auto_layers
+from bdfast.lab.metrics import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -132,7 +132,7 @@ def unlabeled_images(data_name: str, data: LabData, count: int) -> torch.Tensor:
 def resolved_options(defense: str, setting: str, arch: Optional[str] = None) -> Dict[str, Any]:
     """The setting's options with every library default of the defense written out; given the
     ``arch``, MEDIC's ``layers="auto"`` is written as the preset it picks on that net
-    (:func:`bdfast.medic.auto_layers`), so a row says what ran."""
+    (:func:`bdfast.defenses.medic.auto_layers`), so a row says what ran."""
     options = dict(SETTINGS[defense][setting])
     if defenses.get(defense).baseline:  # the baselines: their options are all written out
         return options

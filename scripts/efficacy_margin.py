@@ -3,7 +3,7 @@
 The lab models' weights, and so every ACC / ASR the tests check, change with the seed, torch's
 thread count and the CPU's instruction set (conv and GEMM kernels round differently on AVX2 and
 AVX-512). A bound only counts if it holds on all of them, with margin. This script runs the cases
-of :mod:`bdfast.acceptance` for every variant
+of :mod:`bdfast.lab.acceptance` for every variant
 
     seed in --seeds  x  threads in --threads  x  instruction set in --isa
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import List
 
 from bdfast import lab
-from bdfast.acceptance import CASES
+from bdfast.lab.acceptance import CASES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def selected(patterns: List[str]):
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from bdfast.acceptance import lab_model
+    from bdfast.lab.acceptance import lab_model
 
     torch.set_num_threads(args.threads)
     capability = torch.backends.cpu.get_cpu_capability()

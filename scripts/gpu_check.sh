@@ -66,7 +66,7 @@ for tool in memcheck racecheck; do
   # Only bdfast's kernels are instrumented (kns: kernel-name substring), which keeps the run
   # short; API errors are left to the extension's own checks (torch probes some on purpose).
   step "$tool" 120 "$SANITIZER" --tool "$tool" --kernel-name kns=bdfast --report-api-errors no \
-    --error-exitcode 1 "$PY" tests/sanitize_ops.py
+    --error-exitcode 1 "$PY" tests/support/sanitize_ops.py
 done
 step bench 400 "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
   --benchmark-json="$OUT/${GPU_TAG:-h100}.json"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import devices
+from support import devices
 from bdfast import lab
-from bdfast.data import Digits
+from bdfast.lab.data import Digits
 
 
 # CPU reductions split their work by thread, so the lab models (and every ACC / ASR the
@@ -47,7 +47,7 @@ def device(request: pytest.FixtureRequest):
 
 @pytest.fixture(scope="session")
 def digits() -> Digits:
-    """The lab's digits: ``bdfast.data.load_digits()`` with its defaults (16x16, seed 0)."""
+    """The lab's digits: ``bdfast.lab.data.load_digits()`` with its defaults (16x16, seed 0)."""
     return lab.lab_data("digits")
 
 

@@ -14,9 +14,9 @@ import torch
 import bdfast
 from bdfast import defenses
 from bdfast.cli import main
-from bdfast.models import digits_cnn
+from bdfast.lab.models import digits_cnn
 
-ARCH = "bdfast.models:digits_cnn"
+ARCH = "bdfast.lab.models:digits_cnn"
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +104,13 @@ def test_bad_inputs_exit_2_with_one_line(files, capsys, tmp_path):
                            "--data", str(tmp_path / "missing.npz")] + base, "not found", out)
     _expect_error(capsys, ["clean", "--method", "mbns", "--arch", "no_such_module:f",
                            "--weights", w, "--data", d] + base, "cannot import", out)
-    _expect_error(capsys, ["clean", "--method", "mbns", "--arch", "bdfast.models:nothing",
+    _expect_error(capsys, ["clean", "--method", "mbns", "--arch", "bdfast.lab.models:nothing",
                            "--weights", w, "--data", d] + base, "no callable", out)
-    _expect_error(capsys, ["clean", "--method", "mbns", "--arch", "bdfast.models",
+    _expect_error(capsys, ["clean", "--method", "mbns", "--arch", "bdfast.lab.models",
                            "--weights", w, "--data", d] + base, "module:factory", out)
     # A checkpoint of another architecture.
     other = tmp_path / "other.pt"
-    torch.save(bdfast.models.vgg_small().state_dict(), other)
+    torch.save(bdfast.lab.models.vgg_small().state_dict(), other)
     _expect_error(capsys, ["clean", "--method", "mbns", "--arch", ARCH, "--weights", str(other),
                            "--data", d] + base, "does not fit the architecture", out)
     # Images of the wrong shape for the model.
@@ -381,8 +381,8 @@ def test_interrupted_demo_keeps_the_rows_it_measured(tmp_path, monkeypatch, caps
 
 
 def test_no_best_defense_is_named_for_an_attack_that_did_not_implant(tmp_path):
-    from bdfast.demo import IMPLANTED_ASR, DemoRow, best_per_attack, rows_as_dicts
-    from bdfast.report import write_report
+    from bdfast.lab.demo import IMPLANTED_ASR, DemoRow, best_per_attack, rows_as_dicts
+    from bdfast.lab.report import write_report
 
     def row(attack, defense, asr, asr_before, der):
         return DemoRow(attack, defense, acc=0.99, asr=asr, ra=0.9, der=der, seconds=1.0,
@@ -404,21 +404,21 @@ def test_no_best_defense_is_named_for_an_attack_that_did_not_implant(tmp_path):
 
 def test_demo_save_model_writes_the_backdoored_model_the_demo_trains(tmp_path, capsys,
                                                                      monkeypatch):
-    import bdfast.demo
-    from bdfast.demo import IMPLANTED_ASR
-    from bdfast.metrics import evaluate
+    import bdfast.lab.demo
+    from bdfast.lab.demo import IMPLANTED_ASR
+    from bdfast.lab.metrics import evaluate
 
     trained = []
-    real_teacher = bdfast.demo.backdoored_teacher
+    real_teacher = bdfast.lab.demo.backdoored_teacher
 
     def remember(*args, **kwargs):
         trained.append(real_teacher(*args, **kwargs))
         return trained[-1]
 
-    monkeypatch.setattr(bdfast.demo, "backdoored_teacher", remember)
+    monkeypatch.setattr(bdfast.lab.demo, "backdoored_teacher", remember)
     path = tmp_path / "suspicious.pt"
     assert main(["demo", "--save-model", str(path), "--quick", "--no-progress"]) == 0
-    assert "bdfast.models.digits_cnn()" in capsys.readouterr().out
+    assert "bdfast.lab.models.digits_cnn()" in capsys.readouterr().out
     assert len(trained) == 1 and not (tmp_path / "bdfast-demo").exists()  # no defense ran
     teacher = trained[0]
     # A plain state_dict, as the README's quick start loads it, of the named architecture.
@@ -449,7 +449,7 @@ def test_demo_save_model_refuses_a_folder(tmp_path, capsys):
 
 def test_demo_run_times_are_the_same_in_the_readme_and_the_help():
     from bdfast.cli import build_parser
-    from bdfast.demo import FULL_RUN_SECONDS, QUICK_RUN_SECONDS
+    from bdfast.lab.demo import FULL_RUN_SECONDS, QUICK_RUN_SECONDS
     with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")) as f:
         readme = f.read()
     demo = build_parser()._subparsers._group_actions[0].choices["demo"]

@@ -10,7 +10,7 @@ import torch
 
 import bdfast
 from bdfast._utils import LineProgress, progress
-from bdfast.models import digits_cnn
+from bdfast.lab.models import digits_cnn
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import shlex
 
 import numpy as np
 
-import bdfast.demo
+import bdfast.lab.demo
 from bdfast import lab
 from bdfast.cli import main
 
@@ -56,13 +56,13 @@ def test_readme_code_runs_as_written(tmp_path, monkeypatch, digits, backdoored_m
             train_defaults["epochs"].default, "cpu")
         return backdoored_model.lab_model("badnets")
 
-    monkeypatch.setattr(bdfast.demo, "backdoored", trained_by_the_fixture)
+    monkeypatch.setattr(bdfast.lab.demo, "backdoored", trained_by_the_fixture)
     np.savez("clean.npz", x=digits.clean[0].numpy(), y=digits.clean[1].numpy())
     np.savez("test.npz", x=digits.test[0].numpy(), y=digits.test[1].numpy())
     (tmp_path / "mypackage").mkdir()
     (tmp_path / "mypackage" / "__init__.py").write_text("")
     (tmp_path / "mypackage" / "models.py").write_text(
-        "from bdfast.models import digits_cnn as my_net\n")
+        "from bdfast.lab.models import digits_cnn as my_net\n")
 
     namespace: dict = {"__name__": "readme"}
     ran_python = ran_cli = 0

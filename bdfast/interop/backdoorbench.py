@@ -8,7 +8,7 @@ of the poisoned images are. This module reads that format as ``utils/save_load_a
 importing BackdoorBench, and writes ``record/<name>/defense/bdfast-<method>/defense_result.pt``
 in the format its own defenses use, with a summary CSV in their column names.
 
-What the module promises about a record it did not write (tests/test_backdoorbench_fuzz.py):
+What the module promises about a record it did not write (tests/interop/test_backdoorbench_fuzz.py):
 
 - ``attack_result.pt`` and ``info.pickle`` are read with ``torch.load(weights_only=True)`` and an
   allow-list of the few numpy types the record's index arrays need, and the CIFAR files with an
@@ -46,9 +46,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from bdfast._utils import eval_mode
-from bdfast.data import _read_idx
-from bdfast.metrics import predict
-from bdfast.models import preact_resnet18_backdoorbench
+from bdfast.lab.data import _read_idx
+from bdfast.lab.metrics import predict
+from bdfast.lab.models import preact_resnet18_backdoorbench
 
 __all__ = ["BackdoorBenchRecord", "ImageSet", "Normalized", "load_record", "clean_subset",
            "evaluate_record", "save_defense_result", "DATASETS", "MODELS", "DEFAULT_CLEAN_RATIO",
@@ -69,9 +69,9 @@ TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "alexnet", "vgg11", "v
                       "resnext50_32x4d", "wide_resnet50_2", "mnasnet1_0", "efficientnet_b0",
                       "efficientnet_b3", "convnext_tiny")
 MODELS = ("preactresnet18",) + TORCHVISION_MODELS
-# The torchvision models that tests/test_model_zoo.py builds with the same call and runs every
-# defense on (random weights, 32x32 images): MEDIC, BCU, and DDE and MBNS (or, on convnext_tiny,
-# which has no BatchNorm, their one-sentence refusal). The others are not run there.
+# The torchvision models that tests/defenses/test_model_zoo.py builds with the same call and runs
+# every defense on (random weights, 32x32 images): MEDIC, BCU, and DDE and MBNS (or, on
+# convnext_tiny, which has no BatchNorm, their one-sentence refusal). The others are not run there.
 ZOO_TESTED = ("resnet18", "efficientnet_b0", "convnext_tiny")
 
 _RECORD_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data",

@@ -1,23 +1,28 @@
 """Backend selection and the input checks shared by the op wrappers."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
 
-from bdfast import _extension
+from bdfast.ops import _extension
 
 BACKENDS = ("auto", "reference", "native")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOAT32_MAX = torch.finfo(torch.float32).max
+
+# The automatic GPU self-check, :func:`bdfast.ops.selftest.gpu_problem`. ``bdfast.ops`` sets it
+# when it is imported: the check runs the ops, which import this module, so importing it here
+# would close a cycle.
+gpu_self_check: Optional[Callable[[str, torch.device], Optional[str]]] = None
 
 
 def use_native(op: str, backend: str, device: torch.device) -> bool:
     """Decide whether ``op`` on ``device`` runs the compiled kernel or the reference.
 
     ``"auto"`` takes the kernel when one is compiled for the device (on a GPU: for its
-    architecture, and once it has passed its self-check there, see :mod:`bdfast.selftest`;
+    architecture, and once it has passed its self-check there, see :mod:`bdfast.ops.selftest`;
     otherwise it warns once and uses the reference), ``"reference"`` never does, and
     ``"native"`` insists, failing with a sentence that says how to get the kernel.
     """
@@ -35,10 +40,9 @@ def use_native(op: str, backend: str, device: torch.device) -> bool:
                                    f"{problem}, or use backend='auto'.")
             _extension.warn_no_image_once(device, problem)
             return False
-        if backend == "auto":
-            from bdfast import selftest  # imports the ops, which import this module
-            if selftest.gpu_problem(op, device) is not None:
-                return False
+        if backend == "auto" and gpu_self_check is not None \
+                and gpu_self_check(op, device) is not None:
+            return False
     if backend == "native" and not available:
         if not _extension.loaded():
             reason = "the compiled extension bdfast._C is not loaded"

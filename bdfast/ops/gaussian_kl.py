@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bdfast import _extension, reference
+from bdfast import reference
+from bdfast.ops import _extension
 from bdfast.ops._dispatch import (FLOAT_DTYPES, check_same_device, check_scalar, check_tensor,
                                   fake_check, use_native)
 

@@ -6,7 +6,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from bdfast import _extension, reference
+from bdfast import reference
+from bdfast.ops import _extension
 from bdfast.ops._dispatch import (FLOAT_DTYPES, check_offsets, check_tensor, fake_check,
                                   fake_check_offsets, use_native)
 

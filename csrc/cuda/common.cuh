@@ -13,7 +13,7 @@
 
 // A kernel launch and a block's dynamic shared memory, the two things the kernels spell as
 // macros: C++ has no spelling for them, so the tests' CPU emulation of these kernels
-// (tests/cuda_emu) defines its own forms before this header is read.
+// (tests/support/cuda_emu) defines its own forms before this header is read.
 //   BDFAST_LAUNCH(kernel, grid, block, shared_bytes, stream)(args...);
 //   BDFAST_DYNAMIC_SHARED(type, name);  // type* name, the launch's shared_bytes
 #ifndef BDFAST_LAUNCH

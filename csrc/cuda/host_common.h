@@ -20,7 +20,7 @@
 namespace bdfast::cuda {
 
 // The device of the tensors the kernels read: a GPU, or the CPU where the tests build these
-// files for their CPU emulation of the kernels (tests/cuda_emu, whose <cuda_runtime_api.h>
+// files for their CPU emulation of the kernels (tests/support/cuda_emu, whose <cuda_runtime_api.h>
 // defines BDFAST_CUDA_EMULATION).
 #ifdef BDFAST_CUDA_EMULATION
 constexpr c10::DeviceType kKernelDeviceType = c10::DeviceType::CPU;

@@ -1,0 +1,131 @@
+"""The collapse guard of the training defenses (bdfast.defenses.distill.CollapseGuard): a student
+that ends far below its teacher on the defense's own clean data gets one warning, recorded in the
+result, and the check changes no weight and no RNG stream."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bdfast
+from bdfast.defenses.bcu import bcu_fit
+from bdfast.defenses.checkpoint import generators_of
+from bdfast.loaders import tensor_loader
+from bdfast.defenses.distill import COLLAPSE_SHARE, CollapseGuard, fit
+from bdfast.defenses.medic import Medic
+from bdfast.lab.models import digits_cnn
+
+
+def _collapse_warnings(caught):
+    return [str(w.message) for w in caught
+            if issubclass(w.category, RuntimeWarning) and "collapsed" in str(w.message)]
+
+
+def _accuracy(model, x, y):
+    with torch.no_grad():
+        return float((model.eval()(x).argmax(1) == y).float().mean())
+
+
+def test_bcu_warns_once_and_records_a_collapsed_student(backdoored_model, digits):
+    teacher = backdoored_model("badnets")
+    loader = tensor_loader(digits.clean[0], batch_size=64, shuffle=True, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # SGD at lr 50 throws the student's weights far from anything the teacher predicts.
+        result = bcu_fit(teacher, loader, lr=50.0, epochs=2, seed=0, progress=False, amp=False)
+    found = _collapse_warnings(caught)
+    assert found == [result.collapse]
+    assert result.agreement_before == 1.0
+    agree = float((result.model(digits.clean[0]).argmax(1)
+                   == teacher(digits.clean[0]).argmax(1)).float().mean())
+    assert result.agreement_after == pytest.approx(agree, abs=1e-6)
+    assert result.agreement_after < COLLAPSE_SHARE
+    # The warning names both numbers, the data and what to try.
+    assert f"{result.agreement_after:.3f}" in found[0] and "1.000" in found[0]
+    assert f"{len(digits.clean[0])} clean images" in found[0]
+    assert "teacher's predictions" in found[0] and "lr=0.01" in found[0]
+    assert "\n" not in found[0]
+
+
+def test_medic_warns_on_labelled_data_below_half_the_teachers_accuracy(backdoored_model,
+                                                                          digits):
+    teacher = backdoored_model("badnets")
+    loader = tensor_loader(*digits.clean, batch_size=64, shuffle=True, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # One epoch at a vanishing step leaves the student as freshly initialised.
+        result = Medic(epochs=1, lr=1e-9, seed=0, progress=False).fit(teacher, loader)
+    assert _collapse_warnings(caught) == [result.collapse]
+    assert result.agreement_before == pytest.approx(_accuracy(teacher, *digits.clean),
+                                                    abs=1e-6)
+    assert result.agreement_after == pytest.approx(_accuracy(result.model, *digits.clean),
+                                                   abs=1e-6)
+    assert result.agreement_after < COLLAPSE_SHARE * result.agreement_before
+    assert "matches the labels" in result.collapse and "medic:" in result.collapse
+
+
+def test_a_healthy_medic_run_does_not_warn(backdoored_model, digits):
+    teacher = backdoored_model("badnets")
+    loader = tensor_loader(*digits.clean, batch_size=64, shuffle=True, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = Medic(epochs=10, seed=0, progress=False).fit(teacher, loader)
+    assert _collapse_warnings(caught) == [] and result.collapse is None
+    assert result.agreement_after == pytest.approx(_accuracy(result.model, *digits.clean),
+                                                   abs=1e-6)
+    assert result.agreement_after >= COLLAPSE_SHARE * result.agreement_before
+    assert result.timings["guard"] < result.timings["train"] / 5
+
+
+def test_the_guard_changes_no_weight_and_no_random_stream(digits):
+    """The same training with and without the guard: equal weights, equal RNG states after, the
+    loader's own generator included, so whatever runs next draws the same numbers."""
+    x = digits.clean[0][:96]
+    teacher = digits_cnn().eval().requires_grad_(False)
+    ends = []
+    for guard in (None, CollapseGuard(teacher, labels=False, defense="test", advice="nothing")):
+        torch.manual_seed(0)
+        student = digits_cnn()
+        loader = tensor_loader(x, batch_size=32, shuffle=True, seed=0)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+
+        def step(net, xb, yb, epoch):
+            # Dropout-like noise from the global RNG, so a stream that moved would show.
+            noise = torch.rand_like(xb) * 0.01
+            return F.kl_div(F.log_softmax(net(xb + noise), 1), F.log_softmax(teacher(xb), 1),
+                            reduction="batchmean", log_target=True)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # this student may collapse
+            result = fit(student, loader, step, optimizer, epochs=2,
+                         device=torch.device("cpu"), amp=False, progress=False, guard=guard)
+        (generator,) = generators_of(loader)  # the shuffling sampler's
+        ends.append((student.state_dict(), torch.get_rng_state(), generator.get_state(), result))
+    (plain, rng, gen, unguarded), (guarded_w, rng_g, gen_g, guarded) = ends
+    assert all(torch.equal(plain[k], guarded_w[k]) for k in plain)
+    assert torch.equal(rng, rng_g) and torch.equal(gen, gen_g)
+    assert unguarded.agreement_after is None and guarded.agreement_after is not None
+
+
+def test_cli_prints_the_collapse_warning_on_one_line(digits, tmp_path):
+    torch.manual_seed(0)
+    teacher = digits_cnn()
+    bdfast.train(teacher, *digits.clean, epochs=2, seed=0, progress=False)
+    torch.save(teacher.state_dict(), tmp_path / "model.pt")
+    np.savez(tmp_path / "clean.npz", x=digits.clean[0].numpy())
+    argv = [sys.executable, "-m", "bdfast", "clean", "--method", "bcu", "--arch",
+            "bdfast.lab.models:digits_cnn", "--weights", str(tmp_path / "model.pt"), "--data",
+            str(tmp_path / "clean.npz"), "--out", str(tmp_path / "out.pt"), "--option",
+            "lr=50", "--option", "epochs=2", "--option", "progress=False"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "collapsed" in line]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("bdfast: RuntimeWarning: bcu: the cleaned model matches")
