@@ -20,7 +20,8 @@ Every model maps ``x [B, C, H, W]`` to logits ``[B, num_classes]``.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import functools
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -391,9 +392,11 @@ class ConvNeXtLab(nn.Module):
     """ConvNeXt-style LayerNorm net: a 2x2 stride-2 patchify stem + LayerNorm2d, three stages of
     ConvNeXt blocks (16, 32, 64 channels; 2, 2, 1 blocks) with a LayerNorm2d + 2x2 stride-2 conv
     downsampling before the second and third, global average pooling, a final LayerNorm and
-    ``fc``. A 16x16 image ends as a 2x2 map."""
+    ``fc``. A 16x16 image ends as a 2x2 map. ``block(channels)`` makes each ConvNeXt block
+    (:class:`ConvNeXtCLLab` passes its channels-last one)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1,
+                 block: Callable[[int], nn.Module] = _ConvNeXtBlock):
         super().__init__()
         _check(num_classes, in_channels)
         widths, depths = (16, 32, 64), (2, 2, 1)
@@ -403,8 +406,7 @@ class ConvNeXtLab(nn.Module):
         for c_out, depth in zip(widths, depths):
             downsample = [] if c_out == c_in else [LayerNorm2d(c_in),
                                                    nn.Conv2d(c_in, c_out, 2, stride=2)]
-            stages.append(nn.Sequential(*downsample, *(_ConvNeXtBlock(c_out)
-                                                       for _ in range(depth))))
+            stages.append(nn.Sequential(*downsample, *(block(c_out) for _ in range(depth))))
             c_in = c_out
         self.stage1, self.stage2, self.stage3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -532,11 +534,9 @@ class _ConvNeXtCLBlock(nn.Module):
         return x + y.permute(0, 3, 1, 2)
 
 
-class ConvNeXtCLLab(nn.Module):
-    """Channels-last ConvNeXt-style net: :class:`ConvNeXtLab`'s layout (2x2 stride-2 patchify
-    stem + LayerNorm2d; stages of 16, 32, 64 channels with 2, 2, 1 blocks; LayerNorm2d + 2x2
-    stride-2 conv downsampling; global average pooling, a final LayerNorm and ``fc``) with the
-    blocks of :class:`_ConvNeXtCLBlock`. A 16x16 image ends as a 2x2 map.
+class ConvNeXtCLLab(ConvNeXtLab):
+    """Channels-last ConvNeXt-style net: :class:`ConvNeXtLab`'s layout with the blocks of
+    :class:`_ConvNeXtCLBlock`. A 16x16 image ends as a 2x2 map.
 
     The layer scales start at 1.0, not ConvNeXt's 1e-6, so a block starts as
     :class:`ConvNeXtLab`'s. A first two-stage variant (32 and 64 channels, 5x5 depthwise convs)
@@ -545,27 +545,8 @@ class ConvNeXtCLLab(nn.Module):
     implanted badnets only to an ASR of 0.59 and 0.72, and at 1.0 to 0.70."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1):
-        super().__init__()
-        _check(num_classes, in_channels)
-        widths, depths, init_values = (16, 32, 64), (2, 2, 1), 1.0
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 2, stride=2),
-                                  LayerNorm2d(widths[0]))
-        stages, c_in = [], widths[0]
-        for c_out, depth in zip(widths, depths):
-            downsample = [] if c_out == c_in else [LayerNorm2d(c_in),
-                                                   nn.Conv2d(c_in, c_out, 2, stride=2)]
-            stages.append(nn.Sequential(*downsample, *(_ConvNeXtCLBlock(c_out, init_values)
-                                                       for _ in range(depth))))
-            c_in = c_out
-        self.stage1, self.stage2, self.stage3 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.norm = nn.LayerNorm(c_in)
-        self.fc = nn.Linear(c_in, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [B, in_channels, H, W]`` -> logits ``[B, num_classes]``."""
-        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
-        return self.fc(self.norm(self.avgpool(x).flatten(1)))
+        super().__init__(num_classes, in_channels,
+                         block=functools.partial(_ConvNeXtCLBlock, init_values=1.0))
 
 
 def convnext_cl_lab(num_classes: int = 10, in_channels: int = 1) -> ConvNeXtCLLab:
