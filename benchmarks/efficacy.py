@@ -95,7 +95,9 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
               "block+linear": {"layers": "block+linear"}, "act+linear": {"layers": "act+linear"},
               "conv+norm+linear": {"layers": "conv+norm+linear"},
               # The student's Adam step on the transformer-style nets (docs/medic-experiments.md).
-              "lr0.001": {"lr": 0.001}},
+              "lr0.001": {"lr": 0.001},
+              # Twice the epochs, with and without crops, on the ViT (docs/medic-experiments.md).
+              "e120": {"epochs": 120}, "crop-e120": {"augment": "crop", "epochs": 120}},
     "bcu": {"default": {},
             "paper": {"lr": 0.01, "epochs": 100, "init": "reset", "ratio_scale": 1.0},
             "lr0.05": {"lr": 0.05, "epochs": 100, "init": "reset", "ratio_scale": 1.0},
