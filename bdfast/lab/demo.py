@@ -24,12 +24,11 @@ ATTACKS = ("badnets", "blended", "sig", "wanet")
 # The two baselines, then every library defense.
 DEMO_DEFENSES = ("none", "finetune") + defense_table.names()
 
-# Measured wall times, in seconds, of `bdfast demo` and `bdfast demo --quick` (all attacks and
-# defenses, seed 0, start to finish) on the 2-core CPU machine of the README's table; the quick
-# run was timed while another job shared the machine, so it is an upper bound. The command's
-# help and the README quote these numbers.
-FULL_RUN_SECONDS = 156
-QUICK_RUN_SECONDS = 62
+# Wall times, in seconds, that `bdfast demo` and `bdfast demo --quick` (all attacks and defenses,
+# seed 0) reported on the 2-core AVX2 CPU machine of the README's table, otherwise idle, at
+# commit c23fb91. The command's help and the README quote these numbers.
+FULL_RUN_SECONDS = 185
+QUICK_RUN_SECONDS = 23
 
 
 @dataclass
