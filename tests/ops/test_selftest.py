@@ -139,23 +139,23 @@ def test_no_check_on_the_cpu(monkeypatch):
 
 
 @contextlib.contextmanager
+def _torch_setting(get, set_, value):
+    """``set_(value)`` for the block, then back to what ``get()`` gave before it."""
+    previous = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(previous)
+
+
 def _default_dtype(dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+    return _torch_setting(torch.get_default_dtype, torch.set_default_dtype, dtype)
 
 
-@contextlib.contextmanager
 def _deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    return _torch_setting(torch.are_deterministic_algorithms_enabled,
+                          torch.use_deterministic_algorithms, True)
 
 
 # Each of these made a correct kernel fail its check when the check ran in the caller's state.
