@@ -170,6 +170,35 @@ def check_labelled_images(model: Any, x: Any, y: Any) -> None:
     check_pixel_range(x)
 
 
+def check_training_inputs(model: Any, x: Any, y: Any, *, epochs: Any, batch_size: Any) -> None:
+    """The checks of a supervised run on ``(x [N, C, H, W], y [N] int64)``, each a one-sentence
+    error: :func:`check_labelled_images`, at least 2 images (a batch of one breaks BatchNorm),
+    labels >= 0, and positive int ``epochs`` and ``batch_size``."""
+    check_labelled_images(model, x, y)
+    if len(x) < 2:
+        raise ValueError(f"x must hold at least 2 images to train with BatchNorm, got {len(x)}")
+    if int(y.min()) < 0:
+        raise ValueError(f"y must hold class indices >= 0, got {int(y.min())}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        check_number(value, name, integer=True)
+
+
+def seeded_generator(seed: Optional[int]) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, or from the OS's entropy when it is None."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return generator
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Batches in one pass over ``n`` items: a trailing batch of a single item is left out,
+    because it would break BatchNorm's batch statistics."""
+    return n // batch_size + (1 if n % batch_size > 1 else 0)
+
+
 def split_batch(batch: Any, what: str = "loader") -> Tuple[Tensor, Optional[Tensor]]:
     """Return ``(x, y)`` of a batch that is ``x`` or ``(x, y, ...)``; ``y`` is None if absent.
 

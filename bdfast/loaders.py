@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from bdfast._utils import check_number
+from bdfast._utils import check_number, seeded_generator
 
 __all__ = ["tensor_loader"]
 
@@ -50,12 +50,7 @@ def tensor_loader(x: Tensor, y: Optional[Tensor] = None, batch_size: int = 64,
     check_number(batch_size, "batch_size", integer=True)
     dataset = _TensorBatches(x, y)
     if shuffle:
-        generator = torch.Generator()
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(int(seed))
-        sampler: Any = RandomSampler(range(len(x)), generator=generator)
+        sampler: Any = RandomSampler(range(len(x)), generator=seeded_generator(seed))
     else:
         sampler = SequentialSampler(range(len(x)))
     # batch_size=None turns off the DataLoader's own batching: the sampler hands whole index

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bdfast._utils import check_labelled_images, check_number, resolve_device, seed_everything
+from bdfast._utils import (check_training_inputs, resolve_device, seed_everything, seeded_generator,
+                           steps_per_epoch)
 from bdfast.defenses.augment import RandomCrop
 from bdfast.defenses.bcu import bcu_cleanse
 from bdfast.defenses.checkpoint import Checkpoint, check_options as check_checkpoint
@@ -99,24 +100,14 @@ def _finetune(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 20, lr: f
     eval mode, on ``device`` (default: the model's). No collapse guard: the loss is the labels'
     own cross-entropy, so a run that stops matching them shows in its loss.
     """
-    check_labelled_images(model, x, y)
-    if len(x) < 2:
-        raise ValueError(f"x must hold at least 2 images to train with BatchNorm, got {len(x)}")
-    if int(y.min()) < 0:
-        raise ValueError(f"y must hold class indices >= 0, got {int(y.min())}")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        check_number(value, name, integer=True)
+    check_training_inputs(model, x, y, epochs=epochs, batch_size=batch_size)
     if not lr > 0:  # inf passes; its first update then fails with a FloatingPointError
         raise ValueError(f"lr must be positive, got {lr!r}")
     check_checkpoint(checkpoint, resume)
     options = dict(epochs=epochs, lr=lr, batch_size=batch_size, device=device, seed=seed,
                    progress=progress, checkpoint=checkpoint, resume=resume)
     seed_everything(seed)
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = seeded_generator(seed)
     device = resolve_device(device, model)
     student = copy.deepcopy(model).to(device)
     loader = _Reshuffled(x, y, batch_size, generator)
@@ -142,8 +133,7 @@ class _Reshuffled:
 
     def __init__(self, x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator):
         self.x, self.y, self.batch_size, self.generator = x, y, batch_size, generator
-        n = len(x)
-        self.steps = n // batch_size + (1 if n % batch_size > 1 else 0)
+        self.steps = steps_per_epoch(len(x), batch_size)
 
     def __len__(self) -> int:
         return self.steps

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdfast._utils import progress as _progress
+from bdfast._utils import (check_finite_parameters, check_number, check_training_inputs,
+                           resolve_device, seed_everything, seeded_generator, steps_per_epoch)
 from bdfast.defenses.augment import RandomCrop
-from bdfast._utils import (check_finite_parameters, check_labelled_images, check_number,
-                           resolve_device, seed_everything)
 
 __all__ = ["train"]
 
@@ -35,13 +35,7 @@ def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 30, lr: float
     model's). Returns the model in eval mode. Raises ``FloatingPointError`` if the loss stops
     being finite, or if the last update makes a parameter non-finite.
     """
-    check_labelled_images(model, x, y)
-    if len(x) < 2:
-        raise ValueError(f"x must hold at least 2 images to train with BatchNorm, got {len(x)}")
-    if int(y.min()) < 0:
-        raise ValueError(f"y must hold class indices >= 0, got {int(y.min())}")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        check_number(value, name, integer=True)
+    check_training_inputs(model, x, y, epochs=epochs, batch_size=batch_size)
     if optimizer not in ("sgd", "adamw"):
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
     if not lr > 0:  # inf passes; its first update then fails with a FloatingPointError
@@ -51,11 +45,7 @@ def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 30, lr: float
     check_number(max_shift, "max_shift", integer=True, minimum=0)
 
     seed_everything(seed)
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = seeded_generator(seed)
     # Shifts only, zero-filled: the digits' background is black and they are not symmetric.
     # The offsets come from the generator of the batch order, so a seed fixes both.
     shift = RandomCrop(flip=False, padding=max_shift, generator=generator) \
@@ -69,16 +59,15 @@ def train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 30, lr: float
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     n = len(x)
-    # A trailing batch of a single image would break BatchNorm's batch statistics.
-    steps_per_epoch = n // batch_size + (1 if n % batch_size > 1 else 0)
+    steps = steps_per_epoch(n, batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / (epochs * steps_per_epoch))))
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / (epochs * steps))))
 
     bar = _progress(range(epochs), enabled=progress, desc="train", unit="epoch")
     for epoch in bar:
         order = torch.randperm(n, generator=generator)
         total, seen = 0.0, 0
-        for step in range(steps_per_epoch):
+        for step in range(steps):
             idx = order[step * batch_size:(step + 1) * batch_size]
             xb = x[idx.to(x.device)].to(device, non_blocking=True)
             yb = y[idx.to(y.device)].to(device, non_blocking=True)
