@@ -80,6 +80,8 @@ class CollapseGuard:
     labels: bool
     defense: str
     advice: str
+    # False: only record the collapse; the defense words the warning itself (BCU's retry).
+    warn: bool = True
 
 
 def resolve_amp(amp: AmpSpec, device: torch.device) -> Optional[torch.dtype]:
@@ -377,8 +379,14 @@ def _check_collapse(student: nn.Module, guard: CollapseGuard, loader: Iterable,
                        f"{result.agreement_after:.3f} of its {int(images)} clean images, against "
                        f"{result.agreement_before:.3f} for the teacher, below half of it, so the "
                        f"training collapsed; try {guard.advice}")
+    if guard.warn:
+        warn_once(result.collapse, stacklevel=5)
+
+
+def warn_once(message: str, stacklevel: int = 2) -> None:
+    """A RuntimeWarning, from rank 0 only when a process group is running."""
     if not distributed() or dist.get_rank() == 0:
-        warnings.warn(result.collapse, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
 def _plain(value: Any) -> Any:

@@ -40,7 +40,10 @@ def test_bcu_warns_once_and_records_a_collapsed_student(backdoored_model, digits
         # SGD at lr 50 throws the student's weights far from anything the teacher predicts.
         result = bcu_fit(teacher, loader, lr=50.0, epochs=2, seed=0, progress=False, amp=False)
     found = _collapse_warnings(caught)
-    assert found == [result.collapse]
+    # The retry at a fifth of the lr collapses too: one warning tells both runs.
+    assert len(found) == 1 and result.collapse in found[0]
+    assert result.retried_lr == pytest.approx(10.0) and result.first_collapse is not None
+    assert "lr=50 collapsed" in found[0] and "lr=10, which collapsed too" in found[0]
     assert result.agreement_before == 1.0
     agree = float((result.model(digits.clean[0]).argmax(1)
                    == teacher(digits.clean[0]).argmax(1)).float().mean())
@@ -51,6 +54,46 @@ def test_bcu_warns_once_and_records_a_collapsed_student(backdoored_model, digits
     assert f"{len(digits.clean[0])} clean images" in found[0]
     assert "teacher's predictions" in found[0] and "lr=0.01" in found[0]
     assert "\n" not in found[0]
+
+
+def _same_weights(a, b):
+    return all(torch.equal(value, b.state_dict()[key]) for key, value in a.state_dict().items())
+
+
+def test_bcu_trains_a_collapsed_run_again_at_a_fifth_of_its_lr(backdoored_model, digits,
+                                                               tmp_path):
+    teacher = backdoored_model("badnets")
+    x = digits.clean[0]
+
+    def run(**options):
+        loader = tensor_loader(x, batch_size=64, shuffle=True, seed=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # On this teacher two epochs at lr 0.4 collapse (agreement 0.18-0.27 at 1 and 2
+            # threads), and at lr 0.08 do not (0.73-0.74).
+            result = bcu_fit(teacher, loader, lr=0.4, epochs=2, seed=0, progress=False,
+                             amp=False, **options)
+        return result, _collapse_warnings(caught)
+
+    result, found = run()
+    assert result.retried_lr == pytest.approx(0.08) and result.first_collapse is not None
+    assert result.collapse is None and result.agreement_after >= COLLAPSE_SHARE
+    agree = float((result.model(x).argmax(1) == teacher(x).argmax(1)).float().mean())
+    assert result.agreement_after == pytest.approx(agree, abs=1e-6)
+    assert len(found) == 1 and "\n" not in found[0]
+    assert "lr=0.4 collapsed" in found[0] and "at lr=0.08, which matches them on" in found[0]
+    assert f"{result.agreement_after:.3f}" in found[0]
+
+    # Checkpoints of both runs, and a resume that loses the retry's newest one, end the same.
+    folder = tmp_path / "ckpt"
+    checkpointed, _ = run(checkpoint=str(folder))
+    assert _same_weights(checkpointed.model, result.model)
+    retry_files = sorted((folder / "retry").iterdir())
+    assert retry_files and sorted(folder.glob("*.pt"))
+    retry_files[-1].unlink()
+    resumed, found = run(checkpoint=str(folder), resume=True)
+    assert _same_weights(resumed.model, result.model) and resumed.retried_lr == result.retried_lr
+    assert len(found) == 1
 
 
 def test_medic_warns_on_labelled_data_below_half_the_teachers_accuracy(backdoored_model,
@@ -128,4 +171,4 @@ def test_cli_prints_the_collapse_warning_on_one_line(digits, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if "collapsed" in line]
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("bdfast: RuntimeWarning: bcu: the cleaned model matches")
+    assert lines[0].startswith("bdfast: RuntimeWarning: bcu: the training at lr=50 collapsed")
