@@ -66,6 +66,8 @@ ASR_MAX = 0.10
 MAX_ACC_DROP = 0.03
 
 DATA = lab.DATA
+# The 28x28 Fashion-MNIST set runs when asked for (--data fmnist28): its teachers take minutes each.
+DEFAULT_DATA = ("digits", "fmnist")
 ARCHS = ("digits_cnn", "preact_resnet18", "vgg_small", "gn_resnet", "convnext_lab", "plain_cnn",
          "vit_lab", "convnext_cl_lab")
 ATTACKS = ("badnets", "blended", "wanet", "sig")
@@ -78,6 +80,9 @@ SELECTION_SEEDS = (0, 1)
 CORE_CELLS = {(data, arch, attack) for data in DATA for arch in ("digits_cnn", "preact_resnet18")
               for attack in ("badnets", "blended")}
 
+# Options that make a run resumable and change nothing it computes (docs/long-runs.md): rows
+# written since they exist record them, older rows do not, and both are the same run.
+RESUMABILITY = ("checkpoint", "resume")
 # A setting's lab-side option, not the defense's: how many unlabeled images BCU gets.
 UNLABELED = "unlabeled_images"
 # Named option sets per defense. "default" is the library's own; the others are the papers'
@@ -97,7 +102,10 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
               # The student's Adam step on the transformer-style nets (docs/medic-experiments.md).
               "lr0.001": {"lr": 0.001},
               # Twice the epochs, with and without crops, on the ViT (docs/medic-experiments.md).
-              "e120": {"epochs": 120}, "crop-e120": {"augment": "crop", "epochs": 120}},
+              "e120": {"epochs": 120}, "crop-e120": {"augment": "crop", "epochs": 120},
+              # What else was tried on the ViT's held-out blended runs (docs/medic-experiments.md).
+              "wd1e-3": {"weight_decay": 1e-3}, "wd1e-2": {"weight_decay": 1e-2},
+              "signed": {"signed": True}},
     "bcu": {"default": {},
             "paper": {"lr": 0.01, "epochs": 100, "init": "reset", "ratio_scale": 1.0},
             "lr0.05": {"lr": 0.05, "epochs": 100, "init": "reset", "ratio_scale": 1.0},
@@ -112,7 +120,9 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
             "T1": {"temperature": 1.0},
             # Every conv/linear weight replaced: how low distillation alone takes ASR, whatever
             # the ratios (docs/bcu-experiments.md, "How low can any ratio go?").
-            "fresh": {"ratios": "uniform:1.0", "ratio_scale": 1.0}},
+            "fresh": {"ratios": "uniform:1.0", "ratio_scale": 1.0},
+            # Only the lr changed, on the net without normalisation (docs/bcu-experiments.md).
+            "defaults-lr0.02": {"lr": 0.02}, "defaults-lr0.01": {"lr": 0.01}},
     "dde": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
     "mbns": {"default": {}, "paper": {"u": 3.0}, "auto": {"u": "auto"}},
 }
@@ -141,7 +151,8 @@ def resolved_options(defense: str, setting: str, arch: Optional[str] = None) -> 
     # None of these changes what a run computes. The teacher cache keeps float32 rows at these
     # set sizes, so a cached run is the uncached one to float rounding (docs/medic.md).
     skip = {"progress", "seed", "device", "eval_fn", "student", "inplace", "eval_every",
-            "backend", "amp", "val_loader", "cache_teacher", "cache_budget", "cache_dtype"}
+            "backend", "amp", "val_loader", "cache_teacher", "cache_budget", "cache_dtype",
+            *RESUMABILITY}
     for name, parameter in defenses.get(defense).options().items():
         if name not in skip:
             options.setdefault(name, parameter.default)
@@ -192,7 +203,7 @@ def _label(row: Dict[str, Any]) -> str:
 
 def row_key(row: Dict[str, Any]) -> str:
     return json.dumps([row["data"], row["arch"], row["attack"], row["seed"], row["threads"],
-                       row["defense"], row["options"]], sort_keys=True)
+                       row["defense"], _computing(row["options"])], sort_keys=True)
 
 
 def read_rows(path: Path) -> List[Dict[str, Any]]:
@@ -270,7 +281,12 @@ def _cell(row: Dict[str, Any]) -> Tuple[str, str, str]:
 
 
 def _options_key(row: Dict[str, Any]) -> str:
-    return json.dumps(row["options"], sort_keys=True)
+    return json.dumps(_computing(row["options"]), sort_keys=True)
+
+
+def _computing(options: Dict[str, Any]) -> Dict[str, Any]:
+    """``options`` without :data:`RESUMABILITY`, which some rows record and others do not."""
+    return {name: value for name, value in options.items() if name not in RESUMABILITY}
 
 
 def _sample(row: Dict[str, Any]) -> str:
@@ -449,7 +465,7 @@ def parse_settings(values: List[str]) -> Dict[str, List[str]]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", nargs="+", default=list(DATA), choices=DATA)
+    parser.add_argument("--data", nargs="+", default=list(DEFAULT_DATA), choices=DATA)
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])

@@ -506,9 +506,10 @@ class ViTLab(nn.Module):
         return self.head(self.norm(tokens)[:, 0])
 
 
-def vit_lab(num_classes: int = 10, in_channels: int = 1) -> ViTLab:
-    """A small ViT for 16x16 images (patch 4, 3 blocks of width 64, ``nn.MultiheadAttention``)."""
-    return ViTLab(num_classes, in_channels)
+def vit_lab(num_classes: int = 10, in_channels: int = 1, image_size: int = 16) -> ViTLab:
+    """A small ViT for ``image_size`` square images, a multiple of 4 (patch 4, 3 blocks of
+    width 64, ``nn.MultiheadAttention``)."""
+    return ViTLab(num_classes, in_channels, image_size)
 
 
 class _ConvNeXtCLBlock(nn.Module):

@@ -2,10 +2,13 @@
 source hash."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from bdfast import lab
+from bdfast.lab.data import FASHION_MNIST_ROOT
 
 
 def weights(model):
@@ -70,3 +73,23 @@ def test_source_hash_follows_the_files(tmp_path):
 def test_bad_names_say_what_exists(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION_MNIST_ROOT,
+                                                    "train-images-idx3-ubyte.gz")),
+                    reason="needs Debian's dataset-fashion-mnist (make venv installs it)")
+def test_the_28x28_fashion_set_keeps_the_images_whole_and_the_splits_disjoint():
+    splits = lab.lab_data("fmnist28")
+    sizes = [len(split[0]) for split in (splits.train, splits.clean, splits.test)]
+    assert sizes == [5000, 500, 2000] and splits.size == 28
+    assert all(split[0].shape[1:] == (1, 28, 28) for split in (splits.train, splits.clean,
+                                                              splits.test))
+    assert torch.bincount(splits.clean[1], minlength=10).tolist() == [50] * 10
+    seen = {x.numpy().tobytes() for x in splits.train[0]}
+    assert not any(x.numpy().tobytes() in seen for x in splits.clean[0])
+
+
+def test_the_lab_vit_is_built_for_the_data_sets_image_size():
+    model = lab.build_model("vit_lab", 10, 1, image_size=28)
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert model.pos_embedding.shape == (1, 7 * 7 + 1, 64)
