@@ -208,22 +208,19 @@ def _bcu(teacher: nn.Module, loader: Iterable, *, epochs: int, ratios: RatioSpec
     start = {name: value.detach().to("cpu", copy=True)
              for name, value in student.state_dict().items()}
     trained = train(lr, checkpoint)
-    result = BcuResult(student, ratios=layer_ratios)
-    if trained.collapse is not None:
+    first_collapse, retried_lr = trained.collapse, None
+    if first_collapse is not None:
         # A collapse comes from the first steps (one class after epoch 1 on the lab's
         # plain_cnn), so the same start at a smaller step is worth its second run; the
         # retry's checkpoints live beside the first run's, so both resume.
-        result.first_collapse, result.retried_lr = trained.collapse, lr * RETRY_LR_SHARE
+        retried_lr = lr * RETRY_LR_SHARE
         student.load_state_dict(start)
-        trained = train(result.retried_lr,
+        trained = train(retried_lr,
                         None if checkpoint is None else os.path.join(checkpoint, "retry"))
-        warn_once(_retry_message(trained, lr, result.retried_lr), stacklevel=4)
-    result.history, result.timings = trained.history, trained.timings
-    result.agreement_before, result.agreement_after = (trained.agreement_before,
-                                                       trained.agreement_after)
-    result.collapse = trained.collapse
-    result.model = student.eval().to(home)
-    return result
+        warn_once(_retry_message(trained, lr, retried_lr), stacklevel=4)
+    return BcuResult(student.eval().to(home), trained.history, trained.timings, layer_ratios,
+                     trained.agreement_before, trained.agreement_after, trained.collapse,
+                     retried_lr, first_collapse)
 
 
 def _retry_message(retry: TrainResult, lr: float, retried_lr: float) -> str:
