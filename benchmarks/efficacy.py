@@ -49,6 +49,7 @@ import functools
 import json
 import platform
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -107,7 +108,13 @@ SETTINGS: Dict[str, Dict[str, Dict[str, Any]]] = {
               "e120": {"epochs": 120}, "crop-e120": {"augment": "crop", "epochs": 120},
               # What else was tried on the ViT's held-out blended runs (docs/medic-experiments.md).
               "wd1e-3": {"weight_decay": 1e-3}, "wd1e-2": {"weight_decay": 1e-2},
-              "signed": {"signed": True}},
+              "signed": {"signed": True},
+              # A sharper importance, with more epochs or another clone weight, on the same runs.
+              "lam3-tau40-e120": {"tau": 40.0, "epochs": 120}, "lam3-tau80": {"tau": 80.0},
+              "lam10-tau40": {"lam": 10.0, "tau": 40.0}, "lam1-tau40": {"lam": 1.0, "tau": 40.0},
+              # No clone term: the labels alone, what a student from scratch reaches without
+              # the teacher.
+              "lam0": {"lam": 0.0}},
     "bcu": {"default": {},
             "paper": {"lr": 0.01, "epochs": 100, "init": "reset", "ratio_scale": 1.0},
             "lr0.05": {"lr": 0.05, "epochs": 100, "init": "reset", "ratio_scale": 1.0},
@@ -177,6 +184,17 @@ def run_defense(defense: str, options: Dict[str, Any], teacher: nn.Module, data_
     clean = data.clean if count is None else unlabeled_images(data_name, data, count)
     return defenses.run(defense, teacher, clean=clean, train=x_poisoned, seed=seed,
                         progress=False, **options)
+
+
+def run_recording_warnings(*args: Any) -> Tuple[defenses.Outcome, List[str]]:
+    """:func:`run_defense`'s outcome and the RuntimeWarnings the run gave (BCU's collapse guard
+    and its second training, MEDIC's), which the row keeps as ``warnings``; each is shown too."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        outcome = run_defense(*args)
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return outcome, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -250,8 +268,9 @@ def run(args: argparse.Namespace) -> None:
                     teacher, attack = lab_model.model, lab_model.attack
                     before = evaluate(teacher, *data.test, attack=attack)
                     for row in todo:
-                        outcome = run_defense(row["defense"], row["options"], teacher,
-                                              data_name, data, lab_model.poisoned[0], seed)
+                        outcome, warned = run_recording_warnings(
+                            row["defense"], row["options"], teacher, data_name, data,
+                            lab_model.poisoned[0], seed)
                         seconds = outcome.seconds
                         after = evaluate(outcome.model, *data.test, attack=attack)
                         row.update(acc_before=before["acc"], asr_before=before["asr"],
@@ -261,6 +280,8 @@ def run(args: argparse.Namespace) -> None:
                                    or platform.machine(),
                                    isa=torch.backends.cpu.get_cpu_capability(),
                                    source=lab.code_version(), teacher=lab_model.key)
+                        if warned:
+                            row.update(warnings=warned)
                         if outcome.report is not None and row["options"].get("u") == "auto":
                             row.update(chosen_u=outcome.report["u"],
                                        sweep=outcome.report["sweep"])
