@@ -276,10 +276,7 @@ def run(args: argparse.Namespace) -> None:
                         row.update(acc_before=before["acc"], asr_before=before["asr"],
                                    acc=after["acc"], asr=after["asr"], ra=after["ra"],
                                    seconds=round(seconds, 2), meets=meets(before, after),
-                                   torch=torch.__version__, cpu=platform.processor()
-                                   or platform.machine(),
-                                   isa=torch.backends.cpu.get_cpu_capability(),
-                                   source=lab.code_version(), teacher=lab_model.key)
+                                   **provenance(), teacher=lab_model.key)
                         if warned:
                             row.update(warnings=warned)
                         if outcome.report is not None and row["options"].get("u") == "auto":
@@ -291,6 +288,13 @@ def run(args: argparse.Namespace) -> None:
                               f"{before['acc']:.3f} -> {after['acc']:.3f}  ASR "
                               f"{before['asr']:.3f} -> {after['asr']:.3f}  "
                               f"{seconds:6.1f} s", flush=True)
+
+
+def provenance() -> Dict[str, Any]:
+    """What a row's numbers depend on besides its cell and thread count: torch's version, the
+    CPU, the capability torch's kernels ran at, and the code version."""
+    return dict(torch=torch.__version__, cpu=platform.processor() or platform.machine(),
+                isa=torch.backends.cpu.get_cpu_capability(), source=lab.code_version())
 
 
 def meets(before: Dict[str, float], after: Dict[str, float]) -> bool:

@@ -1,0 +1,84 @@
+"""The attack success rate of models that never saw the trigger: the floor of a cell's ASR.
+
+ASR counts the test images of other classes that land on the target class once the trigger is
+applied. A model can do that without a backdoor when the trigger hides the image from it: a
+blended pattern over a small digit is a different picture to a net that learned from a few
+hundred images. For each cell (data set, architecture, attack, seed) this script trains the lab
+model on the *unpoisoned* training set (:func:`bdfast.lab.backdoored` with ``rate=0``) and
+measures, on the same triggered test images as the efficacy matrix:
+
+- ``clean``: that clean model;
+- ``medic_of_clean``: MEDIC's student of the clean model, with the library's defaults and the
+  defender's clean set (what MEDIC can at best reach on that cell, since nothing is to remove).
+
+A row per cell is appended to ``--results`` (JSON lines); a cell already there is skipped.
+
+    python benchmarks/attack_floor.py --data digits --archs vit_lab digits_cnn \\
+        --attacks blended --seeds 0 1 2 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from bdfast import defenses, lab
+from bdfast.lab import attacks
+from bdfast.lab.metrics import evaluate
+from efficacy import provenance
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def floor_row(data: str, arch: str, attack: str, seed: int, cache: Path) -> Dict[str, Any]:
+    """One cell's row: the clean model's and its MEDIC student's ACC / ASR / RA."""
+    clean_model = lab.backdoored(data, arch, attack, seed, rate=0.0, cache=cache, progress=True)
+    splits = clean_model.data
+    clean = evaluate(clean_model.model, *splits.test, attack=clean_model.attack)
+    student = defenses.run("medic", clean_model.model, clean=splits.clean, seed=seed,
+                           progress=False).model
+    medic_of_clean = evaluate(student, *splits.test, attack=clean_model.attack)
+    return dict(data=data, arch=arch, attack=attack, seed=seed, threads=torch.get_num_threads(),
+                clean=clean, medic_of_clean=medic_of_clean, **provenance(),
+                teacher=clean_model.key)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", nargs="+", default=["digits"], choices=lab.DATA)
+    parser.add_argument("--archs", nargs="+", default=["vit_lab"], choices=lab.ARCHS)
+    parser.add_argument("--attacks", nargs="+", default=["blended"], choices=attacks.names())
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", type=Path,
+                        default=ROOT / "benchmarks" / "results" / "attack_floor.jsonl")
+    parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "efficacy")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    isa = torch.backends.cpu.get_cpu_capability()
+    done = set()
+    if args.results.exists():
+        for line in args.results.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["data"], r["arch"], r["attack"], r["seed"], r["threads"], r["isa"]))
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    for data in args.data:
+        for arch in args.archs:
+            for attack in args.attacks:
+                for seed in args.seeds:
+                    if (data, arch, attack, seed, args.threads, isa) in done:
+                        continue
+                    row = floor_row(data, arch, attack, seed, args.cache)
+                    with args.results.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(f"{data} / {arch} / {attack} / seed {seed}: clean model ACC "
+                          f"{row['clean']['acc']:.3f} ASR {row['clean']['asr']:.3f}; its MEDIC "
+                          f"student ACC {row['medic_of_clean']['acc']:.3f} ASR "
+                          f"{row['medic_of_clean']['asr']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
