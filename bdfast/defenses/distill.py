@@ -73,13 +73,15 @@ class CollapseGuard:
     ``teacher``: the frozen model the student learnt from (on the training device);
     ``labels``: compare with a batch's labels where it has them (MEDIC), else always with the
     teacher's argmax (BCU, whose labels are ignored); ``defense``: its name, and ``advice``:
-    what to try, both for the warning.
+    what to try, both for the warning; ``share``: a student below this share of the teacher's
+    agreement has collapsed.
     """
 
     teacher: nn.Module
     labels: bool
     defense: str
     advice: str
+    share: float = COLLAPSE_SHARE
     # False: only record the collapse; the defense words the warning itself (BCU's retry).
     warn: bool = True
 
@@ -155,7 +157,7 @@ def fit(student: nn.Module, loader: Iterable, step_fn: StepFn, optimizer: torch.
             step can rebuild what it kept from the first epoch (MEDIC's teacher cache).
         guard: after training, one no-grad eval-mode pass of teacher and student over
             ``loader`` (un-augmented) measures how often each matches the reference (see
-            :class:`CollapseGuard`); a student below :data:`COLLAPSE_SHARE` of the teacher's
+            :class:`CollapseGuard`); a student below the guard's ``share`` of the teacher's
             share gets one RuntimeWarning naming both and the guard's advice, recorded in the
             result's ``collapse``. The pass draws no random numbers for the run: every RNG
             state, the loader's generators included, is put back, and no weight changes.
@@ -372,13 +374,13 @@ def _check_collapse(student: nn.Module, guard: CollapseGuard, loader: Iterable,
     teacher_hits, student_hits, images = counts.tolist()
     result.agreement_before = teacher_hits / images
     result.agreement_after = student_hits / images
-    if result.agreement_after >= COLLAPSE_SHARE * result.agreement_before:
+    if result.agreement_after >= guard.share * result.agreement_before:
         return
     what = "the labels" if labelled else "the teacher's predictions"
     result.collapse = (f"{guard.defense}: the cleaned model matches {what} on only "
                        f"{result.agreement_after:.3f} of its {int(images)} clean images, against "
-                       f"{result.agreement_before:.3f} for the teacher, below half of it, so the "
-                       f"training collapsed; try {guard.advice}")
+                       f"{result.agreement_before:.3f} for the teacher, below {guard.share:.0%} "
+                       f"of it, so the training collapsed; try {guard.advice}")
     if guard.warn:
         warn_once(result.collapse, stacklevel=5)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import bdfast
-from bdfast.defenses.bcu import bcu_fit
+from bdfast.defenses.bcu import COLLAPSE_AGREEMENT, bcu_fit
 from bdfast.defenses.checkpoint import generators_of
 from bdfast.loaders import tensor_loader
 from bdfast.defenses.distill import COLLAPSE_SHARE, CollapseGuard, fit
@@ -48,7 +48,7 @@ def test_bcu_warns_once_and_records_a_collapsed_student(backdoored_model, digits
     agree = float((result.model(digits.clean[0]).argmax(1)
                    == teacher(digits.clean[0]).argmax(1)).float().mean())
     assert result.agreement_after == pytest.approx(agree, abs=1e-6)
-    assert result.agreement_after < COLLAPSE_SHARE
+    assert result.agreement_after < COLLAPSE_AGREEMENT
     # The warning names both numbers, the data and what to try.
     assert f"{result.agreement_after:.3f}" in found[0] and "1.000" in found[0]
     assert f"{len(digits.clean[0])} clean images" in found[0]
@@ -69,19 +69,23 @@ def test_bcu_trains_a_collapsed_run_again_at_a_fifth_of_its_lr(backdoored_model,
         loader = tensor_loader(x, batch_size=64, shuffle=True, seed=0)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            # On this teacher two epochs at lr 0.4 collapse (agreement 0.18-0.27 at 1 and 2
-            # threads), and at lr 0.08 do not (0.73-0.74).
-            result = bcu_fit(teacher, loader, lr=0.4, epochs=2, seed=0, progress=False,
+            # On this teacher four epochs at lr 0.4 collapse (agreement 0.10 at 1 and 2
+            # threads, AVX-512), and at lr 0.08 do not (0.974-0.978).
+            result = bcu_fit(teacher, loader, lr=0.4, epochs=4, seed=0, progress=False,
                              amp=False, **options)
         return result, _collapse_warnings(caught)
 
     result, found = run()
     assert result.retried_lr == pytest.approx(0.08) and result.first_collapse is not None
-    assert result.collapse is None and result.agreement_after >= COLLAPSE_SHARE
+    assert result.collapse is None and result.agreement_after >= COLLAPSE_AGREEMENT
     agree = float((result.model(x).argmax(1) == teacher(x).argmax(1)).float().mean())
     assert result.agreement_after == pytest.approx(agree, abs=1e-6)
     assert len(found) == 1 and "\n" not in found[0]
     assert "lr=0.4 collapsed" in found[0] and "at lr=0.08, which matches them on" in found[0]
+    # The first run's agreement and the share it fell below.
+    first = float(result.first_collapse.split(" on only ")[1].split(" of ")[0])
+    assert first < COLLAPSE_AGREEMENT and f"on {first:.3f} of the clean images" in found[0]
+    assert f"below {COLLAPSE_AGREEMENT:.0%}" in found[0]
     assert f"{result.agreement_after:.3f}" in found[0]
 
     # Checkpoints of both runs, and a resume that loses the retry's newest one, end the same.
@@ -154,6 +158,40 @@ def test_the_guard_changes_no_weight_and_no_random_stream(digits):
     assert all(torch.equal(plain[k], guarded_w[k]) for k in plain)
     assert torch.equal(rng, rng_g) and torch.equal(gen, gen_g)
     assert unguarded.agreement_after is None and guarded.agreement_after is not None
+
+
+class _Threshold(torch.nn.Module):
+    """Two logits that favour class 1 where the image's mean pixel exceeds ``cut``."""
+
+    def __init__(self, cut: float) -> None:
+        super().__init__()
+        self.cut = cut
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # an optimizer needs a parameter
+
+    def forward(self, x):
+        score = x.mean((1, 2, 3)) - self.cut + 0 * self.unused
+        return torch.stack([-score, score], 1)
+
+
+@pytest.mark.parametrize("share, collapsed", [(COLLAPSE_SHARE, False), (COLLAPSE_AGREEMENT, True)])
+def test_the_guard_compares_with_its_own_share(share, collapsed):
+    """A student that agrees with its teacher on 0.6 of the images: above half (the labelled
+    defenses' share), below BCU's COLLAPSE_AGREEMENT."""
+    x = torch.linspace(0.0, 1.0, 100).view(100, 1, 1, 1).expand(100, 1, 2, 2).contiguous()
+    teacher, student = _Threshold(0.2).eval(), _Threshold(0.6)  # they differ on (0.2, 0.6]
+    loader = tensor_loader(x, batch_size=32)
+    guard = CollapseGuard(teacher, labels=False, defense="test", advice="nothing", share=share)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit(student, loader, lambda net, xb, yb, epoch: net(xb).sum() * 0.0,
+                     torch.optim.SGD(student.parameters(), lr=0.0), epochs=1,
+                     device=torch.device("cpu"), amp=False, progress=False, guard=guard)
+    assert result.agreement_before == 1.0 and result.agreement_after == pytest.approx(0.6)
+    assert (result.collapse is not None) == collapsed
+    assert _collapse_warnings(caught) == ([result.collapse] if collapsed else [])
+    if collapsed:
+        assert "0.600 of its 100 clean images" in result.collapse
+        assert f"below {share:.0%} of it" in result.collapse
 
 
 def test_cli_prints_the_collapse_warning_on_one_line(digits, tmp_path):
