@@ -19,7 +19,6 @@ A row per cell is appended to ``--results`` (JSON lines); a cell already there i
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Dict
 
@@ -28,7 +27,7 @@ import torch
 from bdfast import defenses, lab
 from bdfast.lab import attacks
 from bdfast.lab.metrics import evaluate
-from efficacy import provenance
+from efficacy import append_row, provenance, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,11 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     isa = torch.backends.cpu.get_cpu_capability()
-    done = set()
-    if args.results.exists():
-        for line in args.results.read_text().splitlines():
-            r = json.loads(line)
-            done.add((r["data"], r["arch"], r["attack"], r["seed"], r["threads"], r["isa"]))
+    done = {(r["data"], r["arch"], r["attack"], r["seed"], r["threads"], r["isa"])
+            for r in read_rows(args.results)}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for data in args.data:
         for arch in args.archs:
@@ -72,8 +68,7 @@ def main() -> None:
                     if (data, arch, attack, seed, args.threads, isa) in done:
                         continue
                     row = floor_row(data, arch, attack, seed, args.cache)
-                    with args.results.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    append_row(args.results, row)
                     print(f"{data} / {arch} / {attack} / seed {seed}: clean model ACC "
                           f"{row['clean']['acc']:.3f} ASR {row['clean']['asr']:.3f}; its MEDIC "
                           f"student ACC {row['medic_of_clean']['acc']:.3f} ASR "

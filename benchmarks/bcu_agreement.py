@@ -13,7 +13,6 @@ first collapsed (``retried_lr``; then ``agreement`` is the second training's).
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from bdfast.defenses.registry import TRAIN_BATCH
 from bdfast.lab import attacks
 from bdfast.lab.metrics import evaluate
 from bdfast.loaders import tensor_loader
-from efficacy import provenance
+from efficacy import append_row, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,8 +58,7 @@ def main() -> None:
                                threads=args.threads, acc_before=before["acc"], acc=after["acc"],
                                asr=after["asr"], agreement=result.agreement_after,
                                retried_lr=result.retried_lr, **provenance())
-                    with args.results.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    append_row(args.results, row)
                     print(f"{data} / {arch} / {attack} / seed {seed}: ACC {before['acc']:.3f} -> "
                           f"{after['acc']:.3f}, ASR {after['asr']:.3f}, agreement "
                           f"{result.agreement_after:.3f}"

@@ -282,12 +282,18 @@ def run(args: argparse.Namespace) -> None:
                         if outcome.report is not None and row["options"].get("u") == "auto":
                             row.update(chosen_u=outcome.report["u"],
                                        sweep=outcome.report["sweep"])
-                        with args.results.open("a") as f:
-                            f.write(json.dumps(row) + "\n")
+                        append_row(args.results, row)
                         print(f"  {row['defense']:8s} {row['setting']:14s} ACC "
                               f"{before['acc']:.3f} -> {after['acc']:.3f}  ASR "
                               f"{before['asr']:.3f} -> {after['asr']:.3f}  "
                               f"{seconds:6.1f} s", flush=True)
+
+
+def append_row(path: Path, row: Dict[str, Any]) -> None:
+    """Append ``row`` to the JSON-lines file ``path`` as soon as it is measured, so that an
+    interrupted run keeps what it finished."""
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def provenance() -> Dict[str, Any]:
