@@ -134,6 +134,11 @@ CASES = [
     Case("bcu", "badnets", "gn_resnet", options=BCU, max_acc_drop=0.05),
     # A channels-last ConvNeXt (LayerNorm and Linear layers on [B, H, W, C], layer scales),
     # where the statistics must be per feature on the last dim (docs/medic.md, "Transformers").
-    # The lab ViT has no case: MEDIC missed the bound on it on held-out seeds.
     Case("medic", "blended", "convnext_cl_lab", options=MEDIC),
+    # The lab ViT (patch embedding, class token, nn.MultiheadAttention): MEDIC removes badnets
+    # on Fashion-MNIST, where its teachers are weak (ACC about 0.74) and the student ends near
+    # them, with the transformer bound of a 0.05 drop. Its blended digits runs miss on held-out
+    # seeds, partly below the clean model's own floor (docs/medic-experiments.md), so they have
+    # no case.
+    Case("medic", "badnets", "vit_lab", data="fmnist", options=MEDIC, max_acc_drop=0.05),
 ]
