@@ -136,9 +136,9 @@ CASES = [
     # where the statistics must be per feature on the last dim (docs/medic.md, "Transformers").
     Case("medic", "blended", "convnext_cl_lab", options=MEDIC),
     # The lab ViT (patch embedding, class token, nn.MultiheadAttention): MEDIC removes badnets
-    # on Fashion-MNIST, where its teachers are weak (ACC about 0.74) and the student ends near
-    # them, with the transformer bound of a 0.05 drop. Its blended digits runs miss on held-out
-    # seeds, partly below the clean model's own floor (docs/medic-experiments.md), so they have
-    # no case.
+    # on Fashion-MNIST, where its teachers are weak (ACC about 0.74) and the students end above
+    # them; the bound is the transformer one, a 0.05 drop. Its blended digits runs miss on
+    # held-out seeds, where a ViT trained without the trigger already has ASR up to 0.146
+    # (docs/medic-experiments.md), so they have no case.
     Case("medic", "badnets", "vit_lab", data="fmnist", options=MEDIC, max_acc_drop=0.05),
 ]
