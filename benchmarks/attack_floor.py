@@ -12,6 +12,7 @@ measures, on the same triggered test images as the efficacy matrix:
   defender's clean set (what MEDIC can at best reach on that cell, since nothing is to remove).
 
 A row per cell is appended to ``--results`` (JSON lines); a cell already there is skipped.
+The clean model of a data set, net and seed is trained once for all the attacks asked for.
 
     python benchmarks/attack_floor.py --data digits --archs vit_lab digits_cnn \\
         --attacks blended --seeds 0 1 2 3
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 
@@ -32,17 +33,26 @@ from efficacy import append_row, provenance, read_rows
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def floor_row(data: str, arch: str, attack: str, seed: int, cache: Path) -> Dict[str, Any]:
-    """One cell's row: the clean model's and its MEDIC student's ACC / ASR / RA."""
-    clean_model = lab.backdoored(data, arch, attack, seed, rate=0.0, cache=cache, progress=True)
+def floor_rows(data: str, arch: str, attack_names: List[str], seed: int,
+               cache: Path) -> List[Dict[str, Any]]:
+    """One row per attack: the clean model's and its MEDIC student's ACC / ASR / RA on that
+    attack's triggered test set. At ``rate=0`` no attack changes a training image, so the clean
+    model and its student are the same for every attack: both are trained once, on the first
+    attack's cell (whose key the rows name as ``teacher``)."""
+    clean_model = lab.backdoored(data, arch, attack_names[0], seed, rate=0.0, cache=cache,
+                                 progress=True)
     splits = clean_model.data
-    clean = evaluate(clean_model.model, *splits.test, attack=clean_model.attack)
     student = defenses.run("medic", clean_model.model, clean=splits.clean, seed=seed,
                            progress=False).model
-    medic_of_clean = evaluate(student, *splits.test, attack=clean_model.attack)
-    return dict(data=data, arch=arch, attack=attack, seed=seed, threads=torch.get_num_threads(),
-                clean=clean, medic_of_clean=medic_of_clean, **provenance(),
-                teacher=clean_model.key)
+    rows = []
+    for name in attack_names:
+        trigger = attacks.get(name, num_classes=splits.num_classes)
+        rows.append(dict(data=data, arch=arch, attack=name, seed=seed,
+                         threads=torch.get_num_threads(),
+                         clean=evaluate(clean_model.model, *splits.test, attack=trigger),
+                         medic_of_clean=evaluate(student, *splits.test, attack=trigger),
+                         **provenance(), teacher=clean_model.key))
+    return rows
 
 
 def main() -> None:
@@ -63,13 +73,14 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for data in args.data:
         for arch in args.archs:
-            for attack in args.attacks:
-                for seed in args.seeds:
-                    if (data, arch, attack, seed, args.threads, isa) in done:
-                        continue
-                    row = floor_row(data, arch, attack, seed, args.cache)
+            for seed in args.seeds:
+                todo = [attack for attack in args.attacks
+                        if (data, arch, attack, seed, args.threads, isa) not in done]
+                if not todo:
+                    continue
+                for row in floor_rows(data, arch, todo, seed, args.cache):
                     append_row(args.results, row)
-                    print(f"{data} / {arch} / {attack} / seed {seed}: clean model ACC "
+                    print(f"{data} / {arch} / {row['attack']} / seed {seed}: clean model ACC "
                           f"{row['clean']['acc']:.3f} ASR {row['clean']['asr']:.3f}; its MEDIC "
                           f"student ACC {row['medic_of_clean']['acc']:.3f} ASR "
                           f"{row['medic_of_clean']['asr']:.3f}", flush=True)
