@@ -254,7 +254,11 @@ def test_torchrun_restart_after_a_killed_rank_ends_with_the_same_model(data, tmp
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
     def launch(out: Path, *args: str) -> str:
-        command = [torchrun, "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+        # Two restarts: one for the rank the worker kills, one spare for gloo, whose restarted
+        # worker sometimes aborts while connecting ("terminate called without an active
+        # exception", about 5 of 16 launches on a 2-core AVX-512 machine, with or without
+        # bdfast's latest changes); the kill and the same bytes are still asserted below.
+        command = [torchrun, "--standalone", "--nproc-per-node=2", "--max-restarts=2",
                    WORKER, "medic", data, str(out), "--ddp", "--checkpoint",
                    str(tmp_path / out.stem), "--resume", *args]
         proc = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
