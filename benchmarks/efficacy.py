@@ -36,7 +36,8 @@ is written, so a later change of a default shows as a different row.
 Rows are appended to ``--results`` (JSON lines) as they finish and a later run skips every row
 already there with the same options, so an interrupted run resumes; trained models are cached
 under ``--cache``. ``--report`` writes the Markdown tables, a JSON summary and a chart from the
-rows without running anything.
+rows without running anything. Every run ends by writing them, beside ``--results`` and named
+after it (``efficacy.jsonl``: ``efficacy.md``, ``efficacy.json``, ``efficacy.png``).
 
     python benchmarks/efficacy.py                          # the whole matrix
     python benchmarks/efficacy.py --data digits --seeds 0  # a slice
@@ -473,13 +474,16 @@ def chart(rows: List[Dict[str, Any]], path: Path) -> Optional[Path]:
     return path
 
 
-def write_report(rows: List[Dict[str, Any]], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "efficacy.md").write_text(markdown(rows))
-    (out / "efficacy.json").write_text(json.dumps(summary(rows), indent=1) + "\n")
-    written = chart(rows, out / "efficacy.png")
-    print(f"wrote {out / 'efficacy.md'}, {out / 'efficacy.json'}"
-          + (f", {written}" if written else ""))
+def write_report(rows: List[Dict[str, Any]], results: Path) -> None:
+    """The tables, summary and chart of ``rows``, beside ``results`` and named after it
+    (``efficacy.jsonl`` -> ``efficacy.md``, ``.json``, ``.png``), so the report of a second
+    results file, such as another machine's rows, never overwrites the main one."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    tables, digest = results.with_suffix(".md"), results.with_suffix(".json")
+    tables.write_text(markdown(rows))
+    digest.write_text(json.dumps(summary(rows), indent=1) + "\n")
+    written = chart(rows, results.with_suffix(".png"))
+    print(f"wrote {tables}, {digest}" + (f", {written}" if written else ""))
 
 
 def parse_settings(values: List[str]) -> Dict[str, List[str]]:
@@ -516,7 +520,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args.settings = parse_settings(args.settings)
     if not args.report:
         run(args)
-    write_report(read_rows(args.results), args.results.parent)
+    write_report(read_rows(args.results), args.results)
 
 
 if __name__ == "__main__":
