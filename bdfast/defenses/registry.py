@@ -30,8 +30,8 @@ from bdfast.defenses.medic import medic_clone
 from bdfast.loaders import tensor_loader
 from bdfast.defenses.pruning import PruneResult
 
-__all__ = ["Defense", "DEFENSES", "Outcome", "run", "names", "get", "cleaned_model",
-           "data_help", "DataSpec"]
+__all__ = ["Defense", "DEFENSES", "Outcome", "run", "defense_loader", "names", "get",
+           "cleaned_model", "data_help", "DataSpec"]
 
 # Batches a defense gets when :func:`run` builds its loader from tensors: the training defenses'
 # (shuffled, seeded) and the statistics passes'.
@@ -231,6 +231,17 @@ def _loader(data: DataSpec, *, labels: bool, batch_size: int, shuffle: bool,
                          seed=seed)
 
 
+def defense_loader(name: str, data: DataSpec, *, batch_size: Optional[int] = None,
+                   seed: Optional[int] = None) -> Iterable:
+    """The loader :func:`run` hands defense ``name`` for ``data`` (a loader is used as given):
+    labels only where the defense reads them, batches of ``batch_size`` (default 64, shuffled
+    with ``seed``, for a training defense; 256, in order, for a statistics pass)."""
+    defense = get(name)
+    size = batch_size or (TRAIN_BATCH if defense.trains else STATISTICS_BATCH)
+    return _loader(data, labels=defense.uses_labels, batch_size=size, shuffle=defense.trains,
+                   seed=seed)
+
+
 def run(name: str, model: nn.Module, *, clean: DataSpec = None, train: DataSpec = None,
         batch_size: Optional[int] = None, seed: Optional[int] = None,
         **options: Any) -> Outcome:
@@ -269,9 +280,7 @@ def run(name: str, model: nn.Module, *, clean: DataSpec = None, train: DataSpec 
         if batch_size is not None:
             options["batch_size"] = batch_size
     else:
-        size = batch_size or (TRAIN_BATCH if defense.trains else STATISTICS_BATCH)
-        arguments = (_loader(wanted, labels=defense.uses_labels, batch_size=size,
-                             shuffle=defense.trains, seed=seed),)
+        arguments = (defense_loader(name, wanted, batch_size=batch_size, seed=seed),)
         if defense.data == "training" and clean is not None and "val_loader" in defense.options():
             options.setdefault("val_loader", _loader(clean, labels=True,
                                                      batch_size=STATISTICS_BATCH, shuffle=False,

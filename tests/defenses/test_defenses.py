@@ -110,6 +110,24 @@ def test_run_shuffles_the_same_way_for_the_same_seed(monkeypatch, small):
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
 
 
+@pytest.mark.parametrize("name", defenses.names())
+def test_defense_loader_is_the_loader_run_hands_the_defense(monkeypatch, small, name):
+    """Scripts that call a defense's own function (e.g. ``bcu_fit``) feed it what ``run`` would."""
+    model, x, y = small
+    calls = spy(monkeypatch, name)
+    defenses.run(name, model, clean=(x, y), train=(x, y), seed=5)
+    (handed,), _ = calls[0]
+
+    def tensors(loader):
+        return [list(b) if isinstance(b, (list, tuple)) else [b] for b in loader]
+
+    # The first pass of each: a shuffled loader draws a new order every pass.
+    built, given = tensors(registry.defense_loader(name, (x, y), seed=5)), tensors(handed)
+    assert len(built) == len(given) > 0
+    for ours, theirs in zip(built, given):
+        assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
 def test_run_passes_a_loader_through_and_options_on(monkeypatch, small):
     model, x, y = small
     calls = spy(monkeypatch, "bcu")
