@@ -28,10 +28,7 @@ import torch
 from bdfast import defenses, lab
 from bdfast.lab import attacks
 from bdfast.lab.metrics import evaluate
-from efficacy import append_row, provenance, read_rows
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from efficacy import add_cell_options, append_row, measured_cells, provenance
 
 def floor_rows(data: str, arch: str, attack_names: List[str], seed: int,
                cache: Path) -> List[Dict[str, Any]]:
@@ -57,25 +54,16 @@ def floor_rows(data: str, arch: str, attack_names: List[str], seed: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", nargs="+", default=["digits"], choices=lab.DATA)
-    parser.add_argument("--archs", nargs="+", default=["vit_lab"], choices=lab.ARCHS)
-    parser.add_argument("--attacks", nargs="+", default=["blended"], choices=attacks.names())
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results", type=Path,
-                        default=ROOT / "benchmarks" / "results" / "attack_floor.jsonl")
-    parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "efficacy")
+    add_cell_options(parser, "attack_floor.jsonl", arch="vit_lab", attack="blended")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    isa = torch.backends.cpu.get_cpu_capability()
-    done = {(r["data"], r["arch"], r["attack"], r["seed"], r["threads"], r["isa"])
-            for r in read_rows(args.results)}
+    done = measured_cells(args.results, ("data", "arch", "attack", "seed"), args.threads)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for data in args.data:
         for arch in args.archs:
             for seed in args.seeds:
                 todo = [attack for attack in args.attacks
-                        if (data, arch, attack, seed, args.threads, isa) not in done]
+                        if (data, arch, attack, seed) not in done]
                 if not todo:
                     continue
                 for row in floor_rows(data, arch, todo, seed, args.cache):

@@ -30,10 +30,7 @@ from torch import Tensor
 from bdfast import defenses, lab
 from bdfast.lab import attacks
 from bdfast.lab.metrics import evaluate
-from efficacy import append_row, provenance, read_rows
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from efficacy import add_cell_options, append_row, measured_cells, provenance
 
 class Veil(attacks.Blended):
     """The blended attack with its pattern replaced by the pattern's per-channel mean."""
@@ -71,23 +68,15 @@ def veil_row(data: str, arch: str, seed: int, cache: Path) -> Dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", nargs="+", default=["digits"], choices=lab.DATA)
-    parser.add_argument("--archs", nargs="+", default=["vit_lab"], choices=lab.ARCHS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results", type=Path,
-                        default=ROOT / "benchmarks" / "results" / "blend_veil.jsonl")
-    parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "efficacy")
+    add_cell_options(parser, "blend_veil.jsonl", arch="vit_lab")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    isa = torch.backends.cpu.get_cpu_capability()
-    done = {(r["data"], r["arch"], r["seed"], r["threads"], r["isa"])
-            for r in read_rows(args.results)}
+    done = measured_cells(args.results, ("data", "arch", "seed"), args.threads)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for data in args.data:
         for arch in args.archs:
             for seed in args.seeds:
-                if (data, arch, seed, args.threads, isa) in done:
+                if (data, arch, seed) in done:
                     continue
                 row = veil_row(data, arch, seed, args.cache)
                 append_row(args.results, row)

@@ -52,12 +52,13 @@ import platform
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
 from bdfast import defenses, lab
+from bdfast.lab import attacks
 from bdfast.lab.data import LabData
 from bdfast.hooks import BATCHNORM
 from bdfast.defenses.medic import auto_layers
@@ -235,6 +236,30 @@ def read_rows(path: Path) -> List[Dict[str, Any]]:
         if line.strip():
             rows.append(json.loads(line))
     return rows
+
+
+def add_cell_options(parser: argparse.ArgumentParser, results: str, *, arch: str,
+                     attack: Optional[str] = None, threads: int = 2) -> None:
+    """The options of a script that measures lab cells one at a time: ``--data`` (default the
+    digits), ``--archs`` (``arch``), ``--attacks`` (``attack``; left out when None),
+    ``--seeds`` (0-3), ``--threads``, ``--results`` (``results`` in ``benchmarks/results``) and
+    ``--cache`` (the lab models, shared with this script)."""
+    parser.add_argument("--data", nargs="+", default=["digits"], choices=lab.DATA)
+    parser.add_argument("--archs", nargs="+", default=[arch], choices=lab.ARCHS)
+    if attack is not None:
+        parser.add_argument("--attacks", nargs="+", default=[attack], choices=attacks.names())
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--results", type=Path, default=RESULTS / results)
+    parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "efficacy")
+
+
+def measured_cells(results: Path, fields: Tuple[str, ...], threads: int) -> Set[Tuple[Any, ...]]:
+    """The cells (the values of ``fields``) that ``results`` holds a row for at ``threads``
+    threads on this machine's instruction set: what a resumed run skips."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    return {tuple(row[f] for f in fields) for row in read_rows(results)
+            if row["threads"] == threads and row.get("isa") == isa}
 
 
 def run(args: argparse.Namespace) -> None:
